@@ -1,0 +1,132 @@
+//! GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LN blocks, fused q/k/v `Conv1D`.
+
+use anyhow::Result;
+use candle_core::{Tensor, D};
+
+use super::config::Gpt2Config;
+use super::layers::{attention, position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear};
+use super::params::{Init, ParamBuilder, Params};
+use super::{CausalLm, Family, ModelInfo};
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Linear,
+    attn_proj: Linear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+    scale: f64,
+}
+
+/// A GPT-2 language model.
+pub struct Gpt2 {
+    info: ModelInfo,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Tensor,
+    n_head: usize,
+    act: Activation,
+    params: Params,
+}
+
+impl Gpt2 {
+    /// Builds the model, taking every parameter from `pb`.
+    pub fn new(cfg: &Gpt2Config, mut pb: ParamBuilder) -> Result<Self> {
+        pb = pb.alias_prefix("transformer.", "");
+        let h = cfg.n_embd;
+        let inner = cfg.n_inner.unwrap_or(4 * h);
+        let eps = cfg.layer_norm_epsilon;
+        let act = Activation::parse(&cfg.activation_function)?;
+        let wte = pb.get("transformer.wte.weight", &[cfg.vocab_size, h], Init::Normal)?;
+        let wpe = pb.get("transformer.wpe.weight", &[cfg.n_positions, h], Init::Normal)?;
+        let head_dim = (h / cfg.n_head) as f64;
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("transformer.h.{i}");
+            let mut scale = if cfg.scale_attn_weights { 1.0 / head_dim.sqrt() } else { 1.0 };
+            if cfg.scale_attn_by_inverse_layer_idx {
+                scale /= (i + 1) as f64;
+            }
+            blocks.push(Block {
+                ln_1: LayerNorm::new(&mut pb, &format!("{p}.ln_1"), h, eps, true)?,
+                c_attn: Linear::conv1d(&mut pb, &format!("{p}.attn.c_attn"), h, 3 * h)?,
+                attn_proj: Linear::conv1d(&mut pb, &format!("{p}.attn.c_proj"), h, h)?,
+                ln_2: LayerNorm::new(&mut pb, &format!("{p}.ln_2"), h, eps, true)?,
+                c_fc: Linear::conv1d(&mut pb, &format!("{p}.mlp.c_fc"), h, inner)?,
+                mlp_proj: Linear::conv1d(&mut pb, &format!("{p}.mlp.c_proj"), inner, h)?,
+                scale,
+            });
+        }
+        let ln_f = LayerNorm::new(&mut pb, "transformer.ln_f", h, eps, true)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            wte.clone()
+        } else {
+            pb.get("lm_head.weight", &[cfg.vocab_size, h], Init::Normal)?
+        };
+        let params = pb.finish(&[".attn.bias", ".attn.masked_bias", "lm_head.weight"]);
+        Ok(Self {
+            info: ModelInfo {
+                family: Family::Gpt2,
+                vocab_size: cfg.vocab_size,
+                hidden_size: h,
+                num_layers: cfg.n_layer,
+                max_positions: Some(cfg.n_positions),
+                tied_embeddings: cfg.tie_word_embeddings,
+            },
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            n_head: cfg.n_head,
+            act,
+            params,
+        })
+    }
+}
+
+impl CausalLm for Gpt2 {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttentionMask,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let dev = input_ids.device();
+        let pos = position_tensor(mask.position_ids(t, 1), b, t, dev)?;
+        let bias = mask.bias(t, None, self.wte.dtype(), dev)?;
+        let mut x = (self.wte.embedding(&input_ids.flatten_all()?)?.reshape((b, t, ()))?
+            + self.wpe.embedding(&pos.flatten_all()?)?.reshape((b, t, ()))?)?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x)?)?;
+            let h = qkv.dim(D::Minus1)? / 3;
+            let q = split_heads(&qkv.narrow(2, 0, h)?, self.n_head)?;
+            let k = split_heads(&qkv.narrow(2, h, h)?, self.n_head)?;
+            let v = split_heads(&qkv.narrow(2, 2 * h, h)?, self.n_head)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(i, k, v)?,
+                None => (k, v),
+            };
+            let a = attention(&q, &k, &v, &bias, blk.scale)?;
+            x = (x + blk.attn_proj.forward(&a)?)?;
+            let m = blk.mlp_proj.forward(&self.act.forward(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?)?)?;
+            x = (x + m)?;
+        }
+        self.ln_f.forward(&x)
+    }
+
+    fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    fn params(&self) -> &Params {
+        &self.params
+    }
+}

@@ -1,0 +1,310 @@
+//! Building blocks shared by the model families, written as differentiable compositions.
+//!
+//! candle's fused `LayerNorm`/`RmsNorm`/`softmax_last_dim`/`sdpa` kernels compute the right
+//! values but propagate no gradient, so training-capable models must not use them.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+use super::params::{Init, ParamBuilder};
+
+/// A dense layer `y = x·W + b`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// `nn.Linear` stores `[out, in]` (needs a transpose); GPT-2's `Conv1D` stores `[in, out]`.
+    out_in: bool,
+}
+
+impl Linear {
+    /// An `nn.Linear` named `name` (`name.weight` `[out, in]`, optional `name.bias`).
+    pub fn new(pb: &mut ParamBuilder, name: &str, din: usize, dout: usize, bias: bool) -> Result<Self> {
+        let weight = pb.get(&format!("{name}.weight"), &[dout, din], Init::Normal)?;
+        let bias = if bias { Some(pb.get(&format!("{name}.bias"), &[dout], Init::Zeros)?) } else { None };
+        Ok(Self { weight, bias, out_in: true })
+    }
+
+    /// A GPT-2 `Conv1D` named `name` (`name.weight` `[in, out]`, `name.bias`).
+    pub fn conv1d(pb: &mut ParamBuilder, name: &str, din: usize, dout: usize) -> Result<Self> {
+        let weight = pb.get(&format!("{name}.weight"), &[din, dout], Init::Normal)?;
+        let bias = Some(pb.get(&format!("{name}.bias"), &[dout], Init::Zeros)?);
+        Ok(Self { weight, bias, out_in: false })
+    }
+
+    /// Applies the layer to `x` of shape `[..., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let din = dims[dims.len() - 1];
+        let rows = x.elem_count() / din.max(1);
+        let x2 = x.reshape((rows, din))?;
+        let y = if self.out_in { x2.matmul(&self.weight.t()?)? } else { x2.matmul(&self.weight)? };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = y.dim(1)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// Layer normalisation over the last dimension, with optional affine parameters.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// `name.weight` and `name.bias` of size `dim` (both omitted when `affine` is false).
+    pub fn new(pb: &mut ParamBuilder, name: &str, dim: usize, eps: f64, affine: bool) -> Result<Self> {
+        if !affine {
+            return Ok(Self { weight: None, bias: None, eps });
+        }
+        let weight = Some(pb.get(&format!("{name}.weight"), &[dim], Init::Ones)?);
+        let bias = Some(pb.get(&format!("{name}.bias"), &[dim], Init::Zeros)?);
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// Normalises `x` over its last dimension (statistics in f32).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let mut y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        if let Some(w) = &self.weight {
+            y = y.broadcast_mul(w)?;
+        }
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Root-mean-square normalisation (Llama family).
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// `name.weight` of size `dim`.
+    pub fn new(pb: &mut ParamBuilder, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        let weight = pb.get(&format!("{name}.weight"), &[dim], Init::Ones)?;
+        Ok(Self { weight, eps })
+    }
+
+    /// `x / sqrt(mean(x²) + eps) · w`, statistics in f32 as `transformers` does.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        Ok(y.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Feed-forward activation functions, by their `transformers` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// GELU, tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`).
+    GeluTanh,
+    /// GELU with the exact erf (`gelu`).
+    GeluErf,
+    /// `relu`.
+    Relu,
+    /// `silu` / `swish`.
+    Silu,
+}
+
+impl Activation {
+    /// Parses a `transformers` activation name; anything else is refused.
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "gelu" => Self::GeluErf,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            other => bail!("unsupported activation function `{other}` in config.json (supported: gelu_new, gelu_pytorch_tanh, gelu, relu, silu)"),
+        })
+    }
+
+    /// Applies the activation.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::GeluTanh => x.gelu()?,
+            Self::GeluErf => x.gelu_erf()?,
+            Self::Relu => x.relu()?,
+            Self::Silu => x.silu()?,
+        })
+    }
+}
+
+/// Which key positions each query may attend to: a host-side `[batch, total_len]` 0/1 mask
+/// (1 = real token) covering the cached prefix and the new tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttentionMask {
+    batch: usize,
+    len: usize,
+    data: Vec<u8>,
+}
+
+impl AttentionMask {
+    /// From per-row 0/1 values; all rows must have the same length.
+    pub fn from_rows(rows: &[Vec<u8>]) -> Result<Self> {
+        let len = rows.first().map_or(0, |r| r.len());
+        if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != len) {
+            bail!("attention mask row {i} has length {}, expected {len}", r.len());
+        }
+        Ok(Self { batch: rows.len(), len, data: rows.concat() })
+    }
+
+    /// A mask with every position valid.
+    pub fn full(batch: usize, len: usize) -> Self {
+        Self { batch, len, data: vec![1; batch * len] }
+    }
+
+    /// Number of rows.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Total length (cached prefix + new tokens).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the mask has no columns.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Row `b`.
+    pub fn row(&self, b: usize) -> &[u8] {
+        &self.data[b * self.len..(b + 1) * self.len]
+    }
+
+    /// The mask extended by one column (a decoding step), valid where `valid[b]` is true.
+    pub fn extended(&self, valid: &[bool]) -> Self {
+        let mut data = Vec::with_capacity(self.batch * (self.len + 1));
+        for (b, &v) in valid.iter().enumerate().take(self.batch) {
+            data.extend_from_slice(self.row(b));
+            data.push(v as u8);
+        }
+        Self { batch: self.batch, len: self.len + 1, data }
+    }
+
+    /// Position ids of the last `t` columns as `transformers`' generation computes them:
+    /// `cumsum(mask) - 1`, with padding positions set to `pad_value`.
+    pub fn position_ids(&self, t: usize, pad_value: i64) -> Vec<i64> {
+        let mut out = Vec::with_capacity(self.batch * t);
+        for b in 0..self.batch {
+            let mut count = 0i64;
+            for (j, &m) in self.row(b).iter().enumerate() {
+                count += m as i64;
+                if j >= self.len - t {
+                    out.push(if m == 1 { count - 1 } else { pad_value });
+                }
+            }
+        }
+        out
+    }
+
+    /// Additive attention bias `[batch, 1, t, len]` for the last `t` columns as queries:
+    /// 0 where the key is a real token at or before the query, the dtype's minimum elsewhere
+    /// (finite, so that fully masked padding rows stay finite, as in `transformers`).
+    /// `window` limits how far back a query may look (sliding-window attention).
+    pub fn bias(&self, t: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
+        let past = self.len - t;
+        let mut data = Vec::with_capacity(self.batch * t * self.len);
+        for b in 0..self.batch {
+            let row = self.row(b);
+            for i in 0..t {
+                let q = past + i;
+                for (k, &m) in row.iter().enumerate() {
+                    let in_window = window.is_none_or(|w| q - k.min(q) < w);
+                    let ok = m == 1 && k <= q && in_window;
+                    data.push(if ok { 0f32 } else { f32::MIN });
+                }
+            }
+        }
+        let bias = Tensor::from_vec(data, (self.batch, 1, t, self.len), device)?;
+        Ok(bias.to_dtype(dtype)?)
+    }
+}
+
+/// Scaled dot-product attention with an additive bias.
+///
+/// `q`: `[b, heads, t, d]`; `k`, `v`: `[b, kv_heads, s, d]` (grouped-query attention when
+/// `kv_heads < heads`); `bias`: `[b, 1, t, s]`. Returns `[b, t, heads·d]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, heads, t, d) = q.dims4()?;
+    let kv_heads = k.dim(1)?;
+    let (k, v) = if kv_heads == heads {
+        (k.clone(), v.clone())
+    } else {
+        (repeat_kv(k, heads / kv_heads)?, repeat_kv(v, heads / kv_heads)?)
+    };
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = scores.broadcast_add(bias)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    Ok(out.transpose(1, 2)?.reshape((b, t, heads * d))?)
+}
+
+/// Repeats each key/value head `n` times: `[b, kv, s, d]` → `[b, kv·n, s, d]`.
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.expand((b, kv, n, s, d))?.reshape((b, kv * n, s, d))?)
+}
+
+/// Splits `[b, t, heads·d]` into `[b, heads, t, d]`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, hd) = x.dims3()?;
+    Ok(x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// Key/value cache of every layer for incremental decoding.
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// An empty cache for a model with `n_layers` layers.
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: vec![None; n_layers] }
+    }
+
+    /// Number of cached positions.
+    pub fn seq_len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    /// Appends this step's keys/values `[b, kv_heads, t, d]` to layer `layer` and returns the
+    /// full keys/values.
+    pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let entry = &mut self.layers[layer];
+        let (k, v) = match entry.take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        *entry = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// Converts host position ids to a `[b, t]` tensor.
+pub fn position_tensor(pos: Vec<i64>, b: usize, t: usize, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(pos, (b, t), device)?)
+}

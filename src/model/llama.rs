@@ -1,0 +1,170 @@
+//! Llama family (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `MistralForCausalLM`): RMSNorm,
+//! rotary positions, grouped-query attention, SwiGLU MLP. Qwen2 adds q/k/v biases; Mistral
+//! may restrict attention to a sliding window.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor, D};
+
+use super::config::LlamaConfig;
+use super::layers::{attention, split_heads, Activation, AttentionMask, KvCache, Linear, RmsNorm};
+use super::params::{Init, ParamBuilder, Params};
+use super::{CausalLm, Family, ModelInfo};
+
+struct Layer {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    input_norm: RmsNorm,
+    post_attn_norm: RmsNorm,
+}
+
+/// A Llama-family language model.
+pub struct Llama {
+    info: ModelInfo,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    inv_freq: Vec<f32>,
+    window: Option<usize>,
+    act: Activation,
+    params: Params,
+}
+
+impl Llama {
+    /// Builds the model, taking every parameter from `pb`.
+    pub fn new(cfg: &LlamaConfig, mut pb: ParamBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let qkv_bias = cfg.attention_bias || cfg.family == Family::Qwen2;
+        let o_bias = cfg.attention_bias && cfg.family == Family::Llama;
+        let eps = cfg.rms_norm_eps;
+        let embed_tokens = pb.get("model.embed_tokens.weight", &[cfg.vocab_size, h], Init::Normal)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let ff = cfg.intermediate_size;
+            layers.push(Layer {
+                q: Linear::new(&mut pb, &format!("{p}.self_attn.q_proj"), h, heads * hd, qkv_bias)?,
+                k: Linear::new(&mut pb, &format!("{p}.self_attn.k_proj"), h, kv_heads * hd, qkv_bias)?,
+                v: Linear::new(&mut pb, &format!("{p}.self_attn.v_proj"), h, kv_heads * hd, qkv_bias)?,
+                o: Linear::new(&mut pb, &format!("{p}.self_attn.o_proj"), heads * hd, h, o_bias)?,
+                gate: Linear::new(&mut pb, &format!("{p}.mlp.gate_proj"), h, ff, cfg.mlp_bias)?,
+                up: Linear::new(&mut pb, &format!("{p}.mlp.up_proj"), h, ff, cfg.mlp_bias)?,
+                down: Linear::new(&mut pb, &format!("{p}.mlp.down_proj"), ff, h, cfg.mlp_bias)?,
+                input_norm: RmsNorm::new(&mut pb, &format!("{p}.input_layernorm"), h, eps)?,
+                post_attn_norm: RmsNorm::new(&mut pb, &format!("{p}.post_attention_layernorm"), h, eps)?,
+            });
+        }
+        let norm = RmsNorm::new(&mut pb, "model.norm", h, eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            pb.get("lm_head.weight", &[cfg.vocab_size, h], Init::Normal)?
+        };
+        let params = pb.finish(&["rotary_emb.inv_freq", "lm_head.weight"]);
+        let window = if cfg.family == Family::Mistral { cfg.sliding_window } else { None };
+        Ok(Self {
+            info: ModelInfo {
+                family: cfg.family,
+                vocab_size: cfg.vocab_size,
+                hidden_size: h,
+                num_layers: cfg.num_hidden_layers,
+                max_positions: None,
+                tied_embeddings: cfg.tie_word_embeddings,
+            },
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            inv_freq: cfg.rope.inv_freq(hd).into_iter().map(|f| f as f32).collect(),
+            window,
+            act: Activation::parse(&cfg.hidden_act)?,
+            params,
+        })
+    }
+
+    /// `cos` and `sin` tables `[b, 1, t, head_dim]` for the given positions, computed in f32
+    /// as `transformers` does (`cat(freqs, freqs)` layout).
+    fn rope_tables(&self, pos: &[i64], b: usize, t: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(pos.len() * 2 * half);
+        let mut sin = Vec::with_capacity(pos.len() * 2 * half);
+        for &p in pos {
+            for _ in 0..2 {
+                for &f in &self.inv_freq {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let shape = (b, 1, t, 2 * half);
+        Ok((Tensor::from_vec(cos, shape, dev)?, Tensor::from_vec(sin, shape, dev)?))
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin`, with `rotate_half([a, b]) = [−b, a]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+impl CausalLm for Llama {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttentionMask,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let dev = input_ids.device();
+        let dtype = self.embed_tokens.dtype();
+        let pos = mask.position_ids(t, 1);
+        let (cos, sin) = self.rope_tables(&pos, b, t, dev)?;
+        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
+        let bias = mask.bias(t, self.window, dtype, dev)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, t, ()))?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let h = l.input_norm.forward(&x)?;
+            let q = apply_rope(&split_heads(&l.q.forward(&h)?, self.heads)?, &cos, &sin)?;
+            let k = apply_rope(&split_heads(&l.k.forward(&h)?, self.kv_heads)?, &cos, &sin)?;
+            let v = split_heads(&l.v.forward(&h)?, self.kv_heads)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(i, k, v)?,
+                None => (k, v),
+            };
+            x = (x + l.o.forward(&attention(&q, &k, &v, &bias, scale)?)?)?;
+            let h = l.post_attn_norm.forward(&x)?;
+            let m = l.down.forward(&(self.act.forward(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?)?;
+            x = (x + m)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    fn lm_head_weight(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    fn params(&self) -> &Params {
+        &self.params
+    }
+}

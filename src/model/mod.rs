@@ -1,0 +1,109 @@
+//! Causal language models in Hugging Face layout: GPT-2, OPT and the Llama family (Llama,
+//! Qwen2, Mistral), one file each, behind the [`CausalLm`] trait.
+
+pub mod checkpoint;
+pub mod config;
+pub mod gpt2;
+pub mod layers;
+pub mod llama;
+pub mod opt;
+pub mod params;
+
+use anyhow::Result;
+use candle_core::{Tensor, D};
+
+pub use checkpoint::{load_model, save_model, Model};
+pub use layers::{AttentionMask, KvCache};
+pub use params::{ParamSource, Params};
+
+/// The architecture family of a model, from `model_type` in `config.json`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// `GPT2LMHeadModel`.
+    Gpt2,
+    /// `OPTForCausalLM`.
+    Opt,
+    /// `LlamaForCausalLM`.
+    #[default]
+    Llama,
+    /// `Qwen2ForCausalLM` (Llama with q/k/v biases).
+    Qwen2,
+    /// `MistralForCausalLM` (Llama with optional sliding-window attention).
+    Mistral,
+}
+
+/// Facts about a loaded model that the rest of the program needs.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    /// Architecture family.
+    pub family: Family,
+    /// Rows of the (input and output) embedding matrix.
+    pub vocab_size: usize,
+    /// Width of the residual stream (the final hidden state).
+    pub hidden_size: usize,
+    /// Number of transformer blocks.
+    pub num_layers: usize,
+    /// Longest sequence the position scheme supports (learned positions), if bounded.
+    pub max_positions: Option<usize>,
+    /// Whether the output projection shares the input embedding.
+    pub tied_embeddings: bool,
+}
+
+/// A causal language model: hidden states and logits for a batch, with an optional cache.
+pub trait CausalLm: Send + Sync {
+    /// Static facts about the model.
+    fn info(&self) -> &ModelInfo;
+
+    /// Final hidden states `[b, t, hidden]` (after the last norm) for `input_ids` `[b, t]`.
+    ///
+    /// `mask` covers the cached prefix plus the `t` new tokens (`[b, past + t]`). Position ids
+    /// are derived from it as `transformers` does for the family, so left and right padding
+    /// both give the unpadded result at real positions. With `cache`, keys and values of the
+    /// new tokens are appended to it.
+    fn forward_hidden(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor>;
+
+    /// The output projection (LM head) weight `[vocab, hidden]`.
+    fn lm_head_weight(&self) -> &Tensor;
+
+    /// All trainable parameters, by Hugging Face name.
+    fn params(&self) -> &Params;
+
+    /// Logits `[..., vocab]` from hidden states `[..., hidden]`.
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let w = self.lm_head_weight();
+        let dims = hidden.dims().to_vec();
+        let h = dims[dims.len() - 1];
+        let rows = hidden.elem_count() / h.max(1);
+        let logits = hidden.reshape((rows, h))?.matmul(&w.t()?)?;
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = w.dim(0)?;
+        Ok(logits.reshape(out)?)
+    }
+
+    /// Logits `[b, t, vocab]` for every position.
+    fn forward(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward_hidden(input_ids, mask, cache)?;
+        self.logits(&h)
+    }
+
+    /// Logits `[b, vocab]` of the last position only (what decoding needs; avoids the LM head
+    /// over the whole prompt).
+    fn forward_last(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward_hidden(input_ids, mask, cache)?;
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+        self.logits(&last)
+    }
+
+    /// A new, empty KV cache for this model.
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.info().num_layers)
+    }
+}
+
+/// `log_softmax` over the last dimension, differentiable.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::log_softmax(x, D::Minus1)?)
+}

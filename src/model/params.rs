@@ -1,0 +1,253 @@
+//! Named model parameters: where their values come from (a checkpoint or a seeded random
+//! initialisation) and how they are written back in Hugging Face naming.
+//!
+//! Every parameter is a candle [`Var`] so that the same model object serves training and
+//! inference. Names are the exact `transformers` state-dict names, so saving is a plain dump.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// How a freshly created (not loaded) parameter is initialised.
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    /// Normal(0, std) with the model's `initializer_range`.
+    Normal,
+    /// All zeros (biases).
+    Zeros,
+    /// All ones (normalisation weights).
+    Ones,
+}
+
+/// Where parameter values come from.
+pub enum ParamSource {
+    /// Memory-mapped safetensors files of a checkpoint (one or several shards).
+    Checkpoint {
+        /// The mapped files.
+        tensors: MmapedSafetensors,
+        /// The files, for error messages.
+        files: Vec<PathBuf>,
+    },
+    /// Seeded random initialisation, as `transformers` does for a new model.
+    Random {
+        /// Random stream (ChaCha8: stable across platforms and crate versions).
+        rng: Box<ChaCha8Rng>,
+        /// Standard deviation of [`Init::Normal`] parameters.
+        std: f64,
+    },
+}
+
+impl ParamSource {
+    /// Maps the given safetensors files.
+    pub fn from_files(files: &[PathBuf]) -> Result<Self> {
+        // SAFETY: the files are opened read-only; like every mmap-based loader we rely on
+        // them not being truncated while the model is being built (tensors are copied out).
+        let tensors = unsafe { MmapedSafetensors::multi(files) }
+            .with_context(|| format!("reading safetensors file(s) {}", show_paths(files)))?;
+        Ok(Self::Checkpoint { tensors, files: files.to_vec() })
+    }
+
+    /// Random initialisation with the given seed and standard deviation.
+    pub fn random(seed: u64, std: f64) -> Self {
+        Self::Random { rng: Box::new(ChaCha8Rng::seed_from_u64(seed)), std }
+    }
+}
+
+fn show_paths(files: &[PathBuf]) -> String {
+    files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// The ordered list of a model's trainable parameters, by Hugging Face name.
+#[derive(Clone, Default)]
+pub struct Params {
+    named: Vec<(String, Var)>,
+}
+
+impl Params {
+    /// Parameters in creation order (the order of the model's layers).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.named.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    /// Number of parameter tensors.
+    pub fn len(&self) -> usize {
+        self.named.len()
+    }
+
+    /// True when the model has no parameters.
+    pub fn is_empty(&self) -> bool {
+        self.named.is_empty()
+    }
+
+    /// Total number of scalar parameters.
+    pub fn num_elements(&self) -> usize {
+        self.named.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Looks a parameter up by name.
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.named.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// All parameters as a name → tensor map, ready for `safetensors` serialisation.
+    pub fn to_map(&self, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for (n, v) in &self.named {
+            let t = v.as_tensor().to_dtype(dtype)?.contiguous()?;
+            out.insert(n.clone(), t);
+        }
+        Ok(out)
+    }
+}
+
+/// Builds the parameters of one model: fetches (or creates) each tensor by name, checks its
+/// shape, converts it to the working dtype and records it as a [`Var`].
+pub struct ParamBuilder {
+    source: ParamSource,
+    device: Device,
+    dtype: DType,
+    params: Params,
+    /// Prefixes that checkpoints of this family are sometimes saved without (or with), e.g.
+    /// the original `gpt2` files lack `transformer.`.
+    aliases: Vec<(String, String)>,
+    used: HashSet<String>,
+}
+
+impl ParamBuilder {
+    /// A builder reading from `source`, producing tensors of `dtype` on `device`.
+    pub fn new(source: ParamSource, device: &Device, dtype: DType) -> Self {
+        Self {
+            source,
+            device: device.clone(),
+            dtype,
+            params: Params::default(),
+            aliases: Vec::new(),
+            used: HashSet::new(),
+        }
+    }
+
+    /// Also accept checkpoint names where the leading `from` is replaced by `to`.
+    pub fn alias_prefix(mut self, from: &str, to: &str) -> Self {
+        self.aliases.push((from.to_string(), to.to_string()));
+        self
+    }
+
+    /// The working device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The working dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// True when the source is a checkpoint that holds `name` (under any accepted alias).
+    pub fn has(&self, name: &str) -> bool {
+        self.resolve(name).is_some()
+    }
+
+    fn resolve(&self, name: &str) -> Option<String> {
+        let ParamSource::Checkpoint { tensors, .. } = &self.source else {
+            return None;
+        };
+        let exists = |n: &str| tensors.get(n).is_ok();
+        if exists(name) {
+            return Some(name.to_string());
+        }
+        for (from, to) in &self.aliases {
+            if let Some(rest) = name.strip_prefix(from.as_str()) {
+                let alt = format!("{to}{rest}");
+                if exists(&alt) {
+                    return Some(alt);
+                }
+            }
+        }
+        None
+    }
+
+    /// Fetches parameter `name` with the given shape and registers it as trainable.
+    pub fn get(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let tensor = self.fetch(name, shape, init)?;
+        let var = Var::from_tensor(&tensor)?;
+        let t = var.as_tensor().clone();
+        self.params.named.push((name.to_string(), var));
+        Ok(t)
+    }
+
+    fn fetch(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let resolved = self.resolve(name);
+        match &mut self.source {
+            ParamSource::Checkpoint { tensors, files } => {
+                let Some(key) = resolved else {
+                    bail!("tensor `{name}` (shape {shape:?}) is missing from {}", show_paths(files));
+                };
+                let t = tensors.load(&key, &Device::Cpu).with_context(|| format!("loading tensor `{key}`"))?;
+                if t.dims() != shape {
+                    bail!(
+                        "tensor `{key}` in {} has shape {:?}, but config.json implies {:?}",
+                        show_paths(files),
+                        t.dims(),
+                        shape
+                    );
+                }
+                self.used.insert(key);
+                Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+            }
+            ParamSource::Random { rng, std } => {
+                let n: usize = shape.iter().product();
+                let data: Vec<f32> = match init {
+                    Init::Zeros => vec![0.0; n],
+                    Init::Ones => vec![1.0; n],
+                    Init::Normal => (0..n).map(|_| normal(rng) * *std as f32).collect(),
+                };
+                Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(self.dtype)?.to_device(&self.device)?)
+            }
+        }
+    }
+
+    /// Finishes building; warns about checkpoint tensors the model did not use, except the
+    /// non-parameter buffers `transformers` is known to save (`ignored` suffixes).
+    pub fn finish(self, ignored: &[&str]) -> Params {
+        if let ParamSource::Checkpoint { tensors, files } = &self.source {
+            let unused: Vec<String> = tensors
+                .tensors()
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| !self.used.contains(n))
+                .filter(|n| !ignored.iter().any(|s| n.ends_with(s)))
+                .collect();
+            if !unused.is_empty() {
+                tracing::warn!(
+                    "{} tensor(s) in {} are not used by the model: {}",
+                    unused.len(),
+                    show_paths(files),
+                    unused.join(", ")
+                );
+            }
+        }
+        self.params
+    }
+}
+
+/// One standard-normal draw (Box–Muller), so that initialisation needs no extra crate and is
+/// reproducible from the seed alone.
+fn normal(rng: &mut ChaCha8Rng) -> f32 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random::<f64>();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// Writes `params` (minus `skip`, e.g. a tied `lm_head.weight`) to `path` as safetensors.
+/// The caller is responsible for atomicity (it writes into a temporary directory).
+pub fn save_safetensors(params: &Params, skip: &[&str], dtype: DType, path: &Path) -> Result<()> {
+    let mut map: std::collections::HashMap<String, Tensor> = params.to_map(dtype)?.into_iter().collect();
+    map.retain(|k, _| !skip.contains(&k.as_str()));
+    candle_core::safetensors::save(&map, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
