@@ -6,6 +6,7 @@
 
 pub mod atomic;
 pub mod cli;
+pub mod loss;
 pub mod model;
 pub mod sample;
 pub mod score;

@@ -1,0 +1,336 @@
+//! Token-level divergences between a teacher distribution `p` and the student `q = softmax(z)`
+//! over the whole vocabulary, weighted per row (position) and summed:
+//! `L = Σ_r w_r · D(p_r, q_r)`. Masks and normalisation are the weights (0 for padding,
+//! `1 / tokens in the accumulation window` for real tokens).
+//!
+//! On CPU this is one fused op: each row is processed by one thread with O(vocab) scratch, so
+//! no `[rows × vocab]` probability tensor is ever materialised; the backward pass is a second
+//! fused op producing `∂L/∂z` analytically. Other devices use the differentiable composition
+//! [`divergence_reference`], processed in chunks of rows.
+//!
+//! Gradients use `∂L/∂z = q ⊙ (g − ⟨q, g⟩)` with `g = ∂L/∂q`, specialised where a closed form
+//! is more stable (forward KL: `q − p`).
+
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// A token-level divergence `D(p, q)` between teacher `p` and student `q`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Divergence {
+    /// `KL(p ‖ q) = Σ p (log p − log q)`.
+    ForwardKl,
+    /// `H(p, q) = −Σ p log q` (forward KL plus the teacher's entropy; the released KD loss).
+    SoftCrossEntropy,
+    /// `KL(q ‖ p) = Σ q (log q − log p)`.
+    ReverseKl,
+    /// Generalised Jensen–Shannon: `β·KL(p ‖ m) + (1 − β)·KL(q ‖ m)`, `m = β p + (1 − β) q`,
+    /// `0 < β < 1` (GKD's definition).
+    Jsd {
+        /// Teacher weight β.
+        beta: f64,
+    },
+    /// Total variation `½ Σ |p − q|`.
+    Tvd,
+    /// Skew forward KL `KL(p ‖ λ p + (1 − λ) q)` (DistiLLM).
+    SkewForwardKl {
+        /// Skew λ.
+        lambda: f64,
+    },
+    /// Skew reverse KL `KL(q ‖ λ q + (1 − λ) p)` (DistiLLM).
+    SkewReverseKl {
+        /// Skew λ.
+        lambda: f64,
+    },
+}
+
+impl Divergence {
+    /// Parses `fkl`, `sce`, `rkl`, `jsd[:β]`, `tvd`, `sfkl[:λ]`, `srkl[:λ]`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let (name, arg) = match s.split_once(':') {
+            Some((n, a)) => (n, Some(a.parse::<f64>().map_err(|_| anyhow::anyhow!("bad parameter in `{s}`"))?)),
+            None => (s, None),
+        };
+        let d = match name {
+            "fkl" | "forward_kl" => Self::ForwardKl,
+            "sce" | "soft_ce" => Self::SoftCrossEntropy,
+            "rkl" | "reverse_kl" => Self::ReverseKl,
+            "jsd" => Self::Jsd { beta: arg.unwrap_or(0.5) },
+            "tvd" => Self::Tvd,
+            "sfkl" => Self::SkewForwardKl { lambda: arg.unwrap_or(0.1) },
+            "srkl" => Self::SkewReverseKl { lambda: arg.unwrap_or(0.1) },
+            other => bail!("unknown divergence `{other}` (fkl, sce, rkl, jsd[:β], tvd, sfkl[:λ], srkl[:λ])"),
+        };
+        d.validate()?;
+        Ok(d)
+    }
+
+    fn validate(&self) -> Result<()> {
+        match *self {
+            Self::Jsd { beta } if !(beta > 0.0 && beta < 1.0) => bail!("JSD needs 0 < β < 1, got {beta}"),
+            Self::SkewForwardKl { lambda } | Self::SkewReverseKl { lambda } if !(0.0..1.0).contains(&lambda) => {
+                bail!("skew KL needs 0 ≤ λ < 1, got {lambda}")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `Σ_r weights[r] · D(softmax(teacher_r), softmax(student_r))` for logits `[rows, vocab]`.
+/// Differentiable with respect to `student`; `teacher` is treated as a constant.
+pub fn divergence(student: &Tensor, teacher: &Tensor, weights: &[f32], kind: Divergence) -> Result<Tensor> {
+    kind.validate()?;
+    check_shapes(student, teacher, weights)?;
+    if !student.device().is_cpu() {
+        return divergence_reference(student, teacher, weights, kind, 256);
+    }
+    let s = student.to_dtype(DType::F32)?.contiguous()?;
+    let t = teacher.to_dtype(DType::F32)?.detach().contiguous()?;
+    Ok(s.apply_op2(&t, FusedDivergence { kind, weights: weights.to_vec() })?)
+}
+
+fn check_shapes(student: &Tensor, teacher: &Tensor, weights: &[f32]) -> Result<()> {
+    let (rows, vocab) = student.dims2()?;
+    if teacher.dims() != [rows, vocab] {
+        bail!("teacher logits have shape {:?}, student logits {:?}", teacher.dims(), student.dims());
+    }
+    if weights.len() != rows {
+        bail!("{} weights for {rows} rows", weights.len());
+    }
+    Ok(())
+}
+
+struct FusedDivergence {
+    kind: Divergence,
+    weights: Vec<f32>,
+}
+
+/// The input slices of a contiguous f32 CPU op.
+fn slices<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> candle_core::Result<(&'a [f32], &'a [f32])> {
+    let (a, b) = (s1.as_slice::<f32>()?, s2.as_slice::<f32>()?);
+    let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        candle_core::bail!("divergence: inputs must be contiguous")
+    };
+    Ok((&a[a0..a1], &b[b0..b1]))
+}
+
+impl CustomOp2 for FusedDivergence {
+    fn name(&self) -> &'static str {
+        "fused-divergence"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (z, t) = slices(s1, l1, s2, l2)?;
+        let vocab = l1.dims()[1];
+        let total: f64 = z
+            .par_chunks(vocab)
+            .zip(t.par_chunks(vocab))
+            .zip(self.weights.par_iter())
+            .filter(|(_, &w)| w != 0.0)
+            .map(|((zr, tr), &w)| w as f64 * row(self.kind, zr, tr, None))
+            .sum();
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        student: &Tensor,
+        teacher: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let scale = grad.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let weights: Vec<f32> = self.weights.iter().map(|w| w * scale).collect();
+        let g = student.apply_op2_no_bwd(teacher, &FusedDivergenceGrad { kind: self.kind, weights })?;
+        Ok((Some(g), None))
+    }
+}
+
+struct FusedDivergenceGrad {
+    kind: Divergence,
+    weights: Vec<f32>,
+}
+
+impl CustomOp2 for FusedDivergenceGrad {
+    fn name(&self) -> &'static str {
+        "fused-divergence-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (z, t) = slices(s1, l1, s2, l2)?;
+        let vocab = l1.dims()[1];
+        let mut out = vec![0f32; z.len()];
+        out.par_chunks_mut(vocab)
+            .zip(z.par_chunks(vocab))
+            .zip(t.par_chunks(vocab))
+            .zip(self.weights.par_iter())
+            .for_each(|(((gr, zr), tr), &w)| {
+                if w != 0.0 {
+                    row(self.kind, zr, tr, Some(gr));
+                    gr.iter_mut().for_each(|g| *g *= w);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `log Σ exp(x)` in f64.
+fn logsumexp(x: &[f32]) -> f64 {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+}
+
+/// `ln(a·e^x + b·e^y)` for weights `a, b ≥ 0`.
+fn log_mix(a: f64, x: f64, b: f64, y: f64) -> f64 {
+    let (u, v) = (a.ln() + x, b.ln() + y);
+    let m = u.max(v);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + ((u - m).exp() + (v - m).exp()).ln()
+}
+
+/// The divergence of one row (student logits `z`, teacher logits `t`); with `grad`, also
+/// writes `∂D/∂z` into it.
+fn row(kind: Divergence, z: &[f32], t: &[f32], grad: Option<&mut [f32]>) -> f64 {
+    let (lz, lt) = (logsumexp(z), logsumexp(t));
+    let lq = |v: usize| z[v] as f64 - lz;
+    let lp = |v: usize| t[v] as f64 - lt;
+    let n = z.len();
+    // Per-token contribution to D, and g = ∂D/∂q_v (None when the closed form is used).
+    let (value, g): (f64, Option<Box<dyn Fn(usize) -> f64>>) = match kind {
+        Divergence::ForwardKl | Divergence::SoftCrossEntropy => {
+            let mut v = 0.0;
+            for i in 0..n {
+                let p = lp(i).exp();
+                if p > 0.0 {
+                    v += if kind == Divergence::ForwardKl { p * (lp(i) - lq(i)) } else { -p * lq(i) };
+                }
+            }
+            if let Some(gr) = grad {
+                for i in 0..n {
+                    gr[i] = (lq(i).exp() - lp(i).exp()) as f32;
+                }
+            }
+            return v;
+        }
+        Divergence::ReverseKl => {
+            let v: f64 = (0..n).map(|i| lq(i).exp() * (lq(i) - lp(i))).sum();
+            (v, Some(Box::new(move |i| lq(i) - lp(i))))
+        }
+        Divergence::Jsd { beta } => {
+            let lm = move |i: usize| log_mix(beta, lp(i), 1.0 - beta, lq(i));
+            let v: f64 = (0..n)
+                .map(|i| beta * lp(i).exp() * (lp(i) - lm(i)) + (1.0 - beta) * lq(i).exp() * (lq(i) - lm(i)))
+                .sum();
+            (v, Some(Box::new(move |i| (1.0 - beta) * (lq(i) - lm(i)))))
+        }
+        Divergence::Tvd => {
+            let v: f64 = 0.5 * (0..n).map(|i| (lq(i).exp() - lp(i).exp()).abs()).sum::<f64>();
+            (v, Some(Box::new(move |i| 0.5 * sign(lq(i).exp() - lp(i).exp()))))
+        }
+        Divergence::SkewForwardKl { lambda } => {
+            let lm = move |i: usize| log_mix(lambda, lp(i), 1.0 - lambda, lq(i));
+            let v: f64 = (0..n).map(|i| lp(i).exp() * (lp(i) - lm(i))).sum();
+            (v, Some(Box::new(move |i| -(1.0 - lambda) * (lp(i) - lm(i)).exp())))
+        }
+        Divergence::SkewReverseKl { lambda } => {
+            let lm = move |i: usize| log_mix(lambda, lq(i), 1.0 - lambda, lp(i));
+            let v: f64 = (0..n).map(|i| lq(i).exp() * (lq(i) - lm(i))).sum();
+            (v, Some(Box::new(move |i| lq(i) - lm(i) - lambda * (lq(i) - lm(i)).exp())))
+        }
+    };
+    if let (Some(gr), Some(g)) = (grad, g) {
+        // ∂D/∂z = q ⊙ (g − ⟨q, g⟩)
+        let mut mean = 0.0;
+        for (i, slot) in gr.iter_mut().enumerate() {
+            let gi = g(i);
+            mean += lq(i).exp() * gi;
+            *slot = gi as f32;
+        }
+        for (i, slot) in gr.iter_mut().enumerate() {
+            *slot = (lq(i).exp() * (*slot as f64 - mean)) as f32;
+        }
+    }
+    value
+}
+
+fn sign(x: f64) -> f64 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// The same loss as a composition of differentiable tensor ops, computed `chunk_rows` rows at
+/// a time (used on GPUs and as the unfused reference in tests).
+pub fn divergence_reference(
+    student: &Tensor,
+    teacher: &Tensor,
+    weights: &[f32],
+    kind: Divergence,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    kind.validate()?;
+    check_shapes(student, teacher, weights)?;
+    let rows = student.dim(0)?;
+    let dev = student.device();
+    let mut total = Tensor::zeros((), DType::F32, dev)?;
+    let mut start = 0;
+    while start < rows {
+        let n = chunk_rows.max(1).min(rows - start);
+        let z = student.narrow(0, start, n)?.to_dtype(DType::F32)?;
+        let t = teacher.narrow(0, start, n)?.to_dtype(DType::F32)?.detach();
+        let w = Tensor::from_slice(&weights[start..start + n], n, dev)?;
+        let lq = candle_nn::ops::log_softmax(&z, D::Minus1)?;
+        let lp = candle_nn::ops::log_softmax(&t, D::Minus1)?;
+        let (q, p) = (lq.exp()?, lp.exp()?);
+        let log_mix = |a: f64, la: &Tensor, b: f64, lb: &Tensor| -> Result<Tensor> {
+            Ok(((la.exp()? * a)? + (lb.exp()? * b)?)?.log()?)
+        };
+        let per_row = match kind {
+            Divergence::ForwardKl => (&p * (&lp - &lq)?)?.sum(D::Minus1)?,
+            Divergence::SoftCrossEntropy => (&p * &lq)?.sum(D::Minus1)?.neg()?,
+            Divergence::ReverseKl => (&q * (&lq - &lp)?)?.sum(D::Minus1)?,
+            Divergence::Jsd { beta } => {
+                let lm = log_mix(beta, &lp, 1.0 - beta, &lq)?;
+                let a = (&p * (&lp - &lm)?)?.sum(D::Minus1)?;
+                let b = (&q * (&lq - &lm)?)?.sum(D::Minus1)?;
+                ((a * beta)? + (b * (1.0 - beta))?)?
+            }
+            Divergence::Tvd => ((&q - &p)?.abs()?.sum(D::Minus1)? * 0.5)?,
+            Divergence::SkewForwardKl { lambda } => {
+                let lm = log_mix(lambda, &lp, 1.0 - lambda, &lq)?;
+                (&p * (&lp - &lm)?)?.sum(D::Minus1)?
+            }
+            Divergence::SkewReverseKl { lambda } => {
+                let lm = log_mix(lambda, &lq, 1.0 - lambda, &lp)?;
+                (&q * (&lq - &lm)?)?.sum(D::Minus1)?
+            }
+        };
+        total = (total + (per_row * w)?.sum_all()?)?;
+        start += n;
+    }
+    Ok(total)
+}
