@@ -212,65 +212,59 @@ fn log_mix(a: f64, x: f64, b: f64, y: f64) -> f64 {
 /// writes `∂D/∂z` into it.
 fn row(kind: Divergence, z: &[f32], t: &[f32], grad: Option<&mut [f32]>) -> f64 {
     let (lz, lt) = (logsumexp(z), logsumexp(t));
-    let lq = |v: usize| z[v] as f64 - lz;
-    let lp = |v: usize| t[v] as f64 - lt;
-    let n = z.len();
-    // Per-token contribution to D, and g = ∂D/∂q_v (None when the closed form is used).
-    let (value, g): (f64, Option<Box<dyn Fn(usize) -> f64>>) = match kind {
-        Divergence::ForwardKl | Divergence::SoftCrossEntropy => {
-            let mut v = 0.0;
-            for i in 0..n {
-                let p = lp(i).exp();
-                if p > 0.0 {
-                    v += if kind == Divergence::ForwardKl { p * (lp(i) - lq(i)) } else { -p * lq(i) };
-                }
+    let lq: Vec<f64> = z.iter().map(|&v| v as f64 - lz).collect();
+    let lp: Vec<f64> = t.iter().map(|&v| v as f64 - lt).collect();
+    if matches!(kind, Divergence::ForwardKl | Divergence::SoftCrossEntropy) {
+        // Closed form: ∂D/∂z = q − p.
+        if let Some(gr) = grad {
+            for ((g, &a), &b) in gr.iter_mut().zip(&lq).zip(&lp) {
+                *g = (a.exp() - b.exp()) as f32;
             }
-            if let Some(gr) = grad {
-                for i in 0..n {
-                    gr[i] = (lq(i).exp() - lp(i).exp()) as f32;
-                }
+        }
+        return lq.iter().zip(&lp).map(|(&a, &b)| term(kind, a, b).0).sum();
+    }
+    let mut value = 0.0;
+    let mut mean = 0.0;
+    match grad {
+        None => value = lq.iter().zip(&lp).map(|(&a, &b)| term(kind, a, b).0).sum(),
+        Some(gr) => {
+            // ∂D/∂z = q ⊙ (g − ⟨q, g⟩) with g = ∂D/∂q.
+            let mut g = vec![0f64; lq.len()];
+            for ((gi, &a), &b) in g.iter_mut().zip(&lq).zip(&lp) {
+                let (c, d) = term(kind, a, b);
+                value += c;
+                *gi = d;
+                mean += a.exp() * d;
             }
-            return v;
-        }
-        Divergence::ReverseKl => {
-            let v: f64 = (0..n).map(|i| lq(i).exp() * (lq(i) - lp(i))).sum();
-            (v, Some(Box::new(move |i| lq(i) - lp(i))))
-        }
-        Divergence::Jsd { beta } => {
-            let lm = move |i: usize| log_mix(beta, lp(i), 1.0 - beta, lq(i));
-            let v: f64 = (0..n)
-                .map(|i| beta * lp(i).exp() * (lp(i) - lm(i)) + (1.0 - beta) * lq(i).exp() * (lq(i) - lm(i)))
-                .sum();
-            (v, Some(Box::new(move |i| (1.0 - beta) * (lq(i) - lm(i)))))
-        }
-        Divergence::Tvd => {
-            let v: f64 = 0.5 * (0..n).map(|i| (lq(i).exp() - lp(i).exp()).abs()).sum::<f64>();
-            (v, Some(Box::new(move |i| 0.5 * sign(lq(i).exp() - lp(i).exp()))))
-        }
-        Divergence::SkewForwardKl { lambda } => {
-            let lm = move |i: usize| log_mix(lambda, lp(i), 1.0 - lambda, lq(i));
-            let v: f64 = (0..n).map(|i| lp(i).exp() * (lp(i) - lm(i))).sum();
-            (v, Some(Box::new(move |i| -(1.0 - lambda) * (lp(i) - lm(i)).exp())))
-        }
-        Divergence::SkewReverseKl { lambda } => {
-            let lm = move |i: usize| log_mix(lambda, lq(i), 1.0 - lambda, lp(i));
-            let v: f64 = (0..n).map(|i| lq(i).exp() * (lq(i) - lm(i))).sum();
-            (v, Some(Box::new(move |i| lq(i) - lm(i) - lambda * (lq(i) - lm(i)).exp())))
-        }
-    };
-    if let (Some(gr), Some(g)) = (grad, g) {
-        // ∂D/∂z = q ⊙ (g − ⟨q, g⟩)
-        let mut mean = 0.0;
-        for (i, slot) in gr.iter_mut().enumerate() {
-            let gi = g(i);
-            mean += lq(i).exp() * gi;
-            *slot = gi as f32;
-        }
-        for (i, slot) in gr.iter_mut().enumerate() {
-            *slot = (lq(i).exp() * (*slot as f64 - mean)) as f32;
+            for ((slot, &gi), &a) in gr.iter_mut().zip(&g).zip(&lq) {
+                *slot = (a.exp() * (gi - mean)) as f32;
+            }
         }
     }
     value
+}
+
+/// One vocabulary entry's contribution to `D` and `∂D/∂q_v`, from `log q_v` and `log p_v`.
+fn term(kind: Divergence, lq: f64, lp: f64) -> (f64, f64) {
+    let (q, p) = (lq.exp(), lp.exp());
+    match kind {
+        Divergence::ForwardKl => (if p > 0.0 { p * (lp - lq) } else { 0.0 }, 0.0),
+        Divergence::SoftCrossEntropy => (-p * lq, 0.0),
+        Divergence::ReverseKl => (q * (lq - lp), lq - lp),
+        Divergence::Jsd { beta } => {
+            let lm = log_mix(beta, lp, 1.0 - beta, lq);
+            (beta * p * (lp - lm) + (1.0 - beta) * q * (lq - lm), (1.0 - beta) * (lq - lm))
+        }
+        Divergence::Tvd => (0.5 * (q - p).abs(), 0.5 * sign(q - p)),
+        Divergence::SkewForwardKl { lambda } => {
+            let lm = log_mix(lambda, lp, 1.0 - lambda, lq);
+            (p * (lp - lm), -(1.0 - lambda) * (lp - lm).exp())
+        }
+        Divergence::SkewReverseKl { lambda } => {
+            let lm = log_mix(lambda, lq, 1.0 - lambda, lp);
+            (q * (lq - lm), lq - lm - lambda * (lq - lm).exp())
+        }
+    }
 }
 
 fn sign(x: f64) -> f64 {
