@@ -61,6 +61,40 @@ def build_divergences():
     save_file(tensors, os.path.join(OUT, "divergences.safetensors"))
 
 
+def build_optimizer():
+    """torch.optim.AdamW (decay on the matrix only), clip_grad_norm_ and a warm-up + cosine
+    schedule with a floor, over 5 steps with given gradients."""
+    import math
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 3, generator=g)
+    b = torch.randn(3, generator=g)
+    grads = [(torch.randn(5, 3, generator=g), torch.randn(3, generator=g)) for _ in range(5)]
+    lr, warmup, total, min_lr = 0.1, 2, 5, 0.01
+
+    def factor(k):
+        if k < warmup:
+            return k / max(1, warmup)
+        progress = (k - warmup) / max(1, total - warmup)
+        c = max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+        return (min_lr + (lr - min_lr) * c) / lr
+
+    pw, pb = torch.nn.Parameter(w.clone()), torch.nn.Parameter(b.clone())
+    opt = torch.optim.AdamW([{"params": [pw], "weight_decay": 0.1}, {"params": [pb], "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    out = {"w0": w, "b0": b}
+    for k, (gw, gb) in enumerate(grads):
+        pw.grad, pb.grad = gw.clone(), gb.clone()
+        norm = torch.nn.utils.clip_grad_norm_([pw, pb], 1.5)
+        opt.step()
+        sched.step()
+        out[f"gw{k}"], out[f"gb{k}"] = gw, gb
+        out[f"w{k + 1}"], out[f"b{k + 1}"] = pw.detach().clone(), pb.detach().clone()
+        out[f"norm{k}"] = norm.reshape(1)
+    save_file(out, os.path.join(OUT, "adamw.safetensors"))
+
+
 if __name__ == "__main__":
     build_divergences()
+    build_optimizer()
     print("wrote", OUT)

@@ -11,3 +11,4 @@ pub mod model;
 pub mod sample;
 pub mod score;
 pub mod tokenizer;
+pub mod train;
