@@ -49,6 +49,13 @@ def build_divergences():
         tensors[f"{case}.student"] = z.float()
         tensors[f"{case}.teacher"] = t.float()
         tensors[f"{case}.weights"] = w.float()
+        y = torch.randint(0, vocab, (rows,), generator=g)
+        tensors[f"{case}.labels"] = y.int()
+        zz = z.float().double().requires_grad_(True)
+        ce = (F.cross_entropy(zz, y, reduction="none") * w.float().double()).sum()
+        ce.backward()
+        tensors[f"{case}.ce.loss"] = ce.detach().reshape(1)
+        tensors[f"{case}.ce.grad"] = zz.grad.float()
         for name, fn in divergences().items():
             zz = z.float().double().requires_grad_(True)
             lq = F.log_softmax(zz, -1)

@@ -6,6 +6,7 @@
 
 pub mod atomic;
 pub mod cli;
+pub mod data;
 pub mod loss;
 pub mod model;
 pub mod sample;

@@ -122,3 +122,25 @@ fn bad_arguments_are_refused() {
     assert!(Divergence::parse("bogus").is_err());
     assert_eq!(Divergence::parse("srkl:0.2").unwrap(), Divergence::SkewReverseKl { lambda: 0.2 });
 }
+
+#[test]
+fn cross_entropy_fused_and_reference_equal_pytorch() {
+    let fx = fixture();
+    for case in ["small", "gpt2vocab"] {
+        let z = &fx[&format!("{case}.student")];
+        let w = fx[&format!("{case}.weights")].to_vec1::<f32>().unwrap();
+        let y: Vec<u32> = fx[&format!("{case}.labels")].to_vec1::<i32>().unwrap().iter().map(|&v| v as u32).collect();
+        let want_loss =
+            fx[&format!("{case}.ce.loss")].to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap()[0];
+        let want_grad = fx[&format!("{case}.ce.grad")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let fused = loss_and_grad(|z, _, w| minillm::loss::cross_entropy(z, &y, w), z, z, &w);
+        let reference = loss_and_grad(|z, _, w| minillm::loss::cross_entropy_reference(z, &y, w), z, z, &w);
+        for (path, (loss, grad), tol) in [("fused", &fused, 2e-6), ("reference", &reference, 1e-5)] {
+            assert!((loss - want_loss).abs() < 1e-4 * want_loss.abs().max(1.0), "{case}/{path}: {loss} vs {want_loss}");
+            let d = max_abs_diff(grad, &want_grad);
+            assert!(d < tol, "{case}/{path}: max |Δgrad| = {d}");
+        }
+    }
+    let z = &fx["small.student"];
+    assert!(minillm::loss::cross_entropy(z, &[99; 7], &[1.0; 7]).unwrap_err().to_string().contains("99"));
+}

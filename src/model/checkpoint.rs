@@ -185,28 +185,38 @@ fn dtype_name(dtype: DType) -> &'static str {
 
 /// Saves `model` to `dir` atomically in Hugging Face layout, weights in `dtype`.
 pub fn save_model(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
-    crate::atomic::write_dir(dir, |tmp| {
-        let mut config = model.config.clone();
-        if let Some(obj) = config.as_object_mut() {
-            // transformers 5 reads `dtype`, 4.x `torch_dtype`; keep whichever the file had.
-            let key = if obj.contains_key("dtype") { "dtype" } else { "torch_dtype" };
-            obj.insert(key.into(), Value::String(dtype_name(dtype).into()));
+    crate::atomic::write_dir(dir, |tmp| write_model_files(model, tmp, dtype))
+        .with_context(|| format!("saving the model to {}", dir.display()))
+}
+
+/// Writes the files of a model directory into `dir` (which the caller makes atomic), refusing
+/// to write non-finite weights.
+pub fn write_model_files(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
+    for (name, var) in model.lm.params().iter() {
+        let bad = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().any(|x| !x.is_finite());
+        if bad {
+            bail!("parameter `{name}` holds NaN or infinite values; refusing to write a checkpoint");
         }
-        let text = serde_json::to_string_pretty(&config)?;
-        std::fs::write(tmp.join("config.json"), text).context("writing config.json")?;
-        save_safetensors(model.lm.params(), &[], dtype, &tmp.join("model.safetensors"))?;
-        if let Some(src) = &model.source {
-            for f in AUX_FILES {
-                let p = src.join(f);
-                if p.is_file() {
-                    std::fs::copy(&p, tmp.join(f)).with_context(|| format!("copying {}", p.display()))?;
-                }
+    }
+    let mut config = model.config.clone();
+    if let Some(obj) = config.as_object_mut() {
+        // transformers 5 reads `dtype`, 4.x `torch_dtype`; keep whichever the file had.
+        let key = if obj.contains_key("dtype") { "dtype" } else { "torch_dtype" };
+        obj.insert(key.into(), Value::String(dtype_name(dtype).into()));
+    }
+    let text = serde_json::to_string_pretty(&config)?;
+    std::fs::write(dir.join("config.json"), text).context("writing config.json")?;
+    save_safetensors(model.lm.params(), &[], dtype, &dir.join("model.safetensors"))?;
+    if let Some(src) = &model.source {
+        for f in AUX_FILES {
+            let p = src.join(f);
+            if p.is_file() {
+                std::fs::copy(&p, dir.join(f)).with_context(|| format!("copying {}", p.display()))?;
             }
         }
-        if let Some(t) = &model.tokenizer {
-            t.save(&tmp.join("tokenizer.json"))?;
-        }
-        Ok(())
-    })
-    .with_context(|| format!("saving the model to {}", dir.display()))
+    }
+    if let Some(t) = &model.tokenizer {
+        t.save(&dir.join("tokenizer.json"))?;
+    }
+    Ok(())
 }

@@ -12,7 +12,7 @@ pub mod params;
 use anyhow::Result;
 use candle_core::{Tensor, D};
 
-pub use checkpoint::{load_model, save_model, Model};
+pub use checkpoint::{load_model, save_model, write_model_files, Model};
 pub use layers::{AttentionMask, KvCache};
 pub use params::{ParamSource, Params};
 

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 /// AdamW hyper-parameters.
@@ -94,15 +93,18 @@ impl AdamW {
         self.step
     }
 
-    /// One update with learning rate `lr` from `grads` (parameters without a gradient are left
-    /// unchanged, as PyTorch skips parameters whose `.grad` is None).
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// One update with learning rate `lr` from `grads`, given in parameter order (parameters
+    /// without a gradient are left unchanged, as PyTorch skips those whose `.grad` is None).
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        if grads.len() != self.params.len() {
+            bail!("{} gradients for {} parameters", grads.len(), self.params.len());
+        }
         self.step += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let bc1 = 1.0 - beta1.powi(self.step as i32);
         let bc2 = 1.0 - beta2.powi(self.step as i32);
         for (i, (_, var, decay)) in self.params.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(g) = &grads[i] else { continue };
             let g = g.to_dtype(DType::F32)?;
             let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
             let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
@@ -146,34 +148,33 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of the gradients of `vars` (f64 accumulation).
-pub fn grad_norm<'a>(grads: &GradStore, vars: impl IntoIterator<Item = &'a Var>) -> Result<f64> {
+/// The global L2 norm of `grads` (f64 accumulation).
+pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut sq = 0f64;
-    for var in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
-        }
+    for g in grads.iter().flatten() {
+        sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
     }
     Ok(sq.sqrt())
 }
 
-/// Scales gradients so that their global norm is at most `max_norm`, as
+/// Scales `grads` so that their global norm is at most `max_norm`, as
 /// `torch.nn.utils.clip_grad_norm_` does (`coef = max_norm / (norm + 1e-6)`, capped at 1).
 /// Returns the norm before clipping.
-pub fn clip_grad_norm<'a>(
-    grads: &mut GradStore,
-    vars: impl IntoIterator<Item = &'a Var> + Clone,
-    max_norm: f64,
-) -> Result<f64> {
-    let norm = grad_norm(grads, vars.clone())?;
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
-        for var in vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let scaled = (g * coef)?;
-                grads.insert(var.as_tensor(), scaled);
-            }
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * coef)?;
         }
     }
     Ok(norm)
+}
+
+/// Gradients of `vars` from a backward pass, in order.
+pub fn collect_grads<'a>(
+    store: &candle_core::backprop::GradStore,
+    vars: impl IntoIterator<Item = &'a Var>,
+) -> Vec<Option<Tensor>> {
+    vars.into_iter().map(|v| store.get(v.as_tensor()).cloned()).collect()
 }

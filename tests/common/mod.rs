@@ -61,3 +61,44 @@ pub fn max_diff_masked(a: &Tensor, b: &Tensor, mask: &AttentionMask) -> f32 {
     }
     worst
 }
+
+/// A freshly initialised model with the fixture tokenizer (384 tokens, EOS = 0) saved in
+/// `dir`: GPT-2 (`"gpt2"`) or Llama (`"llama"`) of the given width and depth, 256 positions.
+pub fn tiny_model_dir(dir: &std::path::Path, family: &str, width: usize, layers: usize, seed: u64) -> PathBuf {
+    let config = match family {
+        "gpt2" => serde_json::json!({"model_type": "gpt2", "vocab_size": 384, "n_positions": 256, "n_embd": width,
+            "n_layer": layers, "n_head": 4, "eos_token_id": 0, "bos_token_id": 0, "pad_token_id": 0}),
+        _ => serde_json::json!({"model_type": "llama", "vocab_size": 384, "hidden_size": width,
+            "intermediate_size": 2 * width, "num_hidden_layers": layers, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "max_position_embeddings": 256, "eos_token_id": 0, "pad_token_id": 0,
+            "tie_word_embeddings": false}),
+    };
+    let mut m = Model::random(config, seed, &Device::Cpu, DType::F32).unwrap();
+    m.tokenizer =
+        Some(minillm::tokenizer::Tokenizer::from_file(&fixtures().join("models/gpt2/tokenizer.json")).unwrap());
+    minillm::model::save_model(&m, dir, DType::F32).unwrap();
+    dir.to_path_buf()
+}
+
+/// A small synthetic instruction set (copy / reverse short letter lists) as jsonl lines.
+pub fn letters_jsonl(n: usize, seed: u64) -> String {
+    let mut s = seed;
+    let mut next = || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (s >> 33) as usize
+    };
+    let mut out = String::new();
+    for _ in 0..n {
+        let len = 2 + next() % 4;
+        let letters: Vec<String> = (0..len).map(|_| ((b'a' + (next() % 6) as u8) as char).to_string()).collect();
+        let (task, answer) = if next() % 2 == 0 {
+            ("Copy", letters.join(" "))
+        } else {
+            ("Reverse", letters.iter().rev().cloned().collect::<Vec<_>>().join(" "))
+        };
+        let line = serde_json::json!({"prompt": format!("{task}: {}\nAnswer:", letters.join(" ")), "output": format!(" {answer}")});
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out
+}

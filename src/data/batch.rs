@@ -1,0 +1,70 @@
+//! Training batches: right-padded sequences and the positions whose next token is a target.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+use super::instruct::InstructExample;
+use crate::model::AttentionMask;
+
+/// A right-padded batch; position `j` of a row predicts token `j + 1`.
+#[derive(Clone, Debug)]
+pub struct LmBatch {
+    /// Token ids `[b, t]`.
+    pub input_ids: Tensor,
+    /// Real-token mask.
+    pub mask: AttentionMask,
+    /// Flattened index `row · t + j` of every position with a target.
+    pub positions: Vec<u32>,
+    /// The target token of each such position.
+    pub targets: Vec<u32>,
+}
+
+impl LmBatch {
+    /// Sequences with targets at positions `from[i] − 1 ..` (the tokens from `from[i]` on).
+    pub fn new(seqs: &[Vec<u32>], from: &[usize], pad: u32, device: &Device) -> Result<Self> {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(seqs.len() * t);
+        let mut rows = Vec::with_capacity(seqs.len());
+        let (mut positions, mut targets) = (Vec::new(), Vec::new());
+        for (b, (s, &f)) in seqs.iter().zip(from).enumerate() {
+            ids.extend(s.iter().copied().chain(std::iter::repeat_n(pad, t - s.len())));
+            rows.push([vec![1u8; s.len()], vec![0u8; t - s.len()]].concat());
+            for j in f.max(1)..s.len() {
+                positions.push((b * t + j - 1) as u32);
+                targets.push(s[j]);
+            }
+        }
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (seqs.len(), t), device)?,
+            mask: AttentionMask::from_rows(&rows)?,
+            positions,
+            targets,
+        })
+    }
+
+    /// Instruction examples: targets are the response tokens.
+    pub fn from_examples(examples: &[&InstructExample], pad: u32, device: &Device) -> Result<Self> {
+        let seqs: Vec<Vec<u32>> = examples.iter().map(|e| [e.prompt.clone(), e.response.clone()].concat()).collect();
+        let from: Vec<usize> = examples.iter().map(|e| e.prompt.len()).collect();
+        Self::new(&seqs, &from, pad, device)
+    }
+
+    /// Corpus chunks: every token after the first is a target.
+    pub fn from_chunks(chunks: &[&Vec<u32>], pad: u32, device: &Device) -> Result<Self> {
+        let seqs: Vec<Vec<u32>> = chunks.iter().map(|c| c.to_vec()).collect();
+        Self::new(&seqs, &vec![1; seqs.len()], pad, device)
+    }
+
+    /// Number of target tokens.
+    pub fn num_targets(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// Hidden states `[b, t, h]` gathered at the target positions: `[targets, h]`.
+    pub fn gather(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = hidden.dim(2)?;
+        let flat = hidden.reshape(((), h))?;
+        let idx = Tensor::from_slice(&self.positions, self.positions.len(), hidden.device())?;
+        Ok(flat.index_select(&idx, 0)?)
+    }
+}

@@ -1,0 +1,131 @@
+//! Instruction data sets (jsonl with `instruction`, `input`, `output`, or a ready `prompt`):
+//! template, tokenisation and the length limits of the released implementation (prompts over
+//! 256 tokens dropped, prompt + response truncated to 512).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::tokenizer::{encode_example, format_prompt, Tokenizer};
+
+/// One tokenised example.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InstructExample {
+    /// Prompt token ids (template applied).
+    pub prompt: Vec<u32>,
+    /// Response token ids with EOS (truncated to the length limit).
+    pub response: Vec<u32>,
+    /// 1-based line in the source file.
+    pub line: usize,
+}
+
+/// Limits and error policy.
+#[derive(Clone, Debug)]
+pub struct InstructOptions {
+    /// Prompts longer than this are dropped.
+    pub max_prompt_len: usize,
+    /// Prompt + response are truncated to this.
+    pub max_len: usize,
+    /// Skip malformed lines (counted) instead of stopping at the first.
+    pub skip_malformed: bool,
+}
+
+impl Default for InstructOptions {
+    fn default() -> Self {
+        Self { max_prompt_len: 256, max_len: 512, skip_malformed: false }
+    }
+}
+
+/// What loading kept and dropped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Lines skipped as malformed (only with `skip_malformed`).
+    pub malformed: usize,
+    /// Examples dropped because the prompt is over the limit.
+    pub long_prompts: usize,
+    /// Examples whose response was truncated.
+    pub truncated: usize,
+}
+
+/// The prompt text and reference output of one jsonl record.
+pub fn record_prompt_output(v: &Value) -> Result<(String, String)> {
+    let s = |k: &str| v.get(k).and_then(Value::as_str);
+    let prompt = match (s("instruction"), s("prompt")) {
+        (Some(i), _) => format_prompt(i, s("input").unwrap_or("")),
+        (None, Some(p)) => p.to_string(),
+        _ => bail!("expected a string field `instruction` (or `prompt`)"),
+    };
+    let output = match v.get("output") {
+        Some(Value::String(o)) => o.clone(),
+        Some(Value::Array(a)) => match a.first().and_then(Value::as_str) {
+            Some(o) => o.to_string(),
+            None => bail!("`output` is an empty list or not a list of strings"),
+        },
+        _ => bail!("expected a string field `output`"),
+    };
+    Ok((prompt, output))
+}
+
+/// Loads and tokenises an instruction jsonl file.
+pub fn load_instruct(
+    path: &Path,
+    tok: &Tokenizer,
+    eos: u32,
+    opts: &InstructOptions,
+) -> Result<(Vec<InstructExample>, LoadReport)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut report = LoadReport::default();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed =
+            serde_json::from_str::<Value>(line).map_err(anyhow::Error::from).and_then(|v| record_prompt_output(&v));
+        let (prompt, output) = match parsed {
+            Ok(x) => x,
+            Err(e) if opts.skip_malformed => {
+                tracing::debug!("{}:{}: skipped: {e}", path.display(), i + 1);
+                report.malformed += 1;
+                continue;
+            }
+            Err(e) => bail!("{}:{}: {e}", path.display(), i + 1),
+        };
+        let mut ex = encode_example(tok, &prompt, &output, eos)?;
+        if ex.prompt.len() > opts.max_prompt_len {
+            report.long_prompts += 1;
+            continue;
+        }
+        let room = opts.max_len.saturating_sub(ex.prompt.len());
+        if ex.response.len() > room {
+            ex.response.truncate(room);
+            report.truncated += 1;
+        }
+        if ex.response.is_empty() {
+            report.long_prompts += 1;
+            continue;
+        }
+        out.push(InstructExample { prompt: ex.prompt, response: ex.response, line: i + 1 });
+    }
+    if out.is_empty() {
+        bail!(
+            "{}: no usable examples ({} malformed lines skipped, {} prompts over {} tokens)",
+            path.display(),
+            report.malformed,
+            report.long_prompts,
+            opts.max_prompt_len
+        );
+    }
+    if report.malformed + report.long_prompts + report.truncated > 0 {
+        tracing::info!(
+            "{}: {} examples; skipped {} malformed, dropped {} long prompts, truncated {}",
+            path.display(),
+            out.len(),
+            report.malformed,
+            report.long_prompts,
+            report.truncated
+        );
+    }
+    Ok((out, report))
+}

@@ -1,0 +1,5 @@
+//! Data: instruction sets, the pre-training corpus, and batching.
+
+pub mod batch;
+pub mod instruct;
+pub mod pretrain;

@@ -1,0 +1,131 @@
+//! Supervised training on (prompt, response) pairs: SFT (cross-entropy on response tokens),
+//! word-level KD (`(1 − r)·CE + r·D(p ‖ q)` against a teacher), and SeqKD's training phase
+//! (the same on teacher-generated responses).
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use super::data_order::DataOrder;
+use super::trainer::{Stats, Task};
+use crate::data::batch::LmBatch;
+use crate::data::instruct::InstructExample;
+use crate::loss::{cross_entropy, divergence, Divergence};
+use crate::model::Model;
+
+/// The teacher term of word-level KD.
+pub struct KdTerm {
+    /// The teacher.
+    pub teacher: Model,
+    /// Weight r of the divergence (1 − r goes to cross-entropy).
+    pub ratio: f64,
+    /// Which divergence.
+    pub divergence: Divergence,
+}
+
+/// SFT, or KD when a teacher term is given.
+pub struct SupervisedTask {
+    train: Vec<InstructExample>,
+    valid: Vec<InstructExample>,
+    order: DataOrder,
+    batch_size: usize,
+    grad_accum: usize,
+    pad: u32,
+    device: Device,
+    kd: Option<KdTerm>,
+    window: Vec<LmBatch>,
+}
+
+impl SupervisedTask {
+    /// A task over `train`, validated on `valid`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        train: Vec<InstructExample>,
+        valid: Vec<InstructExample>,
+        batch_size: usize,
+        grad_accum: usize,
+        seed: u64,
+        pad: u32,
+        device: Device,
+        kd: Option<KdTerm>,
+    ) -> Self {
+        let order = DataOrder::new(train.len(), seed);
+        Self { train, valid, order, batch_size, grad_accum, pad, device, kd, window: Vec::new() }
+    }
+
+    /// Student logits at the batch's target positions, `[targets, vocab]`.
+    fn student_logits(student: &Model, b: &LmBatch) -> Result<Tensor> {
+        let hidden = student.lm.forward_hidden(&b.input_ids, &b.mask, None)?;
+        student.lm.logits(&b.gather(&hidden)?)
+    }
+
+    /// `(1 − r)·CE + r·D` (or CE alone), each summed with `weight` per target token.
+    fn loss(&self, student: &Model, b: &LmBatch, weight: f32) -> Result<(Tensor, Stats)> {
+        let logits = Self::student_logits(student, b)?;
+        let w = vec![weight; b.num_targets()];
+        let ce = cross_entropy(&logits, &b.targets, &w)?;
+        let mut stats = Stats::new();
+        stats.insert("ce".into(), ce.to_scalar::<f32>()? as f64);
+        stats.insert("tokens".into(), b.num_targets() as f64);
+        let Some(kd) = &self.kd else { return Ok((ce, stats)) };
+        let t_hidden = kd.teacher.lm.forward_hidden(&b.input_ids, &b.mask, None)?.detach();
+        let t_logits = kd.teacher.lm.logits(&b.gather(&t_hidden)?)?.detach();
+        let v = logits.dim(1)?.min(t_logits.dim(1)?);
+        let d = divergence(&logits.narrow(1, 0, v)?, &t_logits.narrow(1, 0, v)?, &w, kd.divergence)?;
+        stats.insert("kd".into(), d.to_scalar::<f32>()? as f64);
+        let loss = ((ce * (1.0 - kd.ratio))? + (d * kd.ratio)?)?;
+        Ok((loss, stats))
+    }
+}
+
+impl Task for SupervisedTask {
+    fn begin_step(&mut self, _student: &Model, _step: usize) -> Result<f64> {
+        self.window.clear();
+        let mut tokens = 0;
+        for _ in 0..self.grad_accum {
+            let idx = self.order.next(self.batch_size);
+            let exs: Vec<&InstructExample> = idx.iter().map(|&i| &self.train[i]).collect();
+            let b = LmBatch::from_examples(&exs, self.pad, &self.device)?;
+            tokens += b.num_targets();
+            self.window.push(b);
+        }
+        Ok(tokens.max(1) as f64)
+    }
+
+    fn micro_batches(&self) -> usize {
+        self.window.len()
+    }
+
+    fn micro_loss(&mut self, student: &Model, i: usize, norm: f64) -> Result<(Tensor, Stats)> {
+        let b = self.window[i].clone();
+        self.loss(student, &b, (1.0 / norm) as f32)
+    }
+
+    fn validate(&mut self, student: &Model) -> Result<Stats> {
+        let (mut ce, mut kd, mut tokens) = (0f64, 0f64, 0usize);
+        for chunk in self.valid.chunks(self.batch_size) {
+            let exs: Vec<&InstructExample> = chunk.iter().collect();
+            let b = LmBatch::from_examples(&exs, self.pad, &self.device)?;
+            let (_, s) = self.loss(student, &b, 1.0)?;
+            ce += s["ce"];
+            kd += s.get("kd").copied().unwrap_or(0.0);
+            tokens += b.num_targets();
+        }
+        let mut out = Stats::new();
+        out.insert("val_loss".into(), ce / tokens.max(1) as f64);
+        if self.kd.is_some() {
+            out.insert("val_kd".into(), kd / tokens.max(1) as f64);
+        }
+        Ok(out)
+    }
+
+    fn state(&self) -> Result<Value> {
+        Ok(serde_json::to_value(&self.order)?)
+    }
+
+    fn load_state(&mut self, state: Value) -> Result<()> {
+        let order: DataOrder = serde_json::from_value(state).context("restoring the data order")?;
+        self.order = order.restored();
+        Ok(())
+    }
+}

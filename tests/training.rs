@@ -1,0 +1,204 @@
+//! The shared training loop on tiny models: SFT lowers validation loss, KD lowers the
+//! divergence to the teacher, an interrupted run resumes bit-identically, non-finite steps are
+//! skipped and stop the run, and bad data is reported by file and line.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use minillm::data::instruct::{load_instruct, InstructOptions};
+use minillm::loss::Divergence;
+use minillm::model::load_model;
+use minillm::tokenizer::Tokenizer;
+use minillm::train::optim::Schedule;
+use minillm::train::supervised::{KdTerm, SupervisedTask};
+use minillm::train::trainer::{train, RunDir, Stats, Task, TrainConfig};
+
+fn tok() -> Tokenizer {
+    Tokenizer::from_file(&fixtures().join("models/gpt2/tokenizer.json")).unwrap()
+}
+
+fn data(dir: &Path, n: usize, seed: u64) -> Vec<minillm::data::instruct::InstructExample> {
+    let p = dir.join(format!("data-{seed}.jsonl"));
+    std::fs::write(&p, letters_jsonl(n, seed)).unwrap();
+    load_instruct(&p, &tok(), 0, &InstructOptions::default()).unwrap().0
+}
+
+fn cfg(steps: usize) -> TrainConfig {
+    TrainConfig {
+        lr: 3e-3,
+        schedule: Schedule::Cosine { warmup: 2, total: steps, min_lr: 3e-4 },
+        max_steps: steps,
+        batch_size: 8,
+        grad_accum: 2,
+        eval_interval: 10,
+        save_interval: 10,
+        ..TrainConfig::default()
+    }
+}
+
+fn sft_task(dir: &Path, c: &TrainConfig, kd: Option<KdTerm>) -> SupervisedTask {
+    SupervisedTask::new(data(dir, 128, 1), data(dir, 32, 2), c.batch_size, c.grad_accum, c.seed, 0, Device::Cpu, kd)
+}
+
+fn params_of(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let m = load_model(dir, &Device::Cpu, DType::F32).unwrap();
+    m.lm.params()
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+        .collect()
+}
+
+#[test]
+fn sft_lowers_validation_loss_and_selects_the_best_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let student = tiny_model_dir(&tmp.path().join("student"), "gpt2", 64, 1, 1);
+    let c = cfg(40);
+    let mut task = sft_task(tmp.path(), &c, None);
+    let run = RunDir::new(&tmp.path().join("run")).unwrap();
+    let before = task.validate(&load_model(&student, &Device::Cpu, DType::F32).unwrap()).unwrap()["val_loss"];
+    let out = train(&student, &Device::Cpu, DType::F32, &mut task, &c, &run).unwrap();
+    assert_eq!(out.steps, 40);
+    let (best, best_step) = out.best.unwrap();
+    assert!(best < 0.6 * before, "validation loss {before} → {best}");
+    assert!(out.evals.iter().all(|(_, s)| s["val_loss"] >= best));
+    let reloaded = load_model(&run.best(), &Device::Cpu, DType::F32).unwrap();
+    let again = task.validate(&reloaded).unwrap()["val_loss"];
+    assert!((again - best).abs() < 1e-6, "best/ holds the step-{best_step} model");
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(run.metrics()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.iter().filter(|r| r.get("lr").is_some()).count(), 40);
+    assert_eq!(rows.iter().filter(|r| r.get("eval").is_some()).count(), 4);
+    assert!(rows.iter().all(|r| r.get("eval").is_some() || r["loss"].as_f64().unwrap().is_finite()));
+}
+
+/// N steps straight vs N/2, interruption, resume: identical parameters, losses and best model.
+#[test]
+fn an_interrupted_run_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let student = tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 3);
+    let c = TrainConfig { save_interval: 4, keep_checkpoints: 1, ..cfg(14) };
+    let straight = RunDir::new(&tmp.path().join("straight")).unwrap();
+    train(&student, &Device::Cpu, DType::F32, &mut sft_task(tmp.path(), &c, None), &c, &straight).unwrap();
+
+    let resumed = RunDir::new(&tmp.path().join("resumed")).unwrap();
+    let stop = TrainConfig { stop_after: Some(7), ..c.clone() };
+    let first =
+        train(&student, &Device::Cpu, DType::F32, &mut sft_task(tmp.path(), &stop, None), &stop, &resumed).unwrap();
+    assert!(first.interrupted);
+    assert_eq!(first.steps, 7);
+    assert_eq!(resumed.latest_checkpoint().unwrap().0, 7, "interruption writes a checkpoint");
+    let second = train(&student, &Device::Cpu, DType::F32, &mut sft_task(tmp.path(), &c, None), &c, &resumed).unwrap();
+    assert_eq!(second.steps, 14);
+
+    let (a, b) = (straight.latest_checkpoint().unwrap().1, resumed.latest_checkpoint().unwrap().1);
+    assert!(params_of(&a) == params_of(&b), "parameters differ after resume");
+    assert!(params_of(&straight.best()) == params_of(&resumed.best()), "best models differ after resume");
+    let losses = |r: &RunDir| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(r.metrics())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("loss").is_some())
+            .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+            .collect()
+    };
+    assert_eq!(losses(&straight), losses(&resumed));
+}
+
+#[test]
+fn kd_lowers_the_divergence_to_the_teacher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let student = tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 5);
+    let teacher_dir = tiny_model_dir(&tmp.path().join("teacher"), "llama", 64, 2, 6);
+    let teacher = load_model(&teacher_dir, &Device::Cpu, DType::F32).unwrap();
+    let c = cfg(30);
+    let kd = KdTerm { teacher, ratio: 1.0, divergence: Divergence::ForwardKl };
+    let mut task = sft_task(tmp.path(), &c, Some(kd));
+    let before = task.validate(&load_model(&student, &Device::Cpu, DType::F32).unwrap()).unwrap()["val_kd"];
+    let run = RunDir::new(&tmp.path().join("run")).unwrap();
+    let out = train(&student, &Device::Cpu, DType::F32, &mut task, &c, &run).unwrap();
+    let after = out.evals.last().unwrap().1["val_kd"];
+    assert!(after < 0.5 * before, "forward KL to the teacher {before} → {after}");
+}
+
+/// A task whose loss is NaN from step 3 on.
+struct Poisoned(SupervisedTask);
+
+impl Task for Poisoned {
+    fn begin_step(&mut self, s: &minillm::model::Model, step: usize) -> anyhow::Result<f64> {
+        self.0.begin_step(s, step).map(|n| if step >= 3 { f64::NAN } else { n })
+    }
+    fn micro_batches(&self) -> usize {
+        self.0.micro_batches()
+    }
+    fn micro_loss(&mut self, s: &minillm::model::Model, i: usize, norm: f64) -> anyhow::Result<(Tensor, Stats)> {
+        self.0.micro_loss(s, i, norm)
+    }
+    fn validate(&mut self, s: &minillm::model::Model) -> anyhow::Result<Stats> {
+        self.0.validate(s)
+    }
+    fn state(&self) -> anyhow::Result<serde_json::Value> {
+        self.0.state()
+    }
+    fn load_state(&mut self, v: serde_json::Value) -> anyhow::Result<()> {
+        self.0.load_state(v)
+    }
+}
+
+#[test]
+fn non_finite_steps_are_skipped_and_stop_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let student = tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 7);
+    let c = TrainConfig { max_bad_steps: 3, ..cfg(20) };
+    let mut task = Poisoned(sft_task(tmp.path(), &c, None));
+    let run = RunDir::new(&tmp.path().join("run")).unwrap();
+    let e = train(&student, &Device::Cpu, DType::F32, &mut task, &c, &run).unwrap_err().to_string();
+    assert!(e.contains("stopping at step 5") && e.contains("3 consecutive"), "{e}");
+    let skipped = std::fs::read_to_string(run.metrics()).unwrap().matches("skipped").count();
+    assert_eq!(skipped, 3);
+}
+
+#[test]
+fn bad_instruction_data_is_reported_by_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("bad.jsonl");
+    let good = r#"{"instruction": "Say hi", "input": "", "output": "hi"}"#;
+    std::fs::write(&p, format!("{good}\n{{\"instruction\": 3}}\nnot json\n{good}\n")).unwrap();
+    let e = load_instruct(&p, &tok(), 0, &InstructOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("bad.jsonl:2") && e.contains("instruction"), "{e}");
+    let opts = InstructOptions { skip_malformed: true, ..InstructOptions::default() };
+    let (exs, report) = load_instruct(&p, &tok(), 0, &opts).unwrap();
+    assert_eq!((exs.len(), report.malformed), (2, 2));
+    assert_eq!(exs[1].line, 4);
+
+    std::fs::write(&p, "\n\n").unwrap();
+    assert!(load_instruct(&p, &tok(), 0, &opts).unwrap_err().to_string().contains("no usable examples"));
+    let long = serde_json::json!({"instruction": "word ".repeat(400), "output": "x"}).to_string();
+    std::fs::write(&p, format!("{long}\n{good}\n")).unwrap();
+    let (exs, report) = load_instruct(&p, &tok(), 0, &InstructOptions::default()).unwrap();
+    assert_eq!((exs.len(), report.long_prompts), (1, 1));
+    let e = load_instruct(&tmp.path().join("missing.jsonl"), &tok(), 0, &opts).unwrap_err();
+    assert!(format!("{e:#}").contains("missing.jsonl"));
+}
+
+#[test]
+fn corpus_is_chunked_and_unreadable_corpora_are_reported() {
+    let corpus = shared_data().join("minillm_openwebtext_sample/data.txt");
+    let chunks = minillm::data::pretrain::load_corpus(&corpus, &tok(), 0, 512).unwrap();
+    assert!(chunks.len() > 20 && chunks.iter().all(|c| c.len() == 512));
+    let tmp = tempfile::tempdir().unwrap();
+    let e = minillm::data::pretrain::load_corpus(&tmp.path().join("none.txt"), &tok(), 0, 512).unwrap_err();
+    assert!(format!("{e:#}").contains("none.txt"));
+    assert!(minillm::data::pretrain::load_corpus(tmp.path(), &tok(), 0, 512)
+        .unwrap_err()
+        .to_string()
+        .contains("no .txt"));
+    std::fs::write(tmp.path().join("a.txt"), "tiny").unwrap();
+    assert!(minillm::data::pretrain::load_corpus(tmp.path(), &tok(), 0, 512)
+        .unwrap_err()
+        .to_string()
+        .contains("fewer than"));
+}
