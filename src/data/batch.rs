@@ -29,9 +29,9 @@ impl LmBatch {
         for (b, (s, &f)) in seqs.iter().zip(from).enumerate() {
             ids.extend(s.iter().copied().chain(std::iter::repeat_n(pad, t - s.len())));
             rows.push([vec![1u8; s.len()], vec![0u8; t - s.len()]].concat());
-            for j in f.max(1)..s.len() {
+            for (j, &tok) in s.iter().enumerate().skip(f.max(1)) {
                 positions.push((b * t + j - 1) as u32);
-                targets.push(s[j]);
+                targets.push(tok);
             }
         }
         Ok(Self {

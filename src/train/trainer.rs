@@ -311,7 +311,7 @@ pub fn train(
         bar.inc(1);
 
         let last = state.step == cfg.max_steps;
-        if state.step % cfg.eval_interval == 0 || last {
+        if state.step.is_multiple_of(cfg.eval_interval) || last {
             let eval = task.validate(&model)?;
             let key = cfg.select_by.key();
             let value = *eval.get(key).with_context(|| format!("validation produced no `{key}`"))?;
@@ -323,7 +323,7 @@ pub fn train(
             outcome.evals.push((state.step, eval));
         }
         let stop = INTERRUPTED.load(Ordering::SeqCst) || cfg.stop_after == Some(state.step);
-        if state.step % cfg.save_interval == 0 || last || stop {
+        if state.step.is_multiple_of(cfg.save_interval) || last || stop {
             metrics.flush()?;
             state.task = task.state()?;
             save_checkpoint(run, &model, &opt, &state, cfg.keep_checkpoints)?;
