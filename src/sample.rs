@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::{AttentionMask, CausalLm};
+use crate::model::{AttentionMask, CausalLm, KvCache};
 
 /// Settings of plain (single-model) generation.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -65,7 +65,7 @@ pub struct Generation {
 
 /// A teacher-mixed rollout: the generation plus, per generated token, its log-probability
 /// under the student (`log q`) and the teacher (`log p`) at sampling time.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct MixedRollout {
     /// Tokens.
     pub generation: Generation,
@@ -73,6 +73,9 @@ pub struct MixedRollout {
     pub logq: Vec<Vec<f32>>,
     /// `log p(y_t | y_<t, x)` of each response token.
     pub logp: Vec<Vec<f32>>,
+    /// The teacher's final hidden state at each response position, `[b, steps, hidden]`
+    /// (when asked for).
+    pub teacher_hidden: Option<Tensor>,
 }
 
 /// A generation laid out as one padded batch: prompts left-padded to a common length, then
@@ -140,6 +143,8 @@ struct Decoded {
     generation: Generation,
     logq: Vec<Vec<f32>>,
     logp: Vec<Vec<f32>>,
+    /// Per step, the kept model's final hidden state of every row `[b, hidden]`.
+    hidden: Vec<Tensor>,
 }
 
 /// The shared decoding loop: prefill, then one token per step for every unfinished row until
@@ -151,6 +156,7 @@ fn decode(
     pad: u32,
     max_new: usize,
     max_length: Option<usize>,
+    keep_hidden: Option<usize>,
     mut choose: impl FnMut(usize, &[&[f32]], &[u32]) -> Result<Choice>,
 ) -> Result<Decoded> {
     let b = prompts.len();
@@ -159,6 +165,7 @@ fn decode(
             generation: Generation { prompts: vec![], responses: vec![], ended_with_eos: vec![] },
             logq: vec![],
             logp: vec![],
+            hidden: vec![],
         });
     }
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
@@ -186,10 +193,21 @@ fn decode(
     let mut mask = AttentionMask::from_rows(&rows)?;
     let input = Tensor::from_vec(ids, (b, p), &device)?;
     let mut caches: Vec<_> = models.iter().map(|m| m.new_cache()).collect();
-    let mut logits: Vec<Vec<Vec<f32>>> = Vec::with_capacity(models.len());
-    for (m, c) in models.iter().zip(caches.iter_mut()) {
-        logits.push(m.forward_last(&input, &mask, Some(c))?.to_dtype(candle_core::DType::F32)?.to_vec2()?);
-    }
+    let mut hidden = Vec::new();
+    // One step of every model: last-position logits, keeping one model's hidden state.
+    let mut step_all = |input: &Tensor, mask: &AttentionMask, caches: &mut [KvCache]| -> Result<Vec<Vec<Vec<f32>>>> {
+        let mut out = Vec::with_capacity(models.len());
+        for (k, (m, c)) in models.iter().zip(caches.iter_mut()).enumerate() {
+            let h = m.forward_hidden(input, mask, Some(c))?;
+            let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?.detach();
+            out.push(m.logits(&last)?.to_dtype(candle_core::DType::F32)?.to_vec2()?);
+            if keep_hidden == Some(k) {
+                hidden.push(last);
+            }
+        }
+        Ok(out)
+    };
+    let mut logits = step_all(&input, &mask, &mut caches)?;
 
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
     let mut responses = vec![Vec::new(); b];
@@ -220,12 +238,10 @@ fn decode(
         }
         mask = mask.extended(&active);
         let input = Tensor::from_vec(next, (b, 1), &device)?;
-        for (k, (m, c)) in models.iter().zip(caches.iter_mut()).enumerate() {
-            logits[k] = m.forward_last(&input, &mask, Some(c))?.to_dtype(candle_core::DType::F32)?.to_vec2()?;
-        }
+        logits = step_all(&input, &mask, &mut caches)?;
     }
     let generation = Generation { prompts: prompts.to_vec(), responses, ended_with_eos: ended };
-    Ok(Decoded { generation, logq, logp })
+    Ok(Decoded { generation, logq, logp, hidden })
 }
 
 /// Generates continuations of `prompts` with one model. `rngs` holds one stream per row
@@ -244,7 +260,7 @@ pub fn generate(
     }
     let mut work = Vec::new();
     let Decoded { generation, .. } =
-        decode(&[model], prompts, eos, pad, cfg.max_new_tokens, cfg.max_length, |row, logits, hist| {
+        decode(&[model], prompts, eos, pad, cfg.max_new_tokens, cfg.max_length, None, |row, logits, hist| {
             work.clear();
             work.extend_from_slice(logits[0]);
             let token = choose_token(&mut work, hist, cfg, &mut rngs[row]);
@@ -253,22 +269,34 @@ pub fn generate(
     Ok(generation)
 }
 
+/// Settings of teacher-mixed sampling.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MixedSampling {
+    /// Teacher share α of the mixture.
+    pub alpha: f32,
+    /// Most tokens generated per row.
+    pub max_new_tokens: usize,
+    /// Cap on prompt + response length.
+    pub max_length: Option<usize>,
+    /// Also return the teacher's final hidden state at every response position (what the
+    /// single-step term needs, so the teacher runs once per rollout).
+    pub keep_teacher_hidden: bool,
+}
+
 /// Teacher-mixed sampling (MiniLLM §2.2): student and teacher decode in lockstep, each with its
 /// own cache, and every token is drawn at temperature 1 from `(1 − α)·q + α·p`, mixing
 /// *probabilities*. Both vocabularies are restricted to their shared id range. Returns the
 /// tokens with `log q` and `log p` of each chosen token.
-#[allow(clippy::too_many_arguments)]
 pub fn generate_mixed(
     student: &dyn CausalLm,
     teacher: &dyn CausalLm,
     prompts: &[Vec<u32>],
-    alpha: f32,
     eos: &[u32],
     pad: u32,
-    max_new_tokens: usize,
-    max_length: Option<usize>,
+    cfg: &MixedSampling,
     rngs: &mut [ChaCha8Rng],
 ) -> Result<MixedRollout> {
+    let alpha = cfg.alpha;
     if !(0.0..=1.0).contains(&alpha) {
         bail!("the teacher-mix coefficient α must be in [0, 1], got {alpha}");
     }
@@ -278,16 +306,17 @@ pub fn generate_mixed(
     let vocab = student.info().vocab_size.min(teacher.info().vocab_size);
     let (mut q, mut p) = (Vec::new(), Vec::new());
     let models: [&dyn CausalLm; 2] = [student, teacher];
-    let Decoded { generation, logq, logp } =
-        decode(&models, prompts, eos, pad, max_new_tokens, max_length, |row, logits, _| {
+    let keep = cfg.keep_teacher_hidden.then_some(1);
+    let Decoded { generation, logq, logp, hidden } =
+        decode(&models, prompts, eos, pad, cfg.max_new_tokens, cfg.max_length, keep, |row, logits, _| {
             log_softmax_into(&logits[0][..vocab], &mut q);
             log_softmax_into(&logits[1][..vocab], &mut p);
-            let u: f64 = rngs[row].random();
             let mixed: Vec<f32> = q.iter().zip(&p).map(|(&lq, &lp)| mix_log_prob(lq, lp, alpha)).collect();
-            let token = sample_from_logits(&mixed, u) as usize;
+            let token = sample_from_logits(&mixed, rngs[row].random()) as usize;
             Ok(Choice { token: token as u32, logq: q[token], logp: p[token] })
         })?;
-    Ok(MixedRollout { generation, logq, logp })
+    let teacher_hidden = if hidden.is_empty() { None } else { Some(Tensor::stack(&hidden, 1)?) };
+    Ok(MixedRollout { generation, logq, logp, teacher_hidden })
 }
 
 /// `log((1 − α)·e^{log q} + α·e^{log p})`: the log-probability of the teacher-mixed sampler.

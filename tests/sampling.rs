@@ -79,8 +79,16 @@ fn mixed_rollout_log_probs_equal_rescoring_by_each_model() {
     let (student, teacher) = (load("gpt2"), load("llama"));
     let prompts = prompts_of("gpt2");
     let mut rngs = row_rngs(3, 0..3);
-    let r =
-        generate_mixed(student.lm.as_ref(), teacher.lm.as_ref(), &prompts, 0.2, &[0], 0, 16, None, &mut rngs).unwrap();
+    let r = generate_mixed(
+        student.lm.as_ref(),
+        teacher.lm.as_ref(),
+        &prompts,
+        &[0],
+        0,
+        &MixedSampling { alpha: 0.2, max_new_tokens: 16, max_length: None, keep_teacher_hidden: false },
+        &mut rngs,
+    )
+    .unwrap();
     let reqs: Vec<ScoreRequest> = prompts
         .iter()
         .zip(&r.generation.responses)
@@ -100,11 +108,9 @@ fn mixed_rollout_log_probs_equal_rescoring_by_each_model() {
         student.lm.as_ref(),
         student.lm.as_ref(),
         &prompts,
-        0.0,
         &[0],
         0,
-        8,
-        None,
+        &MixedSampling { alpha: 0.0, max_new_tokens: 8, max_length: None, keep_teacher_hidden: false },
         &mut row_rngs(3, 0..3),
     )
     .unwrap();
@@ -115,15 +121,17 @@ fn mixed_rollout_log_probs_equal_rescoring_by_each_model() {
         student.lm.as_ref(),
         teacher.lm.as_ref(),
         &prompts,
-        0.2,
         &[0],
         0,
-        16,
-        None,
+        &MixedSampling { alpha: 0.2, max_new_tokens: 16, max_length: None, keep_teacher_hidden: false },
         &mut row_rngs(3, 0..3),
     )
     .unwrap();
-    assert_eq!(r, again, "teacher-mixed sampling is deterministic under a seed");
+    assert_eq!(
+        (&r.generation, &r.logq, &r.logp),
+        (&again.generation, &again.logq, &again.logp),
+        "teacher-mixed sampling is deterministic under a seed"
+    );
 }
 
 /// The first sampled token follows (1 − α)·q + α·p (probabilities, not logits): 20,000 rows,
@@ -138,11 +146,9 @@ fn mixed_sampling_draws_from_the_probability_mixture() {
         student.lm.as_ref(),
         teacher.lm.as_ref(),
         &prompt,
-        alpha,
         &[],
         0,
-        1,
-        None,
+        &MixedSampling { alpha: alpha, max_new_tokens: 1, max_length: None, keep_teacher_hidden: false },
         &mut row_rngs(11, 0..n as u64),
     )
     .unwrap();

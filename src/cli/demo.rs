@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::model::{load_model, save_model, AttentionMask, Model};
-use crate::sample::{generate_mixed, row_rngs};
+use crate::sample::{generate_mixed, row_rngs, MixedSampling};
 use crate::score::{score, ScoreRequest};
 use crate::tokenizer::format_prompt;
 
@@ -61,10 +61,10 @@ pub fn demo(seed: u64) -> Result<()> {
     let prompts: Vec<Vec<u32>> =
         INSTRUCTIONS.iter().map(|i| format_prompt(i, "").bytes().map(u32::from).collect()).collect();
     let alpha = 0.2;
+    let cfg = MixedSampling { alpha, max_new_tokens: 64, max_length: None, keep_teacher_hidden: false };
     let mut rngs = row_rngs(seed, 0..prompts.len() as u64);
     let t0 = Instant::now();
-    let rollout =
-        generate_mixed(student.lm.as_ref(), teacher.lm.as_ref(), &prompts, alpha, &[EOS], EOS, 64, None, &mut rngs)?;
+    let rollout = generate_mixed(student.lm.as_ref(), teacher.lm.as_ref(), &prompts, &[EOS], EOS, &cfg, &mut rngs)?;
     let secs = t0.elapsed().as_secs_f64();
     let tokens: usize = rollout.generation.responses.iter().map(Vec::len).sum();
     println!(

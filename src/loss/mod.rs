@@ -3,6 +3,7 @@
 
 pub mod cross_entropy;
 pub mod divergence;
+pub mod policy;
 
 pub use cross_entropy::{cross_entropy, cross_entropy_reference};
 pub use divergence::{divergence, divergence_reference, Divergence};
