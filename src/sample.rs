@@ -149,6 +149,7 @@ struct Decoded {
 
 /// The shared decoding loop: prefill, then one token per step for every unfinished row until
 /// EOS or the length limit. `choose(row, logits_per_model, history)` picks each token.
+#[allow(clippy::too_many_arguments)] // private driver shared by the two public entry points
 fn decode(
     models: &[&dyn CausalLm],
     prompts: &[Vec<u32>],
