@@ -148,7 +148,7 @@ fn mixed_sampling_draws_from_the_probability_mixture() {
         &prompt,
         &[],
         0,
-        &MixedSampling { alpha: alpha, max_new_tokens: 1, max_length: None, keep_teacher_hidden: false },
+        &MixedSampling { alpha, max_new_tokens: 1, max_length: None, keep_teacher_hidden: false },
         &mut row_rngs(11, 0..n as u64),
     )
     .unwrap();
