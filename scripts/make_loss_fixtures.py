@@ -101,7 +101,68 @@ def build_optimizer():
     save_file(out, os.path.join(OUT, "adamw.safetensors"))
 
 
+def build_minillm_terms():
+    """The MiniLLM loss terms on a fixed rollout batch, written from REFERENCE.md §2-4 in the
+    released implementation's padded [batch, response] layout: rewards, discounted returns
+    including r_t, length normalisation by the remaining valid tokens, whitening over the whole
+    padded minibatch (torch.var_mean, unbiased), per-token importance weight w = q_old / p~,
+    ratio = exp(logq - logq_old) * w, PPO clip; the single-step reverse KL; the PT term."""
+    g = torch.Generator().manual_seed(2)
+    lens = [4, 2, 5]
+    B, R, V = len(lens), max(lens), 13
+    alpha, gamma, scaling, clip_r, eps = 0.2, 0.95, 0.5, 100.0, 0.2
+    mask = torch.zeros(B, R)
+    for b, n in enumerate(lens):
+        mask[b, :n] = 1
+    logits = torch.randn(B, R, V, generator=g, dtype=torch.float64) * 2      # current student
+    t_logits = torch.randn(B, R, V, generator=g, dtype=torch.float64) * 2    # teacher
+    old_logits = logits + 0.3 * torch.randn(B, R, V, generator=g, dtype=torch.float64)  # sampling-time student
+    ids = torch.randint(0, V, (B, R), generator=g)
+    lq_old = torch.gather(F.log_softmax(old_logits, -1), -1, ids[..., None])[..., 0] * mask
+    lp = torch.gather(F.log_softmax(t_logits, -1), -1, ids[..., None])[..., 0] * mask
+    mix = torch.log((1 - alpha) * lq_old.exp() + alpha * lp.exp())
+    w = torch.exp(lq_old - mix) * mask
+    rewards = torch.clip((lp - lq_old) / scaling, -clip_r, clip_r) * mask
+    # returns
+    last, rev = 0, []
+    for t in reversed(range(R)):
+        last = rewards[:, t] + gamma * last
+        rev.append(last)
+    ret = torch.stack(rev[::-1], 1)
+    cum = torch.cumsum(mask, -1)
+    remaining = mask - cum + cum[:, -1:]
+    remaining = remaining.masked_fill(remaining == 0, 1)
+    adv = ret / remaining
+    var, mean = torch.var_mean(adv)
+    adv = (adv - mean) * torch.rsqrt(var + 1e-8)
+    x = logits.float().double().requires_grad_(True)
+    lq = torch.gather(F.log_softmax(x, -1), -1, ids[..., None])[..., 0]
+    ratio = torch.exp((lq - lq_old) * mask) * w
+    n = mask.sum()
+    pg = (torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps)) * mask).sum() / n
+    lqf, lpf = F.log_softmax(x, -1), F.log_softmax(t_logits, -1)
+    single = ((lqf.exp() * (lqf - lpf)).sum(-1) * mask).sum() / n
+    (pg + single).backward()
+    out = {
+        "mask": mask, "logits": logits.float(), "t_logits": t_logits.float(), "ids": ids.int(),
+        "logq_old": lq_old.float(), "logp": lp.float(), "advantages": adv.float(), "importance": w.float(),
+        "pg": pg.detach().reshape(1), "single": single.detach().reshape(1), "grad": x.grad.float(),
+    }
+    # PT term: 0.5 CE + 0.5 soft CE against the teacher, token-averaged.
+    z = torch.randn(6, V, generator=g, dtype=torch.float64).requires_grad_(True)
+    tz = torch.randn(6, V, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (6,), generator=g)
+    ce = F.cross_entropy(z, y)
+    sce = -(F.softmax(tz, -1) * F.log_softmax(z, -1)).sum(-1).mean()
+    pt = 0.5 * ce + 0.5 * sce
+    pt.backward()
+    out.update({"pt.logits": z.detach().float(), "pt.t_logits": tz.float(), "pt.labels": y.int(),
+                "pt.loss": pt.detach().reshape(1), "pt.grad": z.grad.float()})
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(OUT, "minillm_terms.safetensors"))
+
+
 if __name__ == "__main__":
     build_divergences()
     build_optimizer()
+    build_minillm_terms()
     print("wrote", OUT)

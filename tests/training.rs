@@ -14,7 +14,7 @@ use minillm::model::load_model;
 use minillm::tokenizer::Tokenizer;
 use minillm::train::optim::Schedule;
 use minillm::train::supervised::{KdTerm, SupervisedTask};
-use minillm::train::trainer::{train, RunDir, Stats, Task, TrainConfig};
+use minillm::train::trainer::{train, RunDir, Stats, Task, TaskState, TrainConfig};
 
 fn tok() -> Tokenizer {
     Tokenizer::from_file(&fixtures().join("models/gpt2/tokenizer.json")).unwrap()
@@ -140,10 +140,10 @@ impl Task for Poisoned {
     fn validate(&mut self, s: &minillm::model::Model) -> anyhow::Result<Stats> {
         self.0.validate(s)
     }
-    fn state(&self) -> anyhow::Result<serde_json::Value> {
+    fn state(&self) -> anyhow::Result<TaskState> {
         self.0.state()
     }
-    fn load_state(&mut self, v: serde_json::Value) -> anyhow::Result<()> {
+    fn load_state(&mut self, v: TaskState) -> anyhow::Result<()> {
         self.0.load_state(v)
     }
 }

@@ -4,10 +4,9 @@
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use serde_json::Value;
 
 use super::data_order::DataOrder;
-use super::trainer::{Stats, Task};
+use super::trainer::{Stats, Task, TaskState};
 use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
 use crate::loss::{cross_entropy, divergence, Divergence};
@@ -119,12 +118,12 @@ impl Task for SupervisedTask {
         Ok(out)
     }
 
-    fn state(&self) -> Result<Value> {
-        Ok(serde_json::to_value(&self.order)?)
+    fn state(&self) -> Result<TaskState> {
+        Ok(TaskState::json(serde_json::to_value(&self.order)?))
     }
 
-    fn load_state(&mut self, state: Value) -> Result<()> {
-        let order: DataOrder = serde_json::from_value(state).context("restoring the data order")?;
+    fn load_state(&mut self, state: TaskState) -> Result<()> {
+        let order: DataOrder = serde_json::from_value(state.json).context("restoring the data order")?;
         self.order = order.restored();
         Ok(())
     }

@@ -35,9 +35,25 @@ pub trait Task {
     /// Validation statistics (must include the selection metric, e.g. `val_loss`).
     fn validate(&mut self, student: &Model) -> Result<Stats>;
     /// Resumable state.
-    fn state(&self) -> Result<Value>;
+    fn state(&self) -> Result<TaskState>;
     /// Restores [`Task::state`].
-    fn load_state(&mut self, state: Value) -> Result<()>;
+    fn load_state(&mut self, state: TaskState) -> Result<()>;
+}
+
+/// A task's resumable state: small values as JSON, bulk data (a rollout buffer) as tensors.
+#[derive(Clone, Debug, Default)]
+pub struct TaskState {
+    /// JSON part (`state.json`).
+    pub json: Value,
+    /// Tensor part (`task_state.safetensors`).
+    pub tensors: std::collections::HashMap<String, Tensor>,
+}
+
+impl TaskState {
+    /// A state with no tensors.
+    pub fn json(json: Value) -> Self {
+        Self { json, tensors: Default::default() }
+    }
 }
 
 /// How the best checkpoint is chosen.
@@ -233,7 +249,11 @@ pub fn train(
         state = serde_json::from_str(&text).with_context(|| format!("{}/state.json", dir.display()))?;
         let tensors = candle_core::safetensors::load(dir.join("trainer_state.safetensors"), device)?;
         opt.load_state(&tensors.into_iter().collect(), state.optimizer_steps)?;
-        task.load_state(state.task.clone())?;
+        let task_tensors = match dir.join("task_state.safetensors") {
+            p if p.is_file() => candle_core::safetensors::load(p, device)?,
+            _ => Default::default(),
+        };
+        task.load_state(TaskState { json: state.task.clone(), tensors: task_tensors })?;
         truncate_metrics(&run.metrics(), *step)?;
         eprintln!("resuming {} from step {step}", run.root().display());
     }
@@ -325,8 +345,9 @@ pub fn train(
         let stop = INTERRUPTED.load(Ordering::SeqCst) || cfg.stop_after == Some(state.step);
         if state.step.is_multiple_of(cfg.save_interval) || last || stop {
             metrics.flush()?;
-            state.task = task.state()?;
-            save_checkpoint(run, &model, &opt, &state, cfg.keep_checkpoints)?;
+            let task_state = task.state()?;
+            state.task = task_state.json;
+            save_checkpoint(run, &model, &opt, &state, &task_state.tensors, cfg.keep_checkpoints)?;
         }
         if stop && !last {
             outcome.interrupted = true;
@@ -339,12 +360,22 @@ pub fn train(
     Ok(outcome)
 }
 
-fn save_checkpoint(run: &RunDir, model: &Model, opt: &AdamW, state: &LoopState, keep: usize) -> Result<()> {
+fn save_checkpoint(
+    run: &RunDir,
+    model: &Model,
+    opt: &AdamW,
+    state: &LoopState,
+    task_tensors: &std::collections::HashMap<String, Tensor>,
+    keep: usize,
+) -> Result<()> {
     let dir = run.checkpoint(state.step);
     crate::atomic::write_dir(&dir, |tmp| {
         write_model_files(model, tmp, DType::F32)?;
         let (tensors, _) = opt.state();
         candle_core::safetensors::save(&tensors, tmp.join("trainer_state.safetensors"))?;
+        if !task_tensors.is_empty() {
+            candle_core::safetensors::save(task_tensors, tmp.join("task_state.safetensors"))?;
+        }
         std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(state)?)?;
         Ok(())
     })?;

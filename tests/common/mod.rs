@@ -65,7 +65,20 @@ pub fn max_diff_masked(a: &Tensor, b: &Tensor, mask: &AttentionMask) -> f32 {
 /// A freshly initialised model with the fixture tokenizer (384 tokens, EOS = 0) saved in
 /// `dir`: GPT-2 (`"gpt2"`) or Llama (`"llama"`) of the given width and depth, 256 positions.
 pub fn tiny_model_dir(dir: &std::path::Path, family: &str, width: usize, layers: usize, seed: u64) -> PathBuf {
-    let config = match family {
+    tiny_model_dir_with_std(dir, family, width, layers, seed, 0.02)
+}
+
+/// [`tiny_model_dir`] with initialisation standard deviation `std` (larger = more peaked
+/// next-token distributions, e.g. for an opinionated teacher).
+pub fn tiny_model_dir_with_std(
+    dir: &std::path::Path,
+    family: &str,
+    width: usize,
+    layers: usize,
+    seed: u64,
+    std: f64,
+) -> PathBuf {
+    let mut config = match family {
         "gpt2" => serde_json::json!({"model_type": "gpt2", "vocab_size": 384, "n_positions": 256, "n_embd": width,
             "n_layer": layers, "n_head": 4, "eos_token_id": 0, "bos_token_id": 0, "pad_token_id": 0}),
         _ => serde_json::json!({"model_type": "llama", "vocab_size": 384, "hidden_size": width,
@@ -73,6 +86,7 @@ pub fn tiny_model_dir(dir: &std::path::Path, family: &str, width: usize, layers:
             "num_key_value_heads": 2, "max_position_embeddings": 256, "eos_token_id": 0, "pad_token_id": 0,
             "tie_word_embeddings": false}),
     };
+    config["initializer_range"] = std.into();
     let mut m = Model::random(config, seed, &Device::Cpu, DType::F32).unwrap();
     m.tokenizer =
         Some(minillm::tokenizer::Tokenizer::from_file(&fixtures().join("models/gpt2/tokenizer.json")).unwrap());
