@@ -21,6 +21,10 @@ use crate::loss::{cross_entropy, divergence, Divergence};
 use crate::model::{AttentionMask, Model};
 use crate::sample::{generate_mixed, mix_log_prob, row_rngs, MixedSampling};
 
+/// Salt of the validation sampling seed, so validation samples never share a stream with
+/// training rollouts.
+const VALID_STREAM_SALT: u64 = 0x5641_4c49_4421;
+
 /// Settings of `minillm distill` (defaults: the released implementation).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -453,7 +457,7 @@ impl Task for DistillTask {
             let longest = chunk.iter().map(Vec::len).max().unwrap_or(0);
             let cfg = self.sampling(longest, 0.0, false);
             let start = (k * self.cfg.rollout_batch) as u64;
-            let mut rngs = row_rngs(self.seed ^ 0x7661_6c69_64, start..start + chunk.len() as u64);
+            let mut rngs = row_rngs(self.seed ^ VALID_STREAM_SALT, start..start + chunk.len() as u64);
             let r = generate_mixed(
                 student.lm.as_ref(),
                 self.teacher.lm.as_ref(),
