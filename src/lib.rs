@@ -6,6 +6,7 @@
 
 pub mod atomic;
 pub mod cli;
+pub mod config;
 pub mod data;
 pub mod loss;
 pub mod model;

@@ -25,8 +25,140 @@ enum Command {
     Score(ScoreArgs),
     /// Load a model directory and save it again (Hugging Face layout, chosen dtype).
     Convert(ConvertArgs),
+    /// Supervised fine-tuning (cross-entropy on response tokens); MiniLLM's phase 1.
+    Sft(TrainArgs),
+    /// Word-level knowledge distillation: (1 − r)·CE + r·divergence(teacher ‖ student).
+    Kd(TrainArgs),
+    /// Sequence-level KD: train on responses sampled from the teacher.
+    Seqkd(TrainArgs),
+    /// MiniLLM: on-policy reverse-KL distillation (phase 2; start from an `sft` checkpoint).
+    Distill(DistillArgs),
     /// Walk through the model stack on the built-in tiny models (see README).
     Demo(DemoArgs),
+}
+
+/// Options shared by the training commands; each is a shorthand for a `--set` override.
+#[derive(Args)]
+struct TrainArgs {
+    /// Run configuration (TOML); see configs/.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Student model directory (model.student).
+    #[arg(long)]
+    student: Option<PathBuf>,
+    /// Teacher model directory (model.teacher).
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// Training jsonl (data.train).
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Validation jsonl (data.valid).
+    #[arg(long)]
+    valid: Option<PathBuf>,
+    /// Run directory (out).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Optimizer steps (train.max_steps).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Peak learning rate (train.lr).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Sequences per micro-batch (train.batch_size).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per step (train.grad_accum).
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Seed (train.seed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// KD divergence: fkl, sce, rkl, jsd[:β], tvd, sfkl[:λ], srkl[:λ] (kd.divergence).
+    #[arg(long)]
+    divergence: Option<String>,
+    /// KD weight r (kd.ratio).
+    #[arg(long)]
+    kd_ratio: Option<f64>,
+    /// Any setting, as section.key=value (repeatable), e.g. --set train.eval_interval=50.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Args)]
+struct DistillArgs {
+    #[command(flatten)]
+    common: TrainArgs,
+    /// Pre-training corpus (data.corpus).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// `lmops` (released implementation, default) or `paper` (equations as printed).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Teacher-mix coefficient α (distill.alpha; 0 = no teacher mixing).
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Ablation: no length normalisation.
+    #[arg(long)]
+    no_length_norm: bool,
+    /// Ablation: no single-step term.
+    #[arg(long)]
+    no_single_step: bool,
+    /// Ablation: no pre-training term.
+    #[arg(long)]
+    no_pt: bool,
+}
+
+impl TrainArgs {
+    /// The flags as `key=value` overrides (explicit `--set` last, so they win).
+    fn overrides(&self) -> Vec<String> {
+        let q = |p: &PathBuf| format!("{:?}", p.display().to_string());
+        let mut o = Vec::new();
+        let mut push = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                o.push(format!("{k}={v}"));
+            }
+        };
+        push("model.student", self.student.as_ref().map(q));
+        push("model.teacher", self.teacher.as_ref().map(q));
+        push("data.train", self.train.as_ref().map(q));
+        push("data.valid", self.valid.as_ref().map(q));
+        push("out", self.out.as_ref().map(q));
+        push("train.max_steps", self.max_steps.map(|v| v.to_string()));
+        push("train.lr", self.lr.map(|v| format!("{v:e}")));
+        push("train.batch_size", self.batch_size.map(|v| v.to_string()));
+        push("train.grad_accum", self.grad_accum.map(|v| v.to_string()));
+        push("train.seed", self.seed.map(|v| v.to_string()));
+        push("kd.divergence", self.divergence.as_ref().map(|v| format!("{v:?}")));
+        push("kd.ratio", self.kd_ratio.map(|v| v.to_string()));
+        o.extend(self.set.iter().cloned());
+        o
+    }
+}
+
+impl DistillArgs {
+    fn overrides(&self) -> Vec<String> {
+        let mut o = Vec::new();
+        if let Some(c) = &self.corpus {
+            o.push(format!("data.corpus={:?}", c.display().to_string()));
+        }
+        if let Some(p) = &self.preset {
+            o.push(format!("distill.preset={p:?}"));
+        }
+        if let Some(a) = self.alpha {
+            o.push(format!("distill.alpha={a}"));
+        }
+        if self.no_length_norm {
+            o.push("distill.policy.length_norm=false".into());
+        }
+        if self.no_single_step {
+            o.push("distill.single_step=false".into());
+        }
+        if self.no_pt {
+            o.push("distill.pt=false".into());
+        }
+        o.extend(self.common.overrides());
+        o
+    }
 }
 
 #[derive(Args)]
@@ -127,6 +259,11 @@ fn main() {
     }
 }
 
+fn train_command(method: cli::Method, config: Option<&std::path::Path>, overrides: &[String]) -> Result<()> {
+    let cfg = minillm::config::RunConfig::load(config, overrides)?;
+    cli::run_method(method, &cfg).map(|_| ())
+}
+
 fn load_opts(m: &ModelArgs) -> cli::LoadOptions {
     cli::LoadOptions { dir: m.model.clone(), dtype: m.dtype.clone(), gpu: m.gpu }
 }
@@ -150,6 +287,10 @@ fn run(cli: Cli) -> Result<()> {
         }),
         Command::Score(a) => cli::score(&load_opts(&a.model), &a.input, a.output.as_deref(), a.batch_tokens),
         Command::Convert(a) => cli::convert(&load_opts(&a.model), &a.out),
+        Command::Sft(a) => train_command(cli::Method::Sft, a.config.as_deref(), &a.overrides()),
+        Command::Kd(a) => train_command(cli::Method::Kd, a.config.as_deref(), &a.overrides()),
+        Command::Seqkd(a) => train_command(cli::Method::SeqKd, a.config.as_deref(), &a.overrides()),
+        Command::Distill(a) => train_command(cli::Method::Distill, a.common.config.as_deref(), &a.overrides()),
         Command::Demo(a) => cli::demo(a.seed),
     }
 }

@@ -3,6 +3,7 @@
 mod convert;
 mod demo;
 mod generate;
+mod methods;
 mod score;
 
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use candle_core::{DType, Device};
 pub use convert::convert;
 pub use demo::demo;
 pub use generate::{generate, GenerateOptions};
+pub use methods::{run_method, Method};
 pub use score::score;
 
 use crate::model::{load_model, Model};

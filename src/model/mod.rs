@@ -2,6 +2,7 @@
 //! Qwen2, Mistral), one file each, behind the [`CausalLm`] trait.
 
 pub mod checkpoint;
+pub mod compat;
 pub mod config;
 pub mod gpt2;
 pub mod layers;

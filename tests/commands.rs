@@ -1,0 +1,137 @@
+//! The training commands end to end through the configuration layer: SFT → distill from the
+//! SFT checkpoint (paper preset, ablation switches), SeqKD (generations written then reused),
+//! KD; configuration and tokenizer-mismatch errors; every shipped config parses.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use minillm::cli::{run_method, Method};
+use minillm::config::RunConfig;
+
+fn q(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+fn base(tmp: &Path) -> Vec<String> {
+    let student = tiny_model_dir(&tmp.join("student"), "gpt2", 32, 1, 31);
+    let teacher = tiny_model_dir(&tmp.join("teacher"), "llama", 48, 1, 32);
+    std::fs::write(tmp.join("train.jsonl"), letters_jsonl(48, 33)).unwrap();
+    std::fs::write(tmp.join("valid.jsonl"), letters_jsonl(8, 34)).unwrap();
+    vec![
+        format!("model.student={}", q(&student)),
+        format!("model.teacher={}", q(&teacher)),
+        format!("data.train={}", q(&tmp.join("train.jsonl"))),
+        format!("data.valid={}", q(&tmp.join("valid.jsonl"))),
+        "train.max_steps=4".into(),
+        "train.batch_size=4".into(),
+        "train.eval_interval=2".into(),
+        "train.save_interval=2".into(),
+    ]
+}
+
+fn with(mut v: Vec<String>, extra: &[String]) -> Vec<String> {
+    v.extend(extra.iter().cloned());
+    v
+}
+
+#[test]
+fn sft_then_distill_then_seqkd_and_kd_run_from_configuration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = base(tmp.path());
+    let sft_out = tmp.path().join("runs/sft");
+    let cfg = RunConfig::load(None, &with(b.clone(), &[format!("out={}", q(&sft_out))])).unwrap();
+    let out = run_method(Method::Sft, &cfg).unwrap();
+    assert_eq!(out.steps, 4);
+    assert!(sft_out.join("config.toml").is_file() && sft_out.join("best/model.safetensors").is_file());
+    let resolved = RunConfig::load(Some(&sft_out.join("config.toml")), &[]).unwrap();
+    assert_eq!(resolved, cfg, "the written config.toml reproduces the run's configuration");
+
+    // Phase 2 from the SFT checkpoint, paper preset, with an ablation and no PT corpus.
+    let distill_out = tmp.path().join("runs/distill");
+    let d = with(
+        b.clone(),
+        &[
+            format!("model.student={}", q(&sft_out.join("best"))),
+            format!("out={}", q(&distill_out)),
+            "distill.preset=\"paper\"".into(),
+            "distill.policy.length_norm=false".into(),
+            "distill.pt=false".into(),
+            "distill.num_rollouts=8".into(),
+            "distill.rollout_batch=8".into(),
+            "distill.max_new_tokens=6".into(),
+            "distill.valid_rollouts=4".into(),
+        ],
+    );
+    let cfg = RunConfig::load(None, &d).unwrap();
+    assert!(cfg.distill.single_step_weighted && cfg.distill.pt_kd_ratio == 0.0, "preset applied");
+    assert!(!cfg.distill.policy.length_norm && !cfg.distill.policy.whiten, "explicit keys override the preset");
+    run_method(Method::Distill, &cfg).unwrap();
+    let text = std::fs::read_to_string(distill_out.join("metrics.jsonl")).unwrap();
+    assert!(text.contains("\"single\"") && !text.contains("\"pt\""));
+
+    // SeqKD: generations are written once and reused.
+    let seq_out = tmp.path().join("runs/seqkd");
+    let s = with(
+        b.clone(),
+        &[format!("out={}", q(&seq_out)), "seqkd.mode=\"pure\"".into(), "seqkd.max_new_tokens=8".into()],
+    );
+    run_method(Method::SeqKd, &RunConfig::load(None, &s).unwrap()).unwrap();
+    let gens = seq_out.join("teacher_generations.jsonl");
+    let first = std::fs::read_to_string(&gens).unwrap();
+    assert_eq!(first.lines().count(), 48);
+    assert!(first.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["output"].is_string()));
+    std::fs::remove_dir_all(seq_out.join("checkpoints")).unwrap();
+    run_method(Method::SeqKd, &RunConfig::load(None, &s).unwrap()).unwrap();
+    assert_eq!(std::fs::read_to_string(&gens).unwrap(), first);
+
+    let kd_out = tmp.path().join("runs/kd");
+    let k = with(b, &[format!("out={}", q(&kd_out)), "kd.divergence=\"jsd:0.3\"".into()]);
+    run_method(Method::Kd, &RunConfig::load(None, &k).unwrap()).unwrap();
+    assert!(std::fs::read_to_string(kd_out.join("metrics.jsonl")).unwrap().contains("val_kd"));
+}
+
+#[test]
+fn mismatched_tokenizers_and_bad_configurations_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = base(tmp.path());
+    // A teacher whose vocabulary swaps two tokens.
+    let path = tmp.path().join("teacher/tokenizer.json");
+    let mut tok: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let (a, c) = (vocab["a"].clone(), vocab["b"].clone());
+    vocab.insert("a".into(), c);
+    vocab.insert("b".into(), a);
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let cfg = RunConfig::load(None, &with(b.clone(), &[format!("out={}", q(&tmp.path().join("r")))])).unwrap();
+    let e = format!("{:#}", run_method(Method::Kd, &cfg).unwrap_err());
+    assert!(e.contains("different tokenizers"), "{e}");
+
+    let e = format!("{:#}", RunConfig::load(None, &["train.learning_rate=1".into()]).unwrap_err());
+    assert!(e.contains("learning_rate"), "{e}");
+    let e = format!("{:#}", RunConfig::load(None, &["seqkd.mode=\"bogus\"".into()]).unwrap_err());
+    assert!(e.contains("seqkd.mode"), "{e}");
+    let e = format!("{:#}", RunConfig::load(None, &["distill.preset=\"nope\"".into()]).unwrap_err());
+    assert!(e.contains("unknown preset"), "{e}");
+    let e = format!("{:#}", RunConfig::load(None, &["kd.divergence=\"xyz\"".into()]).unwrap_err());
+    assert!(e.contains("unknown divergence"), "{e}");
+    let cfg = RunConfig::load(None, &[]).unwrap();
+    let e =
+        format!("{:#}", run_method(Method::Sft, &RunConfig { out: Some(tmp.path().join("x")), ..cfg }).unwrap_err());
+    assert!(e.contains("model.student"), "{e}");
+}
+
+#[test]
+fn shipped_configs_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            RunConfig::load(Some(&p), &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 4);
+}
