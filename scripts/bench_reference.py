@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""PyTorch timings of the work in benches/training.rs, for BENCHMARKS.md.
+
+    python scripts/bench_reference.py [--threads 2]
+
+SFT step: GPT-2 (2 layers, width 128, 4 heads, vocab 8192), batch 8 x 128, forward + backward +
+AdamW. Distill iteration: the same student, teacher GPT-2 (4 layers, width 256); 32 teacher-mixed
+rollouts of 32 new tokens from 32-token prompts (both models with KV caches, mixing
+probabilities, teacher final hidden states kept), then 4 inner epochs of minibatches of 8 (16
+updates) with the clipped PG term (released returns/whitening), the single-step reverse KL
+from the kept teacher states, and the PT term (0.5 CE + 0.5 teacher soft CE on 8 x 128 chunks).
+Written to be as fast as plain PyTorch eager allows (no_grad where possible, sdpa attention).
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+V = 8192
+
+
+def gpt2(layers, width, seed):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=512, n_embd=width, n_layer=layers, n_head=4,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def timed(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def sft_step_bench():
+    model = gpt2(2, 128, 1).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-6)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, V, (8, 128), generator=g)
+
+    def step():
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return timed(step, 3, 10)
+
+
+def whiten(x):
+    var, mean = torch.var_mean(x)
+    return (x - mean) * torch.rsqrt(var + 1e-8)
+
+
+def distill_iteration_bench():
+    student, teacher = gpt2(2, 128, 3).train(), gpt2(4, 256, 6).eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-6)
+    g = torch.Generator().manual_seed(4)
+    prompts = torch.randint(1, V, (32, 32), generator=g)
+    corpus = torch.randint(1, V, (64, 128), generator=g)
+    alpha, gamma, eps_clip = 0.2, 0.95, 0.2
+
+    def iteration():
+        # Rollouts: both models decode in lockstep with their caches.
+        with torch.no_grad():
+            s_out = student(input_ids=prompts, use_cache=True)
+            t_out = teacher(input_ids=prompts, use_cache=True, output_hidden_states=True)
+            s_past, t_past = s_out.past_key_values, t_out.past_key_values
+            s_logits, t_logits, t_h = s_out.logits[:, -1], t_out.logits[:, -1], t_out.hidden_states[-1][:, -1]
+            toks, lqs, lps, hs = [], [], [], []
+            for _ in range(32):
+                lq, lp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
+                mix = (1 - alpha) * lq.exp() + alpha * lp.exp()
+                y = torch.multinomial(mix, 1)
+                toks.append(y[:, 0]); lqs.append(lq.gather(1, y)[:, 0]); lps.append(lp.gather(1, y)[:, 0]); hs.append(t_h)
+                s_out = student(input_ids=y, past_key_values=s_past, use_cache=True)
+                t_out = teacher(input_ids=y, past_key_values=t_past, use_cache=True, output_hidden_states=True)
+                s_past, t_past = s_out.past_key_values, t_out.past_key_values
+                s_logits, t_logits, t_h = s_out.logits[:, -1], t_out.logits[:, -1], t_out.hidden_states[-1][:, -1]
+            resp, logq_old, logp = torch.stack(toks, 1), torch.stack(lqs, 1), torch.stack(lps, 1)
+            t_hidden = torch.stack(hs, 1)
+            mix_lp = torch.log((1 - alpha) * logq_old.exp() + alpha * logp.exp())
+            w = torch.exp(logq_old - mix_lp)
+            rewards = torch.clip((logp - logq_old) / 0.5, -100, 100)
+        full = torch.cat([prompts, resp], 1)
+        for epoch in range(4):
+            perm = torch.randperm(32, generator=g)
+            for k in range(4):
+                idx = perm[k * 8:(k + 1) * 8]
+                logits = student(input_ids=full[idx]).logits[:, 31:63]
+                lq_all = F.log_softmax(logits, -1)
+                lq = lq_all.gather(2, resp[idx, :, None])[..., 0]
+                ret, last = [], 0
+                for t in reversed(range(32)):
+                    last = rewards[idx, t] + gamma * last
+                    ret.append(last)
+                adv = whiten(torch.stack(ret[::-1], 1) / torch.arange(32, 0, -1))
+                ratio = torch.exp(lq - logq_old[idx]) * w[idx]
+                pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps_clip, 1 + eps_clip)).mean()
+                with torch.no_grad():
+                    tl = F.log_softmax(teacher.lm_head(t_hidden[idx]), -1)
+                single = (lq_all.exp() * (lq_all - tl)).sum(-1).mean()
+                chunk = corpus[torch.randint(0, 64, (8,), generator=g)]
+                pl = student(input_ids=chunk).logits[:, :-1]
+                with torch.no_grad():
+                    tp = F.softmax(teacher(input_ids=chunk).logits[:, :-1], -1)
+                lps_pt = F.log_softmax(pl, -1)
+                ce = F.nll_loss(lps_pt.reshape(-1, V), chunk[:, 1:].reshape(-1))
+                sce = -(tp * lps_pt).sum(-1).mean()
+                loss = pg + single + 0.5 * ce + 0.5 * sce
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    return timed(iteration, 1, 3)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {a.threads} threads")
+    print(f"sft_step: {sft_step_bench() * 1e3:.1f} ms (median of 10)")
+    print(f"distill_iteration: {distill_iteration_bench() * 1e3:.0f} ms (median of 3)")
