@@ -100,27 +100,15 @@ pub fn run_method(method: Method, cfg: &RunConfig) -> Result<TrainOutcome> {
     let t = &cfg.train;
     let take_teacher = |s: &mut Setup| s.teacher.take().context("this method needs a teacher (model.teacher)");
     let mut task: Box<dyn Task> = match method {
-        Method::Sft | Method::Kd => {
-            let train_set = instruct(cfg, &s, required(&cfg.data.train, "data.train")?, cfg.data.train_limit)?;
-            let kd = match method {
-                Method::Kd => Some(kd_term(cfg, take_teacher(&mut s)?)?),
-                _ => None,
+        Method::Sft | Method::Kd | Method::SeqKd => {
+            // SeqKD trains on teacher samples; KD and SeqKD's `lmops` mode add the teacher term.
+            let train_path = match method {
+                Method::SeqKd => teacher_generations(cfg, &s, &out)?,
+                _ => required(&cfg.data.train, "data.train")?.clone(),
             };
-            Box::new(SupervisedTask::new(
-                train_set,
-                valid,
-                t.batch_size,
-                t.grad_accum,
-                t.seed,
-                s.pad,
-                s.device.clone(),
-                kd,
-            ))
-        }
-        Method::SeqKd => {
-            let generations = teacher_generations(cfg, &s, &out)?;
-            let train_set = instruct(cfg, &s, &generations, cfg.data.train_limit)?;
-            let kd = if cfg.seqkd.mode == "lmops" { Some(kd_term(cfg, take_teacher(&mut s)?)?) } else { None };
+            let train_set = instruct(cfg, &s, &train_path, cfg.data.train_limit)?;
+            let wants_kd = method == Method::Kd || (method == Method::SeqKd && cfg.seqkd.mode == "lmops");
+            let kd = if wants_kd { Some(kd_term(cfg, take_teacher(&mut s)?)?) } else { None };
             Box::new(SupervisedTask::new(
                 train_set,
                 valid,
