@@ -261,7 +261,11 @@ fn main() {
 
 fn train_command(method: cli::Method, config: Option<&std::path::Path>, overrides: &[String]) -> Result<()> {
     let cfg = minillm::config::RunConfig::load(config, overrides)?;
-    cli::run_method(method, &cfg).map(|_| ())
+    if cli::run_method(method, &cfg)?.interrupted {
+        // Interrupted (Ctrl-C) after writing a checkpoint: the conventional status for SIGINT.
+        std::process::exit(130);
+    }
+    Ok(())
 }
 
 fn load_opts(m: &ModelArgs) -> cli::LoadOptions {
