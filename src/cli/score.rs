@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use super::LoadOptions;
+use crate::data::jsonl::read_jsonl;
 use crate::score::{score as score_requests, ScoreRequest};
 use crate::tokenizer::encode_example;
 
@@ -20,15 +21,11 @@ const CHUNK: usize = 64;
 pub fn score(load: &LoadOptions, input: &Path, output: Option<&Path>, batch_tokens: usize) -> Result<()> {
     let model = load.load()?;
     let tok = model.tokenizer()?;
-    let text = std::fs::read_to_string(input).with_context(|| format!("reading {}", input.display()))?;
     let mut requests = Vec::new();
     let mut lines = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = || format!("{}:{}", input.display(), i + 1);
-        let v: Value = serde_json::from_str(line).with_context(|| format!("{}: invalid JSON", at()))?;
+    for (line, parsed) in read_jsonl(input)? {
+        let at = || format!("{}:{line}", input.display());
+        let v: Value = parsed.with_context(|| format!("{}: invalid JSON", at()))?;
         let field = |k: &str| v.get(k).and_then(Value::as_str);
         let req = match (field("text"), field("prompt"), field("response")) {
             (Some(t), _, _) => {
@@ -48,7 +45,7 @@ pub fn score(load: &LoadOptions, input: &Path, output: Option<&Path>, batch_toke
             _ => bail!("{}: expected a string field `text`, or string fields `prompt` and `response`", at()),
         };
         requests.push(req);
-        lines.push(i + 1);
+        lines.push(line);
     }
     // To a file: collected and written atomically at the end; to stdout: streamed.
     let mut buffer = Vec::new();

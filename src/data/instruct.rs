@@ -4,9 +4,10 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::Value;
 
+use super::jsonl::read_jsonl;
 use crate::tokenizer::{encode_example, format_prompt, Tokenizer};
 
 /// One tokenised example.
@@ -74,23 +75,18 @@ pub fn load_instruct(
     eos: u32,
     opts: &InstructOptions,
 ) -> Result<(Vec<InstructExample>, LoadReport)> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
     let mut report = LoadReport::default();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let parsed =
-            serde_json::from_str::<Value>(line).map_err(anyhow::Error::from).and_then(|v| record_prompt_output(&v));
+    for (line, parsed) in read_jsonl(path)? {
+        let parsed = parsed.map_err(anyhow::Error::from).and_then(|v| record_prompt_output(&v));
         let (prompt, output) = match parsed {
             Ok(x) => x,
             Err(e) if opts.skip_malformed => {
-                tracing::debug!("{}:{}: skipped: {e}", path.display(), i + 1);
+                tracing::debug!("{}:{line}: skipped: {e}", path.display());
                 report.malformed += 1;
                 continue;
             }
-            Err(e) => bail!("{}:{}: {e}", path.display(), i + 1),
+            Err(e) => bail!("{}:{line}: {e}", path.display()),
         };
         let mut ex = encode_example(tok, &prompt, &output, eos)?;
         if ex.prompt.len() > opts.max_prompt_len {
@@ -106,7 +102,7 @@ pub fn load_instruct(
             report.long_prompts += 1;
             continue;
         }
-        out.push(InstructExample { prompt: ex.prompt, response: ex.response, line: i + 1 });
+        out.push(InstructExample { prompt: ex.prompt, response: ex.response, line });
     }
     if out.is_empty() {
         bail!(

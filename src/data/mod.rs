@@ -2,4 +2,5 @@
 
 pub mod batch;
 pub mod instruct;
+pub mod jsonl;
 pub mod pretrain;
