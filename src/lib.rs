@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod loss;
 pub mod model;
 pub mod sample;
