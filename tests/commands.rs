@@ -70,6 +70,7 @@ fn sft_then_distill_then_seqkd_and_kd_run_from_configuration() {
     run_method(Method::Distill, &cfg).unwrap();
     let text = std::fs::read_to_string(distill_out.join("metrics.jsonl")).unwrap();
     assert!(text.contains("\"single\"") && !text.contains("\"pt\""));
+    assert_eq!(eval_values(&distill_out, "val_rougeL").len(), 2, "distill validation reports Rouge-L");
 
     // SeqKD: generations are written once and reused.
     let seq_out = tmp.path().join("runs/seqkd");
@@ -87,9 +88,26 @@ fn sft_then_distill_then_seqkd_and_kd_run_from_configuration() {
     assert_eq!(std::fs::read_to_string(&gens).unwrap(), first);
 
     let kd_out = tmp.path().join("runs/kd");
-    let k = with(b, &[format!("out={}", q(&kd_out)), "kd.divergence=\"jsd:0.3\"".into()]);
-    run_method(Method::Kd, &RunConfig::load(None, &k).unwrap()).unwrap();
+    let k = with(
+        b,
+        &[format!("out={}", q(&kd_out)), "kd.divergence=\"jsd:0.3\"".into(), "train.select_by=\"val_rouge_l\"".into()],
+    );
+    let out = run_method(Method::Kd, &RunConfig::load(None, &k).unwrap()).unwrap();
     assert!(std::fs::read_to_string(kd_out.join("metrics.jsonl")).unwrap().contains("val_kd"));
+    let rouge = eval_values(&kd_out, "val_rougeL");
+    assert_eq!(rouge.len(), 2);
+    assert!(rouge.iter().all(|r| (0.0..=100.0).contains(r)));
+    let best = rouge.iter().copied().fold(f64::MIN, f64::max);
+    assert_eq!(out.best.unwrap().0, best, "selection by the highest validation Rouge-L");
+}
+
+fn eval_values(run: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v.get("eval").and_then(|e| e.get(key)).and_then(|x| x.as_f64()))
+        .collect()
 }
 
 #[test]

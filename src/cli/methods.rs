@@ -15,8 +15,8 @@ use crate::model::compat::check_compatible;
 use crate::model::{load_model, Model};
 use crate::sample::{generate, row_rngs, SamplingConfig};
 use crate::train::minillm::{DistillData, DistillTask};
-use crate::train::supervised::{KdTerm, SupervisedTask};
-use crate::train::trainer::{train, RunDir, Task, TrainOutcome};
+use crate::train::supervised::{KdTerm, RougeValidation, SupervisedTask};
+use crate::train::trainer::{train, RunDir, Selection, Task, TrainOutcome};
 
 /// The training methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,16 +109,18 @@ pub fn run_method(method: Method, cfg: &RunConfig) -> Result<TrainOutcome> {
             let train_set = instruct(cfg, &s, &train_path, cfg.data.train_limit)?;
             let wants_kd = method == Method::Kd || (method == Method::SeqKd && cfg.seqkd.mode == "lmops");
             let kd = if wants_kd { Some(kd_term(cfg, take_teacher(&mut s)?)?) } else { None };
-            Box::new(SupervisedTask::new(
-                train_set,
-                valid,
-                t.batch_size,
-                t.grad_accum,
-                t.seed,
-                s.pad,
-                s.device.clone(),
-                kd,
-            ))
+            let mut task =
+                SupervisedTask::new(train_set, valid, t.batch_size, t.grad_accum, t.seed, s.pad, s.device.clone(), kd);
+            if t.select_by == Selection::ValRougeL {
+                let tokenizer = s.student.tokenizer()?.clone();
+                task = task.with_rouge(RougeValidation {
+                    tokenizer,
+                    eos: s.eos.clone(),
+                    max_len: cfg.data.max_len,
+                    seed: t.seed,
+                });
+            }
+            Box::new(task)
         }
         Method::Distill => {
             let train_set = instruct(cfg, &s, required(&cfg.data.train, "data.train")?, cfg.data.train_limit)?;

@@ -19,6 +19,8 @@ pub struct InstructExample {
     pub response: Vec<u32>,
     /// 1-based line in the source file.
     pub line: usize,
+    /// The reference output text(s) (Rouge-L takes the best match).
+    pub references: Vec<String>,
 }
 
 /// Limits and error policy.
@@ -49,23 +51,27 @@ pub struct LoadReport {
     pub truncated: usize,
 }
 
-/// The prompt text and reference output of one jsonl record.
-pub fn record_prompt_output(v: &Value) -> Result<(String, String)> {
+/// The prompt text and reference outputs of one jsonl record (`output` may be a string or a
+/// list of strings; training uses the first).
+pub fn record_prompt_output(v: &Value) -> Result<(String, Vec<String>)> {
     let s = |k: &str| v.get(k).and_then(Value::as_str);
     let prompt = match (s("instruction"), s("prompt")) {
         (Some(i), _) => format_prompt(i, s("input").unwrap_or("")),
         (None, Some(p)) => p.to_string(),
         _ => bail!("expected a string field `instruction` (or `prompt`)"),
     };
-    let output = match v.get("output") {
-        Some(Value::String(o)) => o.clone(),
-        Some(Value::Array(a)) => match a.first().and_then(Value::as_str) {
-            Some(o) => o.to_string(),
-            None => bail!("`output` is an empty list or not a list of strings"),
-        },
+    let outputs = match v.get("output") {
+        Some(Value::String(o)) => vec![o.clone()],
+        Some(Value::Array(a)) => {
+            let list: Option<Vec<String>> = a.iter().map(|x| x.as_str().map(str::to_string)).collect();
+            match list {
+                Some(l) if !l.is_empty() => l,
+                _ => bail!("`output` is an empty list or not a list of strings"),
+            }
+        }
         _ => bail!("expected a string field `output`"),
     };
-    Ok((prompt, output))
+    Ok((prompt, outputs))
 }
 
 /// Loads and tokenises an instruction jsonl file.
@@ -79,7 +85,7 @@ pub fn load_instruct(
     let mut report = LoadReport::default();
     for (line, parsed) in read_jsonl(path)? {
         let parsed = parsed.map_err(anyhow::Error::from).and_then(|v| record_prompt_output(&v));
-        let (prompt, output) = match parsed {
+        let (prompt, references) = match parsed {
             Ok(x) => x,
             Err(e) if opts.skip_malformed => {
                 tracing::debug!("{}:{line}: skipped: {e}", path.display());
@@ -88,7 +94,7 @@ pub fn load_instruct(
             }
             Err(e) => bail!("{}:{line}: {e}", path.display()),
         };
-        let mut ex = encode_example(tok, &prompt, &output, eos)?;
+        let mut ex = encode_example(tok, &prompt, &references[0], eos)?;
         if ex.prompt.len() > opts.max_prompt_len {
             report.long_prompts += 1;
             continue;
@@ -102,7 +108,7 @@ pub fn load_instruct(
             report.long_prompts += 1;
             continue;
         }
-        out.push(InstructExample { prompt: ex.prompt, response: ex.response, line });
+        out.push(InstructExample { prompt: ex.prompt, response: ex.response, line, references });
     }
     if out.is_empty() {
         bail!(

@@ -1,6 +1,7 @@
-//! Evaluation: Rouge-L identical to `rouge_score`.
+//! Evaluation: Rouge-L identical to `rouge_score`, and validation for checkpoint selection.
 
 pub mod porter;
 pub mod rouge;
+pub mod validate;
 
 pub use rouge::{rouge_l, rouge_l_max, tokenize, RougeScore};

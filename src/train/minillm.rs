@@ -16,6 +16,7 @@ use super::data_order::DataOrder;
 use super::trainer::{Stats, Task, TaskState};
 use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
+use crate::eval::validate::{mean_rouge_l, response_text};
 use crate::loss::policy::{advantages, k3_estimate, pg_loss, rewards, PolicyConfig};
 use crate::loss::{cross_entropy, divergence, Divergence};
 use crate::model::{AttentionMask, Model};
@@ -53,7 +54,7 @@ pub struct DistillConfig {
     pub pt_kd_ratio: f64,
     /// Coefficient of the pre-training term.
     pub pt_coef: f64,
-    /// Validation prompts sampled to estimate the reverse KL.
+    /// Validation prompts sampled (pure student) for the reverse-KL estimate and Rouge-L.
     pub valid_rollouts: usize,
 }
 
@@ -452,7 +453,7 @@ impl Task for DistillTask {
         // the per-token reverse KL and the response length (fixed seed: comparable over time).
         let prompts: Vec<Vec<u32>> =
             self.valid.iter().take(self.cfg.valid_rollouts).map(|e| e.prompt.clone()).collect();
-        let (mut lp, mut lq, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut lp, mut lq, mut lens, mut texts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (k, chunk) in prompts.chunks(self.cfg.rollout_batch.max(1)).enumerate() {
             let longest = chunk.iter().map(Vec::len).max().unwrap_or(0);
             let cfg = self.sampling(longest, 0.0, false);
@@ -470,12 +471,22 @@ impl Task for DistillTask {
             lp.extend(r.logp.iter().flatten());
             lq.extend(r.logq.iter().flatten());
             lens.extend(r.generation.responses.iter().map(|y| y.len() as f64));
+            if let Some(tok) = &self.teacher.tokenizer {
+                for y in &r.generation.responses {
+                    texts.push(response_text(tok, y, &self.eos)?);
+                }
+            }
         }
-        Ok(Stats::from([
+        let mut out = Stats::from([
             ("val_loss".to_string(), ce / tokens.max(1) as f64),
             ("val_rev_kl_k3".to_string(), k3_estimate(&lp, &lq)),
             ("val_len".to_string(), lens.iter().sum::<f64>() / lens.len().max(1) as f64),
-        ]))
+        ]);
+        if !texts.is_empty() {
+            let refs: Vec<Vec<String>> = self.valid.iter().take(texts.len()).map(|e| e.references.clone()).collect();
+            out.insert("val_rougeL".into(), mean_rouge_l(&texts, &refs));
+        }
+        Ok(out)
     }
 
     fn state(&self) -> Result<TaskState> {

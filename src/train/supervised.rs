@@ -9,8 +9,10 @@ use super::data_order::DataOrder;
 use super::trainer::{Stats, Task, TaskState};
 use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
+use crate::eval::validate::sampled_rouge_l;
 use crate::loss::{cross_entropy, divergence, Divergence};
 use crate::model::Model;
+use crate::tokenizer::Tokenizer;
 
 /// The teacher term of word-level KD.
 pub struct KdTerm {
@@ -20,6 +22,18 @@ pub struct KdTerm {
     pub ratio: f64,
     /// Which divergence.
     pub divergence: Divergence,
+}
+
+/// Settings of sampled Rouge-L validation (for selection by `val_rougeL`).
+pub struct RougeValidation {
+    /// Decodes the samples.
+    pub tokenizer: Tokenizer,
+    /// End-of-sequence ids.
+    pub eos: Vec<u32>,
+    /// Prompt + response limit.
+    pub max_len: usize,
+    /// Sampling seed.
+    pub seed: u64,
 }
 
 /// SFT, or KD when a teacher term is given.
@@ -32,6 +46,7 @@ pub struct SupervisedTask {
     pad: u32,
     device: Device,
     kd: Option<KdTerm>,
+    rouge: Option<RougeValidation>,
     window: Vec<LmBatch>,
 }
 
@@ -49,7 +64,14 @@ impl SupervisedTask {
         kd: Option<KdTerm>,
     ) -> Self {
         let order = DataOrder::new(train.len(), seed);
-        Self { train, valid, order, batch_size, grad_accum, pad, device, kd, window: Vec::new() }
+        Self { train, valid, order, batch_size, grad_accum, pad, device, kd, rouge: None, window: Vec::new() }
+    }
+
+    /// Also report `val_rougeL` (and `val_len`) from one sampled response per validation
+    /// example.
+    pub fn with_rouge(mut self, rouge: RougeValidation) -> Self {
+        self.rouge = Some(rouge);
+        self
     }
 
     /// Student logits at the batch's target positions, `[targets, vocab]`.
@@ -114,6 +136,20 @@ impl Task for SupervisedTask {
         out.insert("val_loss".into(), ce / tokens.max(1) as f64);
         if self.kd.is_some() {
             out.insert("val_kd".into(), kd / tokens.max(1) as f64);
+        }
+        if let Some(r) = &self.rouge {
+            let (rouge, len) = sampled_rouge_l(
+                student.lm.as_ref(),
+                &r.tokenizer,
+                &self.valid,
+                &r.eos,
+                self.pad,
+                r.max_len,
+                self.batch_size,
+                r.seed,
+            )?;
+            out.insert("val_rougeL".into(), rouge);
+            out.insert("val_len".into(), len);
         }
         Ok(out)
     }
