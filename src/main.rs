@@ -33,8 +33,51 @@ enum Command {
     Seqkd(TrainArgs),
     /// MiniLLM: on-policy reverse-KL distillation (phase 2; start from an `sft` checkpoint).
     Distill(DistillArgs),
+    /// Evaluate a model on the paper's sets × seeds (Rouge-L, Dist-4, LM loss), or score
+    /// predictions made elsewhere.
+    Eval(EvalArgs),
     /// Walk through the model stack on the built-in tiny models (see README).
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Model directory.
+    #[arg(long, required_unless_present = "predictions", conflicts_with = "predictions")]
+    model: Option<PathBuf>,
+    /// Working precision: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// GPU index (needs the `cuda` feature).
+    #[arg(long)]
+    gpu: Option<usize>,
+    /// Sets: dolly, self-inst, vicuna, sinst, uinst, or paths to jsonl files.
+    #[arg(long, default_value = "dolly,self-inst,vicuna,sinst,uinst")]
+    sets: String,
+    /// Sampling seeds.
+    #[arg(long, default_value = "10,20,30,40,50")]
+    seeds: String,
+    /// Where the built-in sets are.
+    #[arg(long, default_value = minillm::eval::sets::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Output directory (default runs/eval-<model>), or the scored file with --predictions.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Block repeated n-grams of this size (6 as the released test script; 0 = off).
+    #[arg(long, default_value_t = 6)]
+    no_repeat_ngram_size: usize,
+    /// Prompts decoded together.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Only the first N examples of each set.
+    #[arg(long)]
+    max_examples: Option<usize>,
+    /// Cap on generated tokens (the protocol's only limit is 512 tokens in total).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Score this jsonl of {"prediction", "output"} lines instead of generating.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
 }
 
 /// Options shared by the training commands; each is a shorthand for a `--set` override.
@@ -295,6 +338,18 @@ fn run(cli: Cli) -> Result<()> {
         Command::Kd(a) => train_command(cli::Method::Kd, a.config.as_deref(), &a.overrides()),
         Command::Seqkd(a) => train_command(cli::Method::SeqKd, a.config.as_deref(), &a.overrides()),
         Command::Distill(a) => train_command(cli::Method::Distill, a.common.config.as_deref(), &a.overrides()),
+        Command::Eval(a) => cli::eval(cli::EvalCommand {
+            load: a.model.map(|dir| cli::LoadOptions { dir, dtype: a.dtype, gpu: a.gpu }),
+            sets: a.sets,
+            seeds: a.seeds,
+            data_dir: a.data_dir,
+            out: a.out,
+            no_repeat_ngram_size: a.no_repeat_ngram_size,
+            batch_size: a.batch_size,
+            max_examples: a.max_examples,
+            max_new_tokens: a.max_new_tokens,
+            predictions: a.predictions,
+        }),
         Command::Demo(a) => cli::demo(a.seed),
     }
 }

@@ -2,6 +2,7 @@
 
 mod convert;
 mod demo;
+mod eval;
 mod generate;
 mod methods;
 mod score;
@@ -13,6 +14,7 @@ use candle_core::{DType, Device};
 
 pub use convert::convert;
 pub use demo::demo;
+pub use eval::{eval, EvalCommand};
 pub use generate::{generate, GenerateOptions};
 pub use methods::{run_method, Method};
 pub use score::score;
