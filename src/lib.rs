@@ -11,6 +11,7 @@ pub mod data;
 pub mod eval;
 pub mod loss;
 pub mod model;
+pub mod report;
 pub mod sample;
 pub mod score;
 pub mod tokenizer;

@@ -36,8 +36,20 @@ enum Command {
     /// Evaluate a model on the paper's sets × seeds (Rouge-L, Dist-4, LM loss), or score
     /// predictions made elsewhere.
     Eval(EvalArgs),
+    /// Compare evaluation runs: the paper's Table 1 layout and a bar chart.
+    Report(ReportArgs),
     /// Walk through the model stack on the built-in tiny models (see README).
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// Evaluation directories (`minillm eval --out DIR`), one per model.
+    #[arg(required = true)]
+    runs: Vec<PathBuf>,
+    /// Where report.md and rouge_l.svg go.
+    #[arg(long, default_value = "runs/report")]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -350,6 +362,11 @@ fn run(cli: Cli) -> Result<()> {
             max_new_tokens: a.max_new_tokens,
             predictions: a.predictions,
         }),
+        Command::Report(a) => {
+            print!("{}", minillm::report::write_report(&a.runs, &a.out)?);
+            eprintln!("report.md and rouge_l.svg in {}", a.out.display());
+            Ok(())
+        }
         Command::Demo(a) => cli::demo(a.seed),
     }
 }

@@ -47,7 +47,7 @@ pub struct EvalOptions {
 }
 
 /// Results of one set.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct SetResult {
     /// Set name.
     pub set: String,

@@ -1,0 +1,214 @@
+//! Reports: the paper's Table 1 layout (methods × evaluation sets) from several evaluation
+//! runs, and plots written as plain SVG (no font or image libraries needed on a headless
+//! machine).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::eval::evaluate::SetResult;
+
+/// Display names of the built-in sets, in the paper's column order.
+const COLUMNS: &[(&str, &str)] = &[
+    ("dolly", "DollyEval"),
+    ("self-inst", "SelfInst"),
+    ("vicuna", "VicunaEval"),
+    ("sinst", "S-NI"),
+    ("uinst", "UnNI"),
+];
+
+/// The results of one evaluated model.
+#[derive(Clone, Debug)]
+pub struct RunResults {
+    /// Row label (the run directory's name).
+    pub label: String,
+    /// Per-set results.
+    pub results: Vec<SetResult>,
+}
+
+#[derive(Deserialize)]
+struct ResultsFile {
+    results: Vec<SetResult>,
+}
+
+/// Reads `results.json` of an evaluation directory (`minillm eval --out DIR`).
+pub fn load_results(dir: &Path) -> Result<RunResults> {
+    let path = if dir.is_file() { dir.to_path_buf() } else { dir.join("results.json") };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {} (run `minillm eval --out {}` first)", path.display(), dir.display()))?;
+    let file: ResultsFile =
+        serde_json::from_str(&text).with_context(|| format!("{} is not an evaluation result", path.display()))?;
+    let label = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().trim_start_matches("eval-").to_string())
+        .unwrap_or_else(|| dir.display().to_string());
+    Ok(RunResults { label, results: file.results })
+}
+
+/// Set names in display order: the paper's five first, then any others.
+fn set_order(runs: &[RunResults]) -> Vec<String> {
+    let mut names: Vec<String> = COLUMNS.iter().map(|(n, _)| n.to_string()).collect();
+    for r in runs.iter().flat_map(|r| &r.results) {
+        if !names.contains(&r.set) {
+            names.push(r.set.clone());
+        }
+    }
+    names.retain(|n| runs.iter().any(|r| r.results.iter().any(|s| &s.set == n)));
+    names
+}
+
+fn display(set: &str) -> String {
+    COLUMNS.iter().find(|(n, _)| *n == set).map_or(set.to_string(), |(_, d)| d.to_string())
+}
+
+/// Rouge-L (mean ± std over seeds) of every run on every set, as a markdown table.
+pub fn comparison_markdown(runs: &[RunResults]) -> String {
+    let sets = set_order(runs);
+    let mut s = String::from("| model |");
+    for set in &sets {
+        let _ = write!(s, " {} |", display(set));
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---|".repeat(sets.len()));
+    s.push('\n');
+    for run in runs {
+        let _ = write!(s, "| {} |", run.label);
+        for set in &sets {
+            match run.results.iter().find(|r| &r.set == set) {
+                Some(r) => {
+                    let _ = write!(s, " {:.2} ± {:.2} |", r.rouge_l.0, r.rouge_l.1);
+                }
+                None => s.push_str(" – |"),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+const PALETTE: &[&str] = &["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"];
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// A value axis maximum with a round step: (top, step).
+fn nice_axis(max: f64) -> (f64, f64) {
+    let max = if max > 0.0 && max.is_finite() { max } else { 1.0 };
+    let raw = max / 5.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
+    ((max / step).ceil() * step, step)
+}
+
+/// A grouped bar chart with error bars: one group per category, one bar per series
+/// (`values[series][category]` = mean and error, absent when missing).
+pub fn grouped_bar_svg(
+    title: &str,
+    y_label: &str,
+    categories: &[String],
+    series: &[(String, Vec<Option<(f64, f64)>>)],
+) -> String {
+    let (w, h) = (760.0, 440.0);
+    let (left, right, top, bottom) = (64.0, 170.0, 40.0, 56.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let max = series.iter().flat_map(|(_, v)| v.iter().flatten()).map(|(m, e)| m + e).fold(0.0, f64::max);
+    let (ymax, step) = nice_axis(max);
+    let y = |v: f64| top + ph * (1.0 - v / ymax);
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = write!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
+        left + pw / 2.0,
+        escape(title)
+    );
+    let mut v = 0.0;
+    while v <= ymax + 1e-9 {
+        let yy = y(v);
+        let _ = write!(s, r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/>"##, left + pw);
+        let _ = write!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#, left - 6.0, yy + 4.0, v);
+        v += step;
+    }
+    let _ = write!(
+        s,
+        r#"<text transform="translate(16,{}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        top + ph / 2.0,
+        escape(y_label)
+    );
+    let group_w = pw / categories.len().max(1) as f64;
+    let bar_w = group_w * 0.8 / series.len().max(1) as f64;
+    for (c, cat) in categories.iter().enumerate() {
+        let gx = left + group_w * c as f64 + group_w * 0.1;
+        for (k, (_, values)) in series.iter().enumerate() {
+            if let Some(Some((m, e))) = values.get(c) {
+                let x = gx + bar_w * k as f64;
+                let color = PALETTE[k % PALETTE.len()];
+                let _ = write!(
+                    s,
+                    r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"/>"#,
+                    y(*m),
+                    bar_w * 0.92,
+                    (y(0.0) - y(*m)).max(0.0)
+                );
+                let cx = x + bar_w * 0.46;
+                let _ = write!(
+                    s,
+                    r#"<line x1="{cx:.1}" x2="{cx:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/>"#,
+                    y((m - e).max(0.0)),
+                    y(m + e)
+                );
+            }
+        }
+        let _ = write!(
+            s,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            left + group_w * (c as f64 + 0.5),
+            top + ph + 20.0,
+            escape(cat)
+        );
+    }
+    let _ = write!(s, r#"<line x1="{left}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="black"/>"#, left + pw, y(0.0), y(0.0));
+    for (k, (name, _)) in series.iter().enumerate() {
+        let ly = top + 10.0 + 20.0 * k as f64;
+        let _ = write!(
+            s,
+            r#"<rect x="{}" y="{}" width="12" height="12" fill="{}"/>"#,
+            w - right + 16.0,
+            ly - 10.0,
+            PALETTE[k % PALETTE.len()]
+        );
+        let _ = write!(s, r#"<text x="{}" y="{ly}">{}</text>"#, w - right + 34.0, escape(name));
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// `minillm report`: the comparison table and bar chart of several evaluation runs, written
+/// to `out` (`report.md`, `rouge_l.svg`); returns the table.
+pub fn write_report(dirs: &[PathBuf], out: &Path) -> Result<String> {
+    if dirs.is_empty() {
+        bail!("give at least one evaluation directory");
+    }
+    let runs: Vec<RunResults> = dirs.iter().map(|d| load_results(d)).collect::<Result<_>>()?;
+    let sets = set_order(&runs);
+    let table = comparison_markdown(&runs);
+    let series: Vec<(String, Vec<Option<(f64, f64)>>)> = runs
+        .iter()
+        .map(|r| {
+            let v = sets.iter().map(|s| r.results.iter().find(|x| &x.set == s).map(|x| x.rouge_l)).collect();
+            (r.label.clone(), v)
+        })
+        .collect();
+    let labels: Vec<String> = sets.iter().map(|s| display(s)).collect();
+    let svg = grouped_bar_svg("Rouge-L (mean ± std over seeds)", "Rouge-L", &labels, &series);
+    crate::atomic::write_file(&out.join("report.md"), format!("# Rouge-L\n\n{table}").as_bytes())?;
+    crate::atomic::write_file(&out.join("rouge_l.svg"), svg.as_bytes())?;
+    Ok(table)
+}
