@@ -199,7 +199,7 @@ pub fn write_report(dirs: &[PathBuf], out: &Path) -> Result<String> {
     let runs: Vec<RunResults> = dirs.iter().map(|d| load_results(d)).collect::<Result<_>>()?;
     let sets = set_order(&runs);
     let table = comparison_markdown(&runs);
-    let series: Vec<(String, Vec<Option<(f64, f64)>>)> = runs
+    let series: Vec<BarSeries> = runs
         .iter()
         .map(|r| {
             let v = sets.iter().map(|s| r.results.iter().find(|x| &x.set == s).map(|x| x.rouge_l)).collect();
