@@ -103,14 +103,11 @@ fn nice_axis(max: f64) -> (f64, f64) {
     ((max / step).ceil() * step, step)
 }
 
-/// A grouped bar chart with error bars: one group per category, one bar per series
-/// (`values[series][category]` = mean and error, absent when missing).
-pub fn grouped_bar_svg(
-    title: &str,
-    y_label: &str,
-    categories: &[String],
-    series: &[(String, Vec<Option<(f64, f64)>>)],
-) -> String {
+/// One named series of a bar chart: per category, the mean and error bar (absent = no bar).
+pub type BarSeries = (String, Vec<Option<(f64, f64)>>);
+
+/// A grouped bar chart with error bars: one group per category, one bar per series.
+pub fn grouped_bar_svg(title: &str, y_label: &str, categories: &[String], series: &[BarSeries]) -> String {
     let (w, h) = (760.0, 440.0);
     let (left, right, top, bottom) = (64.0, 170.0, 40.0, 56.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
