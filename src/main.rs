@@ -38,8 +38,73 @@ enum Command {
     Eval(EvalArgs),
     /// Compare evaluation runs: the paper's Table 1 layout and a bar chart.
     Report(ReportArgs),
+    /// Calibration: ECE and accuracy of zero-shot classification from label-word probabilities.
+    Calibrate(CalibrateArgs),
+    /// Exposure bias: ExAccErr(l) of students against a teacher, as JSON and a plot.
+    Exposure(ExposureArgs),
     /// Walk through the model stack on the built-in tiny models (see README).
     Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// jsonl with the template's fields and a `label` (index, boolean or label word).
+    #[arg(long)]
+    data: PathBuf,
+    /// Built-in template: sst2 (`text`) or boolq (`passage`, `question`).
+    #[arg(long, required_unless_present = "instruction")]
+    preset: Option<String>,
+    /// Custom template: the instruction.
+    #[arg(long, requires_all = ["input", "labels"], conflicts_with = "preset")]
+    instruction: Option<String>,
+    /// Custom template: the input, with `{field}` placeholders.
+    #[arg(long)]
+    input: Option<String>,
+    /// Custom template: comma-separated label words (label i = word i).
+    #[arg(long)]
+    labels: Option<String>,
+    /// Confidence bins.
+    #[arg(long, default_value_t = 10)]
+    bins: usize,
+}
+
+#[derive(Args)]
+struct ExposureArgs {
+    /// Teacher model directory.
+    #[arg(long)]
+    teacher: PathBuf,
+    /// Student model directories (repeat for several curves).
+    #[arg(long = "model", required = true)]
+    models: Vec<PathBuf>,
+    /// Prompt set: a built-in name or a jsonl path.
+    #[arg(long, default_value = "dolly")]
+    set: String,
+    /// Where the built-in sets are.
+    #[arg(long, default_value = minillm::eval::sets::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Prompts used.
+    #[arg(long, default_value_t = 50)]
+    prompts: usize,
+    /// Sampled prefixes per prompt (10 in the paper).
+    #[arg(long, default_value_t = 10)]
+    samples: usize,
+    /// Longest generation length.
+    #[arg(long, default_value_t = 200)]
+    max_new_tokens: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Output directory.
+    #[arg(long, default_value = "runs/exposure")]
+    out: PathBuf,
+    /// Working precision.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// GPU index.
+    #[arg(long)]
+    gpu: Option<usize>,
 }
 
 #[derive(Args)]
@@ -366,6 +431,30 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", minillm::report::write_report(&a.runs, &a.out)?);
             eprintln!("report.md and rouge_l.svg in {}", a.out.display());
             Ok(())
+        }
+        Command::Calibrate(a) => cli::calibrate(cli::CalibrateCommand {
+            load: load_opts(&a.model),
+            data: a.data,
+            preset: a.preset,
+            custom: match (a.instruction, a.input, a.labels) {
+                (Some(i), Some(x), Some(l)) => Some((i, x, l)),
+                _ => None,
+            },
+            bins: a.bins,
+        }),
+        Command::Exposure(a) => {
+            let load = |dir: PathBuf| cli::LoadOptions { dir, dtype: a.dtype.clone(), gpu: a.gpu };
+            cli::exposure(cli::ExposureCommand {
+                teacher: load(a.teacher.clone()),
+                students: a.models.iter().cloned().map(load).collect(),
+                set: a.set,
+                data_dir: a.data_dir,
+                prompts: a.prompts,
+                samples: a.samples,
+                max_new_tokens: a.max_new_tokens,
+                seed: a.seed,
+                out: a.out,
+            })
         }
         Command::Demo(a) => cli::demo(a.seed),
     }

@@ -209,3 +209,81 @@ pub fn write_report(dirs: &[PathBuf], out: &Path) -> Result<String> {
     crate::atomic::write_file(&out.join("rouge_l.svg"), svg.as_bytes())?;
     Ok(table)
 }
+
+/// One named curve of a line chart: (x, y) points.
+pub type LineSeries = (String, Vec<(f64, f64)>);
+
+/// A line chart of several curves (y axis from the smallest value or 0, whichever is lower).
+pub fn line_chart_svg(title: &str, x_label: &str, y_label: &str, series: &[LineSeries]) -> String {
+    let (w, h) = (760.0, 440.0);
+    let (left, right, top, bottom) = (64.0, 170.0, 40.0, 56.0);
+    let (pw, ph) = (w - left - right, h - top - bottom);
+    let points = || series.iter().flat_map(|(_, p)| p.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
+    let xmax = points().map(|p| p.0).fold(1.0, f64::max);
+    let ymax = points().map(|p| p.1).fold(0.0, f64::max);
+    let ymin = points().map(|p| p.1).fold(0.0, f64::min);
+    let (top_v, step) = nice_axis(ymax - ymin);
+    let base = if ymin < 0.0 { -(((-ymin) / step).ceil() * step) } else { 0.0 };
+    let span = (top_v + base.abs()).max(step);
+    let px = |x: f64| left + pw * x / xmax;
+    let py = |y: f64| top + ph * (1.0 - (y - base) / span);
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = write!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
+        left + pw / 2.0,
+        escape(title)
+    );
+    let mut v = base;
+    while v <= base + span + 1e-9 {
+        let yy = py(v);
+        let _ = write!(s, r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/>"##, left + pw);
+        let _ = write!(
+            s,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+            left - 6.0,
+            yy + 4.0,
+            (v * 1e6).round() / 1e6
+        );
+        v += step;
+    }
+    for k in 0..=4 {
+        let x = xmax * k as f64 / 4.0;
+        let _ = write!(
+            s,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            px(x),
+            top + ph + 18.0,
+            (x * 100.0).round() / 100.0
+        );
+    }
+    let _ =
+        write!(s, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, left + pw / 2.0, h - 12.0, escape(x_label));
+    let _ = write!(
+        s,
+        r#"<text transform="translate(16,{}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        top + ph / 2.0,
+        escape(y_label)
+    );
+    for (k, (name, pts)) in series.iter().enumerate() {
+        let color = PALETTE[k % PALETTE.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y)))
+            .collect();
+        let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, path.join(" "));
+        let ly = top + 10.0 + 20.0 * k as f64;
+        let _ =
+            write!(s, r#"<rect x="{}" y="{}" width="12" height="12" fill="{color}"/>"#, w - right + 16.0, ly - 10.0);
+        let _ = write!(s, r#"<text x="{}" y="{ly}">{}</text>"#, w - right + 34.0, escape(name));
+    }
+    let _ = write!(s, r#"<line x1="{left}" x2="{left}" y1="{top}" y2="{}" stroke="black"/>"#, top + ph);
+    s.push_str("</svg>\n");
+    s
+}

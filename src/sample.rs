@@ -76,6 +76,8 @@ pub struct MixedRollout {
     /// The teacher's final hidden state at each response position, `[b, steps, hidden]`
     /// (when asked for).
     pub teacher_hidden: Option<Tensor>,
+    /// KL(p‖q) at each response position (when asked for; empty otherwise).
+    pub forward_kl: Vec<Vec<f32>>,
 }
 
 /// A generation laid out as one padded batch: prompts left-padded to a common length, then
@@ -282,6 +284,9 @@ pub struct MixedSampling {
     /// Also return the teacher's final hidden state at every response position (what the
     /// single-step term needs, so the teacher runs once per rollout).
     pub keep_teacher_hidden: bool,
+    /// Also return the exact forward KL(p‖q) over the shared vocabulary at every step
+    /// (exposure-bias analysis).
+    pub record_forward_kl: bool,
 }
 
 /// Teacher-mixed sampling (MiniLLM §2.2): student and teacher decode in lockstep, each with its
@@ -308,16 +313,21 @@ pub fn generate_mixed(
     let (mut q, mut p) = (Vec::new(), Vec::new());
     let models: [&dyn CausalLm; 2] = [student, teacher];
     let keep = cfg.keep_teacher_hidden.then_some(1);
+    let mut forward_kl = vec![Vec::new(); if cfg.record_forward_kl { prompts.len() } else { 0 }];
     let Decoded { generation, logq, logp, hidden } =
         decode(&models, prompts, eos, pad, cfg.max_new_tokens, cfg.max_length, keep, |row, logits, _| {
             log_softmax_into(&logits[0][..vocab], &mut q);
             log_softmax_into(&logits[1][..vocab], &mut p);
+            if cfg.record_forward_kl {
+                let kl: f64 = q.iter().zip(&p).map(|(&lq, &lp)| (lp as f64).exp() * (lp as f64 - lq as f64)).sum();
+                forward_kl[row].push(kl as f32);
+            }
             let mixed: Vec<f32> = q.iter().zip(&p).map(|(&lq, &lp)| mix_log_prob(lq, lp, alpha)).collect();
             let token = sample_from_logits(&mixed, rngs[row].random()) as usize;
             Ok(Choice { token: token as u32, logq: q[token], logp: p[token] })
         })?;
     let teacher_hidden = if hidden.is_empty() { None } else { Some(Tensor::stack(&hidden, 1)?) };
-    Ok(MixedRollout { generation, logq, logp, teacher_hidden })
+    Ok(MixedRollout { generation, logq, logp, teacher_hidden, forward_kl })
 }
 
 /// `log((1 − α)·e^{log q} + α·e^{log p})`: the log-probability of the teacher-mixed sampler.

@@ -85,7 +85,13 @@ fn mixed_rollout_log_probs_equal_rescoring_by_each_model() {
         &prompts,
         &[0],
         0,
-        &MixedSampling { alpha: 0.2, max_new_tokens: 16, max_length: None, keep_teacher_hidden: false },
+        &MixedSampling {
+            alpha: 0.2,
+            max_new_tokens: 16,
+            max_length: None,
+            keep_teacher_hidden: false,
+            record_forward_kl: false,
+        },
         &mut rngs,
     )
     .unwrap();
@@ -110,7 +116,13 @@ fn mixed_rollout_log_probs_equal_rescoring_by_each_model() {
         &prompts,
         &[0],
         0,
-        &MixedSampling { alpha: 0.0, max_new_tokens: 8, max_length: None, keep_teacher_hidden: false },
+        &MixedSampling {
+            alpha: 0.0,
+            max_new_tokens: 8,
+            max_length: None,
+            keep_teacher_hidden: false,
+            record_forward_kl: false,
+        },
         &mut row_rngs(3, 0..3),
     )
     .unwrap();
@@ -123,7 +135,13 @@ fn mixed_rollout_log_probs_equal_rescoring_by_each_model() {
         &prompts,
         &[0],
         0,
-        &MixedSampling { alpha: 0.2, max_new_tokens: 16, max_length: None, keep_teacher_hidden: false },
+        &MixedSampling {
+            alpha: 0.2,
+            max_new_tokens: 16,
+            max_length: None,
+            keep_teacher_hidden: false,
+            record_forward_kl: false,
+        },
         &mut row_rngs(3, 0..3),
     )
     .unwrap();
@@ -148,7 +166,13 @@ fn mixed_sampling_draws_from_the_probability_mixture() {
         &prompt,
         &[],
         0,
-        &MixedSampling { alpha, max_new_tokens: 1, max_length: None, keep_teacher_hidden: false },
+        &MixedSampling {
+            alpha,
+            max_new_tokens: 1,
+            max_length: None,
+            keep_teacher_hidden: false,
+            record_forward_kl: false,
+        },
         &mut row_rngs(11, 0..n as u64),
     )
     .unwrap();

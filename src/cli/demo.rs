@@ -61,7 +61,13 @@ pub fn demo(seed: u64) -> Result<()> {
     let prompts: Vec<Vec<u32>> =
         INSTRUCTIONS.iter().map(|i| format_prompt(i, "").bytes().map(u32::from).collect()).collect();
     let alpha = 0.2;
-    let cfg = MixedSampling { alpha, max_new_tokens: 64, max_length: None, keep_teacher_hidden: false };
+    let cfg = MixedSampling {
+        alpha,
+        max_new_tokens: 64,
+        max_length: None,
+        keep_teacher_hidden: false,
+        record_forward_kl: false,
+    };
     let mut rngs = row_rngs(seed, 0..prompts.len() as u64);
     let t0 = Instant::now();
     let rollout = generate_mixed(student.lm.as_ref(), teacher.lm.as_ref(), &prompts, &[EOS], EOS, &cfg, &mut rngs)?;

@@ -1,5 +1,6 @@
 //! The subcommands behind `minillm`'s command line, one file each.
 
+mod analysis;
 mod convert;
 mod demo;
 mod eval;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 
+pub use analysis::{calibrate, exposure, CalibrateCommand, ExposureCommand};
 pub use convert::convert;
 pub use demo::demo;
 pub use eval::{eval, EvalCommand};

@@ -1,6 +1,8 @@
 //! Evaluation: Rouge-L identical to `rouge_score`, and validation for checkpoint selection.
 
+pub mod calibration;
 pub mod evaluate;
+pub mod exposure;
 pub mod metrics;
 pub mod porter;
 pub mod rouge;

@@ -202,6 +202,7 @@ impl DistillTask {
             max_new_tokens: self.cfg.max_new_tokens.min(self.cfg.max_len.saturating_sub(longest_prompt)).max(1),
             max_length: Some(self.cfg.max_len),
             keep_teacher_hidden: keep,
+            record_forward_kl: false,
         }
     }
 
