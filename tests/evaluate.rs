@@ -63,6 +63,12 @@ fn evaluation_is_deterministic_resumable_and_matches_scoring_predictions() {
     }
     let r = &a[0];
     assert_eq!((r.examples, r.rouge_l_per_seed.len()), (20, 2));
+    // A reference longer than the model's 256 positions is scored within the limit.
+    let long = tmp.path().join("long.jsonl");
+    std::fs::write(&long, format!("{}\n", serde_json::json!({"prompt": "Say:\n", "output": "word ".repeat(400)})))
+        .unwrap();
+    let l = evaluate_model(&model, &opts(&long, &tmp.path().join("long"), 8)).unwrap();
+    assert!(l[0].lm_loss.is_finite());
     let (m, s) = mean_std(&r.rouge_l_per_seed.values().copied().collect::<Vec<_>>());
     assert_eq!(r.rouge_l, (m, s));
     assert!(r.lm_loss.is_finite() && r.lm_loss > 0.0 && (0.0..=1.0).contains(&r.dist4));
@@ -141,4 +147,37 @@ fn bad_evaluation_input_is_reported() {
     std::fs::write(&preds, "{\"prediction\": \"a\", \"output\": \"a\"}\n{\"prediction\": \"b\"}\n").unwrap();
     let e = format!("{:#}", score_predictions(&preds, &tmp.path().join("o.jsonl")).unwrap_err());
     assert!(e.contains("p.jsonl:2") && e.contains("no references"), "{e}");
+}
+
+/// S-NI and UnNI results are broken down by the token length of the first reference.
+#[test]
+fn sinst_results_have_reference_length_buckets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model =
+        load_model(&tiny_model_dir(&tmp.path().join("m"), "gpt2", 32, 1, 71), &Device::Cpu, DType::F32).unwrap();
+    let dir = tmp.path().join("data/sinst/11_");
+    std::fs::create_dir_all(&dir).unwrap();
+    // References of 1, 8 and 20 words fall in three different buckets.
+    let rows = [("a", 1), ("b", 8), ("c", 20), ("d", 20)];
+    let text: String = rows
+        .iter()
+        .map(|(p, n)| {
+            format!("{}\n", serde_json::json!({"prompt": format!("Say {p}:\n"), "output": ["word ".repeat(*n).trim()]}))
+        })
+        .collect();
+    std::fs::write(dir.join("valid.jsonl"), text).unwrap();
+    let mut o = opts(Path::new("sinst"), &tmp.path().join("out"), 4);
+    o.data_dir = tmp.path().join("data");
+    let r = evaluate_model(&model, &o).unwrap().remove(0);
+    let tok = model.tokenizer().unwrap();
+    let bucket =
+        |n: usize| minillm::eval::sets::length_bucket(tok.encode(&"word ".repeat(n)).unwrap().len()).to_string();
+    let mut want: std::collections::BTreeMap<String, usize> = Default::default();
+    for (_, n) in rows {
+        *want.entry(bucket(n)).or_default() += 1;
+    }
+    let got: std::collections::BTreeMap<String, usize> =
+        r.buckets.iter().map(|(b, (_, _, n))| (b.clone(), *n)).collect();
+    assert_eq!(got, want);
+    assert!(got.len() >= 2, "the references span several buckets: {got:?}");
 }

@@ -98,11 +98,13 @@ fn prepare(model: &Model, set: &EvalSet, opts: &EvalOptions) -> Result<Prepared>
     // Room for at least one generated token, under both limits.
     let limit = opts.max_len.min(model.lm.info().max_positions.unwrap_or(usize::MAX));
     for (i, e) in set.examples.iter().take(n).enumerate() {
-        let ex = encode_example(tok, &e.prompt, &e.references[0], eos)?;
+        let mut ex = encode_example(tok, &e.prompt, &e.references[0], eos)?;
         if ex.prompt.len() > opts.max_prompt_len || ex.prompt.len() >= limit {
             p.dropped += 1;
             continue;
         }
+        // The LM loss scores the reference within the same total length limit.
+        ex.response.truncate(limit - ex.prompt.len());
         p.indices.push(i);
         p.prompts.push(ex.prompt);
         p.responses.push(ex.response);
@@ -211,12 +213,15 @@ pub fn evaluate_model(model: &Model, opts: &EvalOptions) -> Result<Vec<SetResult
                 set.name
             ))?,
         );
+        let started = std::time::Instant::now();
+        let mut generated = 0usize;
         let mut per_seed = BTreeMap::new();
         let mut dist = Vec::new();
         let mut bucket_scores: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         let mut bucket_sizes = BTreeMap::new();
         for &seed in &opts.seeds {
             let rows = run_seed(model, set, &prep, seed, opts, &bar)?;
+            generated += rows.iter().map(|r| r["tokens"].as_u64().unwrap_or(0) as usize).sum::<usize>();
             per_seed.insert(seed, rouge_of(&rows));
             dist.push(dist4_of(&rows));
             if set.has_length_buckets() {
@@ -233,6 +238,12 @@ pub fn evaluate_model(model: &Model, opts: &EvalOptions) -> Result<Vec<SetResult
             }
         }
         bar.finish_and_clear();
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            "{}: {generated} tokens in {secs:.1} s ({:.0} tokens/s, resumed rows included)",
+            set.name,
+            generated as f64 / secs
+        );
         let pairs: Vec<(Vec<u32>, Vec<u32>)> =
             prep.prompts.iter().cloned().zip(prep.responses.iter().cloned()).collect();
         let values: Vec<f64> = per_seed.values().copied().collect();
