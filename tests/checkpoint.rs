@@ -146,6 +146,17 @@ fn broken_directories_are_reported_by_file_and_tensor() {
     std::fs::write(ldir.join("config.json"), c.to_string()).unwrap();
     assert!(load_err(&ldir).contains("rope scaling type `yarn` is not supported"));
 
+    // An empty tokenizer (what transformers 5 writes from an ignored vocab_file argument).
+    let good_cfg = std::fs::read_to_string(fixtures().join("models/llama/config.json")).unwrap();
+    std::fs::write(ldir.join("config.json"), &good_cfg).unwrap();
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ldir.join("tokenizer.json")).unwrap()).unwrap();
+    tok["model"]["vocab"] = serde_json::json!({});
+    tok["model"]["merges"] = serde_json::json!([]);
+    tok["added_tokens"] = serde_json::json!([]);
+    std::fs::write(ldir.join("tokenizer.json"), tok.to_string()).unwrap();
+    assert!(load_err(&ldir).contains("empty vocabulary"), "{}", load_err(&ldir));
+
     std::fs::write(ldir.join("config.json"), "{ not json").unwrap();
     assert!(load_err(&ldir).contains("is not valid JSON"));
 }

@@ -141,6 +141,9 @@ pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
     let generation = if gen_path.is_file() { Some(read_json(&gen_path)?) } else { None };
     let (eos_token_ids, pad_token_id) = special_ids(&config, generation.as_ref());
     if let Some(t) = &tokenizer {
+        if t.vocab_size() == 0 {
+            bail!("{}: the tokenizer has an empty vocabulary", dir.display());
+        }
         if t.vocab_size() > lm.info().vocab_size {
             bail!(
                 "{}: the tokenizer has {} tokens but the embedding has only {} rows",
