@@ -94,6 +94,46 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// Chart geometry shared by the plots: canvas, margins (the right one holds the legend) and
+/// plot area.
+const WIDTH: f64 = 760.0;
+const HEIGHT: f64 = 440.0;
+const LEFT: f64 = 64.0;
+const RIGHT: f64 = 170.0;
+const TOP: f64 = 40.0;
+const BOTTOM: f64 = 56.0;
+const PLOT_W: f64 = WIDTH - LEFT - RIGHT;
+const PLOT_H: f64 = HEIGHT - TOP - BOTTOM;
+
+/// The opening of a chart: the `<svg>` element, a white background and the title.
+fn open_svg(title: &str) -> String {
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12"><rect width="{WIDTH}" height="{HEIGHT}" fill="white"/><text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
+        LEFT + PLOT_W / 2.0,
+        escape(title)
+    )
+}
+
+/// A horizontal grid line at `y` (pixels) labelled with the value `v`.
+fn grid_line(s: &mut String, y: f64, v: f64) {
+    let _ = write!(s, r##"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/>"##, LEFT + PLOT_W);
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+        LEFT - 6.0,
+        y + 4.0,
+        (v * 1e6).round() / 1e6
+    );
+}
+
+/// Legend entry `k`: a colour key and the series name, in the right margin.
+fn legend_entry(s: &mut String, k: usize, name: &str) {
+    let y = TOP + 10.0 + 20.0 * k as f64;
+    let color = PALETTE[k % PALETTE.len()];
+    let _ = write!(s, r#"<rect x="{}" y="{}" width="12" height="12" fill="{color}"/>"#, WIDTH - RIGHT + 16.0, y - 10.0);
+    let _ = write!(s, r#"<text x="{}" y="{y}">{}</text>"#, WIDTH - RIGHT + 34.0, escape(name));
+}
+
 /// A value axis maximum with a round step: (top, step).
 fn nice_axis(max: f64) -> (f64, f64) {
     let max = if max > 0.0 && max.is_finite() { max } else { 1.0 };
@@ -108,29 +148,15 @@ pub type BarSeries = (String, Vec<Option<(f64, f64)>>);
 
 /// A grouped bar chart with error bars: one group per category, one bar per series.
 pub fn grouped_bar_svg(title: &str, y_label: &str, categories: &[String], series: &[BarSeries]) -> String {
-    let (w, h) = (760.0, 440.0);
-    let (left, right, top, bottom) = (64.0, 170.0, 40.0, 56.0);
-    let (pw, ph) = (w - left - right, h - top - bottom);
+    let (left, top, pw, ph) = (LEFT, TOP, PLOT_W, PLOT_H);
     let max = series.iter().flat_map(|(_, v)| v.iter().flatten()).map(|(m, e)| m + e).fold(0.0, f64::max);
     let (ymax, step) = nice_axis(max);
     let y = |v: f64| top + ph * (1.0 - v / ymax);
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = write!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = write!(
-        s,
-        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
-        left + pw / 2.0,
-        escape(title)
-    );
+    let mut s = open_svg(title);
     let mut v = 0.0;
     while v <= ymax + 1e-9 {
         let yy = y(v);
-        let _ = write!(s, r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/>"##, left + pw);
-        let _ = write!(s, r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#, left - 6.0, yy + 4.0, v);
+        grid_line(&mut s, yy, v);
         v += step;
     }
     let _ = write!(
@@ -173,15 +199,7 @@ pub fn grouped_bar_svg(title: &str, y_label: &str, categories: &[String], series
     }
     let _ = write!(s, r#"<line x1="{left}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="black"/>"#, left + pw, y(0.0), y(0.0));
     for (k, (name, _)) in series.iter().enumerate() {
-        let ly = top + 10.0 + 20.0 * k as f64;
-        let _ = write!(
-            s,
-            r#"<rect x="{}" y="{}" width="12" height="12" fill="{}"/>"#,
-            w - right + 16.0,
-            ly - 10.0,
-            PALETTE[k % PALETTE.len()]
-        );
-        let _ = write!(s, r#"<text x="{}" y="{ly}">{}</text>"#, w - right + 34.0, escape(name));
+        legend_entry(&mut s, k, name);
     }
     s.push_str("</svg>\n");
     s
@@ -215,9 +233,7 @@ pub type LineSeries = (String, Vec<(f64, f64)>);
 
 /// A line chart of several curves (y axis from the smallest value or 0, whichever is lower).
 pub fn line_chart_svg(title: &str, x_label: &str, y_label: &str, series: &[LineSeries]) -> String {
-    let (w, h) = (760.0, 440.0);
-    let (left, right, top, bottom) = (64.0, 170.0, 40.0, 56.0);
-    let (pw, ph) = (w - left - right, h - top - bottom);
+    let (left, top, pw, ph) = (LEFT, TOP, PLOT_W, PLOT_H);
     let points = || series.iter().flat_map(|(_, p)| p.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
     let xmax = points().map(|p| p.0).fold(1.0, f64::max);
     let ymax = points().map(|p| p.1).fold(0.0, f64::max);
@@ -227,29 +243,11 @@ pub fn line_chart_svg(title: &str, x_label: &str, y_label: &str, series: &[LineS
     let span = (top_v + base.abs()).max(step);
     let px = |x: f64| left + pw * x / xmax;
     let py = |y: f64| top + ph * (1.0 - (y - base) / span);
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = write!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = write!(
-        s,
-        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
-        left + pw / 2.0,
-        escape(title)
-    );
+    let mut s = open_svg(title);
     let mut v = base;
     while v <= base + span + 1e-9 {
         let yy = py(v);
-        let _ = write!(s, r##"<line x1="{left}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#ddd"/>"##, left + pw);
-        let _ = write!(
-            s,
-            r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
-            left - 6.0,
-            yy + 4.0,
-            (v * 1e6).round() / 1e6
-        );
+        grid_line(&mut s, yy, v);
         v += step;
     }
     for k in 0..=4 {
@@ -262,8 +260,13 @@ pub fn line_chart_svg(title: &str, x_label: &str, y_label: &str, series: &[LineS
             (x * 100.0).round() / 100.0
         );
     }
-    let _ =
-        write!(s, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, left + pw / 2.0, h - 12.0, escape(x_label));
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        left + pw / 2.0,
+        HEIGHT - 12.0,
+        escape(x_label)
+    );
     let _ = write!(
         s,
         r#"<text transform="translate(16,{}) rotate(-90)" text-anchor="middle">{}</text>"#,
@@ -278,10 +281,7 @@ pub fn line_chart_svg(title: &str, x_label: &str, y_label: &str, series: &[LineS
             .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y)))
             .collect();
         let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, path.join(" "));
-        let ly = top + 10.0 + 20.0 * k as f64;
-        let _ =
-            write!(s, r#"<rect x="{}" y="{}" width="12" height="12" fill="{color}"/>"#, w - right + 16.0, ly - 10.0);
-        let _ = write!(s, r#"<text x="{}" y="{ly}">{}</text>"#, w - right + 34.0, escape(name));
+        legend_entry(&mut s, k, name);
     }
     let _ = write!(s, r#"<line x1="{left}" x2="{left}" y1="{top}" y2="{}" stroke="black"/>"#, top + ph);
     s.push_str("</svg>\n");
