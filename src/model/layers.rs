@@ -252,10 +252,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     } else {
         (repeat_kv(k, heads / kv_heads)?, repeat_kv(v, heads / kv_heads)?)
     };
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    // k and v may be views into a preallocated cache: matmul reads them strided.
+    let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
     let scores = scores.broadcast_add(bias)?;
     let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-    let out = probs.matmul(&v.contiguous()?)?;
+    let out = probs.matmul(&v)?;
     Ok(out.transpose(1, 2)?.reshape((b, t, heads * d))?)
 }
 
@@ -275,9 +276,31 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 }
 
 /// Key/value cache of every layer for incremental decoding.
+///
+/// Each layer's keys and values live in a preallocated `[b, kv_heads, capacity, d]` buffer
+/// written in place; attention reads views of the filled part. The capacity doubles when
+/// exceeded, so decoding does not allocate (and fault in fresh memory) at every token.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+#[derive(Clone, Debug)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// Room reserved beyond the prompt when a cache is first filled.
+const INITIAL_HEADROOM: usize = 64;
+
+impl LayerCache {
+    fn with_capacity(k: &Tensor, cap: usize) -> Result<(Tensor, Tensor)> {
+        let (b, h, _, d) = k.dims4()?;
+        let z = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
+        Ok((z.clone(), z.zeros_like()?))
+    }
 }
 
 impl KvCache {
@@ -288,19 +311,31 @@ impl KvCache {
 
     /// Number of cached positions.
     pub fn seq_len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |c| c.len)
     }
 
-    /// Appends this step's keys/values `[b, kv_heads, t, d]` to layer `layer` and returns the
-    /// full keys/values.
+    /// Appends this step's keys/values `[b, kv_heads, t, d]` to layer `layer` and returns
+    /// views of all cached keys/values.
     pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(2)?;
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
         let entry = &mut self.layers[layer];
-        let (k, v) = match entry.take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-        };
-        *entry = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let needed = entry.as_ref().map_or(0, |c| c.len) + t;
+        let capacity = entry.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
+        if needed > capacity {
+            let cap = (2 * capacity).max(needed + INITIAL_HEADROOM);
+            let (nk, nv) = LayerCache::with_capacity(&k, cap)?;
+            if let Some(old) = entry.as_ref() {
+                nk.slice_set(&old.k.narrow(2, 0, old.len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&old.v.narrow(2, 0, old.len)?.contiguous()?, 2, 0)?;
+            }
+            *entry = Some(LayerCache { k: nk, v: nv, len: entry.as_ref().map_or(0, |c| c.len) });
+        }
+        let c = entry.as_mut().expect("cache entry exists after growth");
+        c.k.slice_set(&k, 2, c.len)?;
+        c.v.slice_set(&v, 2, c.len)?;
+        c.len += t;
+        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
     }
 }
 
