@@ -78,7 +78,7 @@ pub fn exposure(c: ExposureCommand) -> Result<()> {
     let set = load_set(&c.set, &c.data_dir)?;
     let tok = teacher.tokenizer()?;
     let eos = teacher.eos_token_ids.clone();
-    let pad = teacher.pad_token_id.or(eos.first().copied()).unwrap_or(0);
+    let pad = teacher.pad_id();
     let prompts: Vec<Vec<u32>> =
         set.examples.iter().take(c.prompts).map(|e| tok.encode(&e.prompt)).collect::<Result<_>>()?;
     let mut results = Vec::new();

@@ -33,7 +33,7 @@ pub fn generate(o: GenerateOptions) -> Result<()> {
     };
     let ids = tok.encode(&text)?;
     let eos = model.eos_token_ids.clone();
-    let pad = model.pad_token_id.or(eos.first().copied()).unwrap_or(0);
+    let pad = model.pad_id();
     let prompts = vec![ids; o.num_samples.max(1)];
     let mut rngs = row_rngs(o.seed, 0..prompts.len() as u64);
     let out = decode(model.lm.as_ref(), &prompts, &eos, pad, &o.sampling, &mut rngs)?;

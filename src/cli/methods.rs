@@ -73,7 +73,7 @@ fn setup(cfg: &RunConfig, needs_teacher: bool) -> Result<Setup> {
     if eos.is_empty() {
         bail!("{}: config.json defines no eos_token_id", student_dir.display());
     }
-    let pad = student.pad_token_id.unwrap_or(eos[0]);
+    let pad = student.pad_id();
     Ok(Setup { device, dtype, student_dir, student, teacher, eos, pad })
 }
 

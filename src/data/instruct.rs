@@ -51,6 +51,21 @@ pub struct LoadReport {
     pub truncated: usize,
 }
 
+/// The reference texts in field `key` of a record: a string or a non-empty list of strings.
+pub fn references(v: &Value, key: &str) -> Result<Vec<String>> {
+    match v.get(key) {
+        Some(Value::String(o)) => Ok(vec![o.clone()]),
+        Some(Value::Array(a)) => {
+            let list: Option<Vec<String>> = a.iter().map(|x| x.as_str().map(str::to_string)).collect();
+            match list {
+                Some(l) if !l.is_empty() => Ok(l),
+                _ => bail!("`{key}` is an empty list or not a list of strings"),
+            }
+        }
+        _ => bail!("expected a string field `{key}`"),
+    }
+}
+
 /// The prompt text and reference outputs of one jsonl record (`output` may be a string or a
 /// list of strings; training uses the first).
 pub fn record_prompt_output(v: &Value) -> Result<(String, Vec<String>)> {
@@ -60,17 +75,7 @@ pub fn record_prompt_output(v: &Value) -> Result<(String, Vec<String>)> {
         (None, Some(p)) => p.to_string(),
         _ => bail!("expected a string field `instruction` (or `prompt`)"),
     };
-    let outputs = match v.get("output") {
-        Some(Value::String(o)) => vec![o.clone()],
-        Some(Value::Array(a)) => {
-            let list: Option<Vec<String>> = a.iter().map(|x| x.as_str().map(str::to_string)).collect();
-            match list {
-                Some(l) if !l.is_empty() => l,
-                _ => bail!("`output` is an empty list or not a list of strings"),
-            }
-        }
-        _ => bail!("expected a string field `output`"),
-    };
+    let outputs = references(v, "output")?;
     Ok((prompt, outputs))
 }
 

@@ -18,6 +18,7 @@ use super::metrics::{distinct_n, lm_loss, mean_std};
 use super::rouge::{rouge_l_max, tokenize};
 use super::sets::{length_bucket, load_set, EvalSet};
 use super::validate::response_text;
+use crate::data::instruct::references;
 use crate::data::jsonl::read_jsonl;
 use crate::model::Model;
 use crate::sample::{generate, row_rngs, SamplingConfig};
@@ -154,7 +155,7 @@ fn run_seed(
     let todo: Vec<usize> = (0..prep.indices.len()).filter(|&k| !rows.contains_key(&prep.indices[k])).collect();
     let tok = model.tokenizer()?;
     let eos = model.eos_token_ids.clone();
-    let pad = model.pad_token_id.unwrap_or(eos[0]);
+    let pad = model.pad_id();
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
     for chunk in todo.chunks(opts.batch_size.max(1)) {
         let prompts: Vec<Vec<u32>> = chunk.iter().map(|&k| prep.prompts[k].clone()).collect();
@@ -302,14 +303,8 @@ pub fn score_predictions(input: &Path, out: &Path) -> Result<BTreeMap<u64, f64>>
         let mut v = parsed.with_context(|| format!("{}: invalid JSON", at()))?;
         let pred =
             v.get("prediction").and_then(Value::as_str).with_context(|| format!("{}: no string `prediction`", at()))?;
-        let refs: Vec<String> = match v.get("output").or_else(|| v.get("references")) {
-            Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
-            _ => Vec::new(),
-        };
-        if refs.is_empty() {
-            bail!("{}: no references (`output` as a string or a list of strings)", at());
-        }
+        let key = if v.get("output").is_none() && v.get("references").is_some() { "references" } else { "output" };
+        let refs = references(&v, key).map_err(|e| anyhow::anyhow!("{}: no references: {e}", at()))?;
         let score = 100.0 * rouge_l_max(pred, &refs.iter().map(String::as_str).collect::<Vec<_>>());
         let seed = v.get("seed").and_then(Value::as_u64).unwrap_or(0);
         per_seed.entry(seed).or_default().push(score);

@@ -66,6 +66,11 @@ impl Model {
         })
     }
 
+    /// The padding id: the model's `pad_token_id`, else its first EOS (GPT-2 style), else 0.
+    pub fn pad_id(&self) -> u32 {
+        self.pad_token_id.or(self.eos_token_ids.first().copied()).unwrap_or(0)
+    }
+
     /// The first EOS id, or an error when the model defines none.
     pub fn eos(&self) -> Result<u32> {
         self.eos_token_ids.first().copied().context("the model's config defines no eos_token_id")

@@ -137,21 +137,6 @@ impl ParamBuilder {
         self
     }
 
-    /// The working device.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// The working dtype.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    /// True when the source is a checkpoint that holds `name` (under any accepted alias).
-    pub fn has(&self, name: &str) -> bool {
-        self.resolve(name).is_some()
-    }
-
     fn resolve(&self, name: &str) -> Option<String> {
         let ParamSource::Checkpoint { tensors, .. } = &self.source else {
             return None;

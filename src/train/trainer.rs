@@ -208,17 +208,24 @@ impl RunDir {
         self.root.join("metrics.jsonl")
     }
 
+    /// Steps of the `checkpoints/step-N` directories, ascending (complete or not).
+    fn checkpoint_steps(&self) -> Vec<usize> {
+        let mut steps: Vec<usize> = std::fs::read_dir(self.root.join("checkpoints"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+            .collect();
+        steps.sort_unstable();
+        steps
+    }
+
     /// The newest complete checkpoint and its step.
     pub fn latest_checkpoint(&self) -> Option<(usize, PathBuf)> {
-        let dir = self.root.join("checkpoints");
-        std::fs::read_dir(dir)
-            .ok()?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let step = e.file_name().to_str()?.strip_prefix("step-")?.parse::<usize>().ok()?;
-                e.path().join("state.json").is_file().then_some((step, e.path()))
-            })
-            .max_by_key(|(s, _)| *s)
+        self.checkpoint_steps()
+            .into_iter()
+            .rev()
+            .map(|s| (s, self.checkpoint(s)))
+            .find(|(_, p)| p.join("state.json").is_file())
     }
 }
 
@@ -380,10 +387,7 @@ fn save_checkpoint(
         Ok(())
     })?;
     // Keep the newest `keep` checkpoints.
-    let mut steps: Vec<usize> = std::fs::read_dir(run.root().join("checkpoints"))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
-        .collect();
-    steps.sort_unstable();
+    let steps = run.checkpoint_steps();
     for s in steps.iter().take(steps.len().saturating_sub(keep.max(1))) {
         std::fs::remove_dir_all(run.checkpoint(*s))?;
     }
