@@ -98,10 +98,18 @@ pub struct PaddedBatch {
 impl Generation {
     /// The padded batch layout (see [`PaddedBatch`]).
     pub fn padded(&self, pad: u32) -> PaddedBatch {
-        let p = self.prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let r = self.responses.iter().map(Vec::len).max().unwrap_or(0);
+        PaddedBatch::new(self.prompts.iter().map(Vec::as_slice).zip(self.responses.iter().map(Vec::as_slice)), pad)
+    }
+}
+
+impl PaddedBatch {
+    /// Lays out (prompt, response) pairs: prompts left-padded to the longest, responses
+    /// right-padded to the longest.
+    pub fn new<'a>(pairs: impl Iterator<Item = (&'a [u32], &'a [u32])> + Clone, pad: u32) -> Self {
+        let p = pairs.clone().map(|(x, _)| x.len()).max().unwrap_or(0);
+        let r = pairs.clone().map(|(_, y)| y.len()).max().unwrap_or(0);
         let mut out = PaddedBatch { input_ids: vec![], attention_mask: vec![], response_mask: vec![], prompt_len: p };
-        for (prompt, resp) in self.prompts.iter().zip(&self.responses) {
+        for (prompt, resp) in pairs {
             let mut ids = vec![pad; p - prompt.len()];
             ids.extend_from_slice(prompt);
             ids.extend_from_slice(resp);

@@ -20,7 +20,7 @@ use crate::eval::validate::{mean_rouge_l, response_text};
 use crate::loss::policy::{advantages, k3_estimate, pg_loss, rewards, PolicyConfig};
 use crate::loss::{cross_entropy, divergence, Divergence};
 use crate::model::{AttentionMask, Model};
-use crate::sample::{generate_mixed, mix_log_prob, row_rngs, MixedSampling};
+use crate::sample::{generate_mixed, mix_log_prob, row_rngs, MixedSampling, PaddedBatch};
 
 /// Salt of the validation sampling seed, so validation samples never share a stream with
 /// training rollouts.
@@ -260,26 +260,18 @@ impl DistillTask {
     /// Student logits `[tokens, vocab]` at the response positions of `rows` (left-padded
     /// prompts, right-padded responses: the layout decoding ran in), with the targets.
     fn response_logits(&self, student: &Model, rows: &[&Rollout]) -> Result<(Tensor, Vec<u32>)> {
-        let p = rows.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-        let r = rows.iter().map(|r| r.response.len()).max().unwrap_or(0);
-        let t = p + r;
-        let (mut ids, mut mask) = (Vec::with_capacity(rows.len() * t), Vec::with_capacity(rows.len()));
+        let batch = PaddedBatch::new(rows.iter().map(|r| (r.prompt.as_slice(), r.response.as_slice())), self.pad);
+        let t = batch.input_ids.first().map_or(0, Vec::len);
         let (mut positions, mut targets) = (Vec::new(), Vec::new());
-        for (b, ro) in rows.iter().enumerate() {
-            let lead = p - ro.prompt.len();
-            ids.extend(std::iter::repeat_n(self.pad, lead));
-            ids.extend_from_slice(&ro.prompt);
-            ids.extend_from_slice(&ro.response);
-            ids.extend(std::iter::repeat_n(self.pad, r - ro.response.len()));
-            mask.push(
-                [vec![0u8; lead], vec![1u8; ro.prompt.len() + ro.response.len()], vec![0u8; r - ro.response.len()]]
-                    .concat(),
-            );
-            for (k, &y) in ro.response.iter().enumerate() {
-                positions.push((b * t + p + k - 1) as u32);
-                targets.push(y);
+        for (b, (ids, rmask)) in batch.input_ids.iter().zip(&batch.response_mask).enumerate() {
+            // Position j − 1 predicts response token j.
+            for (j, _) in rmask.iter().enumerate().filter(|(_, &m)| m == 1) {
+                positions.push((b * t + j - 1) as u32);
+                targets.push(ids[j]);
             }
         }
+        let ids = batch.input_ids.concat();
+        let mask = batch.attention_mask;
         let input = Tensor::from_vec(ids, (rows.len(), t), &self.device)?;
         let hidden = student.lm.forward_hidden(&input, &AttentionMask::from_rows(&mask)?, None)?;
         let h = hidden.dim(2)?;
