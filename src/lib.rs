@@ -15,4 +15,5 @@ pub mod report;
 pub mod sample;
 pub mod score;
 pub mod tokenizer;
+pub mod toy;
 pub mod train;

@@ -356,9 +356,19 @@ struct ConvertArgs {
 
 #[derive(Args)]
 struct DemoArgs {
-    /// Random seed.
+    /// Seed of data, initialisation, data order and sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The CI-sized run (about 2 minutes): fewer steps and examples, same code paths.
+    #[arg(long)]
+    quick: bool,
+    /// Also run the paper's Table 4 ablations (no length normalisation, no teacher-mixed
+    /// sampling, no single-step term).
+    #[arg(long)]
+    ablations: bool,
+    /// Output directory.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
 }
 
 fn main() {
@@ -456,6 +466,8 @@ fn run(cli: Cli) -> Result<()> {
                 out: a.out,
             })
         }
-        Command::Demo(a) => cli::demo(a.seed),
+        Command::Demo(a) => {
+            cli::demo(&cli::DemoOptions { seed: a.seed, quick: a.quick, ablations: a.ablations, out: a.out })
+        }
     }
 }

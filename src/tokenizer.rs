@@ -47,6 +47,11 @@ impl Tokenizer {
         Ok(Self { inner })
     }
 
+    /// Wraps a `tokenizers` object built in code.
+    pub fn from_inner(inner: tokenizers::Tokenizer) -> Self {
+        Self { inner }
+    }
+
     /// The tokenizer of a model directory: `tokenizer.json`, else `vocab.json` + `merges.txt`
     /// (GPT-2 BPE); `None` when the directory has neither.
     pub fn from_dir(dir: &Path) -> Result<Option<Self>> {

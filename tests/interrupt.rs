@@ -52,7 +52,7 @@ fn sigint_writes_a_checkpoint_and_the_run_resumes() {
     assert!(step >= 3);
     assert!(dir.join("model.safetensors").is_file() && dir.join("trainer_state.safetensors").is_file());
     let rows = std::fs::read_to_string(&metrics).unwrap().lines().count();
-    assert_eq!(rows, step, "one metrics row per completed step");
+    assert_eq!(rows, step + 1, "the starting model's validation, then one metrics row per completed step");
 
     let status = Command::new(env!("CARGO_BIN_EXE_minillm")).args(args(step + 2)).status().unwrap();
     assert!(status.success());

@@ -70,7 +70,11 @@ fn sft_lowers_validation_loss_and_selects_the_best_checkpoint() {
     let rows: Vec<serde_json::Value> =
         std::fs::read_to_string(run.metrics()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.iter().filter(|r| r.get("lr").is_some()).count(), 40);
-    assert_eq!(rows.iter().filter(|r| r.get("eval").is_some()).count(), 4);
+    // The starting model is validated first, then every 10 steps.
+    let evals: Vec<&serde_json::Value> = rows.iter().filter(|r| r.get("eval").is_some()).collect();
+    assert_eq!(evals.len(), 5);
+    assert_eq!(evals[0]["step"], 0);
+    assert!((evals[0]["eval"]["val_loss"].as_f64().unwrap() - before).abs() < 1e-6);
     assert!(rows.iter().all(|r| r.get("eval").is_some() || r["loss"].as_f64().unwrap().is_finite()));
 }
 

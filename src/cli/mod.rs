@@ -15,7 +15,7 @@ use candle_core::{DType, Device};
 
 pub use analysis::{calibrate, exposure, CalibrateCommand, ExposureCommand};
 pub use convert::convert;
-pub use demo::demo;
+pub use demo::{demo, DemoOptions};
 pub use eval::{eval, EvalCommand};
 pub use generate::{generate, GenerateOptions};
 pub use methods::{run_method, Method};

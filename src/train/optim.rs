@@ -105,7 +105,9 @@ impl AdamW {
         let bc2 = 1.0 - beta2.powi(self.step as i32);
         for (i, (_, var, decay)) in self.params.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
-            let g = g.to_dtype(DType::F32)?;
+            // Detached: candle's backward builds gradients with tracked ops, and a moment that
+            // kept that graph would hold every earlier step's activations alive.
+            let g = g.to_dtype(DType::F32)?.detach();
             let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
             let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let mut p = var.as_tensor().to_dtype(DType::F32)?;
@@ -115,8 +117,8 @@ impl AdamW {
             let denom = ((v.sqrt()? / bc2.sqrt())? + eps)?;
             p = (p - (m.div(&denom)? * (lr / bc1))?)?;
             var.set(&p.to_dtype(var.dtype())?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
         }
         Ok(())
     }
@@ -176,5 +178,6 @@ pub fn collect_grads<'a>(
     store: &candle_core::backprop::GradStore,
     vars: impl IntoIterator<Item = &'a Var>,
 ) -> Vec<Option<Tensor>> {
-    vars.into_iter().map(|v| store.get(v.as_tensor()).cloned()).collect()
+    // Gradients are values: detached from the graph the backward pass built them with.
+    vars.into_iter().map(|v| store.get(v.as_tensor()).map(Tensor::detach)).collect()
 }

@@ -229,6 +229,29 @@ impl RunDir {
     }
 }
 
+/// Validates `model`, logs the statistics, and writes it as the best model when the selection
+/// metric improved.
+fn validate_and_select(
+    task: &mut dyn Task,
+    model: &Model,
+    cfg: &TrainConfig,
+    run: &RunDir,
+    state: &mut LoopState,
+    metrics: &mut std::fs::File,
+    outcome: &mut TrainOutcome,
+) -> Result<()> {
+    let eval = task.validate(model)?;
+    let key = cfg.select_by.key();
+    let value = *eval.get(key).with_context(|| format!("validation produced no `{key}`"))?;
+    writeln!(metrics, "{}", json!({"step": state.step, "eval": eval}))?;
+    if state.best.is_none_or(|(b, _)| cfg.select_by.better(value, b)) {
+        state.best = Some((value, state.step));
+        crate::atomic::write_dir(&run.best(), |tmp| write_model_files(model, tmp, DType::F32))?;
+    }
+    outcome.evals.push((state.step, eval));
+    Ok(())
+}
+
 /// Trains the student from `student_dir` (or resumes from the newest checkpoint in `run`) and
 /// returns how the run ended; the selected model is in `run.best()`.
 pub fn train(
@@ -264,6 +287,10 @@ pub fn train(
         truncate_metrics(&run.metrics(), *step)?;
         eprintln!("resuming {} from step {step}", run.root().display());
     }
+    if resume.is_none() && run.metrics().is_file() {
+        // Rows of a run that stopped before its first checkpoint: that run restarts from scratch.
+        std::fs::remove_file(run.metrics()).with_context(|| format!("removing stale {}", run.metrics().display()))?;
+    }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -275,6 +302,11 @@ pub fn train(
     bar.set_position(state.step as u64);
     let mut outcome = TrainOutcome { steps: state.step, interrupted: false, best: state.best, evals: Vec::new() };
     let vars: Vec<_> = model.lm.params().iter().map(|(_, v)| v.clone()).collect();
+    // The starting model is validated too: its curves start at the initial point, and it stays
+    // the selected model if training never improves on it (as the released trainer does).
+    if resume.is_none() && cfg.max_steps > 0 {
+        validate_and_select(task, &model, cfg, run, &mut state, &mut metrics, &mut outcome)?;
+    }
 
     while state.step < cfg.max_steps {
         let step = state.step;
@@ -339,15 +371,7 @@ pub fn train(
 
         let last = state.step == cfg.max_steps;
         if state.step.is_multiple_of(cfg.eval_interval) || last {
-            let eval = task.validate(&model)?;
-            let key = cfg.select_by.key();
-            let value = *eval.get(key).with_context(|| format!("validation produced no `{key}`"))?;
-            writeln!(metrics, "{}", json!({"step": state.step, "eval": eval}))?;
-            if state.best.is_none_or(|(b, _)| cfg.select_by.better(value, b)) {
-                state.best = Some((value, state.step));
-                crate::atomic::write_dir(&run.best(), |tmp| write_model_files(&model, tmp, DType::F32))?;
-            }
-            outcome.evals.push((state.step, eval));
+            validate_and_select(task, &model, cfg, run, &mut state, &mut metrics, &mut outcome)?;
         }
         let stop = INTERRUPTED.load(Ordering::SeqCst) || cfg.stop_after == Some(state.step);
         if state.step.is_multiple_of(cfg.save_interval) || last || stop {
