@@ -29,6 +29,7 @@ use crate::eval::evaluate::{evaluate_model, EvalOptions};
 use crate::model::{load_model, save_model, Model};
 use crate::report::{line_chart_svg, write_report, LineSeries};
 use crate::sample::SamplingConfig;
+use crate::toy::ToyFit;
 use crate::train::optim::Schedule;
 use crate::train::trainer::Selection;
 
@@ -237,8 +238,10 @@ pub fn demo(opts: &DemoOptions) -> Result<()> {
 
     let eval_dirs = evaluate_all(&models, &data, out, plan.eval_examples)?;
     let table = write_report(&eval_dirs, out)?;
-    let plots = write_plots(out, &models)?;
-    let summary = summarise(&models, &eval_dirs, out)?;
+    let fit = crate::toy::fit(&crate::toy::MIXTURE);
+    let stats = eval_dirs.iter().map(|d| test_stats(d, &data)).collect::<Result<Vec<_>>>()?;
+    let plots = write_plots(out, &models, stats[0].mean_tokens, &fit)?;
+    let summary = summarise(&models, &eval_dirs, &stats, &fit, out)?;
     println!("\nRouge-L ×100, mean ± std over {} sampling seeds (test = held-out prompts of the trained tasks; held_out = task families never trained on):\n", EVAL_SEEDS.len());
     print!("{table}");
     println!("\n{summary}");
@@ -291,8 +294,9 @@ fn metric(run: &Path, key: &str) -> Result<Vec<(f64, f64)>> {
     Ok(points)
 }
 
-/// The reverse-KL and response-length curves of MiniLLM training, and the Figure 2 toy.
-fn write_plots(out: &Path, models: &[(String, PathBuf)]) -> Result<Vec<PathBuf>> {
+/// The reverse-KL and response-length curves of MiniLLM training (against the teacher's mean
+/// test response length), and the Figure 2 toy.
+fn write_plots(out: &Path, models: &[(String, PathBuf)], teacher_len: f64, fit: &ToyFit) -> Result<Vec<PathBuf>> {
     let runs: Vec<(&str, PathBuf)> = models
         .iter()
         .filter(|(n, _)| n.starts_with("minillm"))
@@ -318,15 +322,13 @@ fn write_plots(out: &Path, models: &[(String, PathBuf)]) -> Result<Vec<PathBuf>>
         ),
     )?;
     let mut lengths = series("val_len")?;
-    let teacher_len = mean_generated_tokens(&out.join("eval/teacher"))?;
     let xmax = lengths.iter().flat_map(|(_, p)| p.iter().map(|x| x.0)).fold(1.0, f64::max);
     lengths.push(("teacher (test mean)".into(), vec![(0.0, teacher_len), (xmax, teacher_len)]));
     plot(
         "response_length.svg",
         line_chart_svg("Student response length on validation prompts", "optimizer step", "tokens", &lengths),
     )?;
-    let fit = crate::toy::fit(&crate::toy::MIXTURE);
-    let [p, f, r] = crate::toy::curves(&crate::toy::MIXTURE, &fit);
+    let [p, f, r] = crate::toy::curves(&crate::toy::MIXTURE, fit);
     plot(
         "toy_gaussian.svg",
         line_chart_svg(
@@ -339,23 +341,18 @@ fn write_plots(out: &Path, models: &[(String, PathBuf)]) -> Result<Vec<PathBuf>>
     Ok(written)
 }
 
-/// Mean generated tokens per response over every seed of the `test` set.
-fn mean_generated_tokens(eval_dir: &Path) -> Result<f64> {
-    let dir = eval_dir.join("eval/test");
-    let (mut sum, mut n) = (0.0, 0usize);
-    for seed in EVAL_SEEDS {
-        for (_, row) in read_jsonl(&dir.join(format!("seed-{seed}.jsonl")))? {
-            if let Some(t) = row.ok().and_then(|r| r.get("tokens").and_then(Value::as_f64)) {
-                sum += t;
-                n += 1;
-            }
-        }
-    }
-    Ok(sum / n.max(1) as f64)
+/// What the per-example rows of the `test` set say, over every seed.
+struct TestStats {
+    /// Mean generated tokens per response.
+    mean_tokens: f64,
+    /// Mean Rouge-L of the single-answer families.
+    single: f64,
+    /// Mean Rouge-L of the multi-answer families.
+    multi: f64,
 }
 
-/// Test-set Rouge-L of single-answer and multi-answer families (mean over seeds and examples).
-fn rouge_by_answer_kind(eval_dir: &Path, data: &Path) -> Result<(f64, f64)> {
+/// Reads the `test` generations of an evaluation directory once.
+fn test_stats(eval_dir: &Path, data: &Path) -> Result<TestStats> {
     let multi: Vec<bool> = read_jsonl(&data.join("test.jsonl"))?
         .into_iter()
         .map(|(_, r)| {
@@ -363,43 +360,53 @@ fn rouge_by_answer_kind(eval_dir: &Path, data: &Path) -> Result<(f64, f64)> {
             synthetic::Family::ALL.iter().any(|f| Some(f.name()) == family.as_deref() && f.is_multi_answer())
         })
         .collect();
+    let (mut tokens, mut rows) = (0.0, 0usize);
     let mut sums = [(0.0, 0usize); 2];
     for seed in EVAL_SEEDS {
         for (_, row) in read_jsonl(&eval_dir.join(format!("eval/test/seed-{seed}.jsonl")))? {
             let row = row?;
+            if let Some(t) = row.get("tokens").and_then(Value::as_f64) {
+                tokens += t;
+                rows += 1;
+            }
             let i = row["index"].as_u64().unwrap_or(0) as usize;
             let slot = &mut sums[usize::from(multi.get(i).copied().unwrap_or(false))];
             slot.0 += row["rougeL"].as_f64().unwrap_or(f64::NAN);
             slot.1 += 1;
         }
     }
-    Ok((sums[0].0 / sums[0].1.max(1) as f64, sums[1].0 / sums[1].1.max(1) as f64))
+    let mean = |(sum, n): (f64, usize)| sum / n.max(1) as f64;
+    Ok(TestStats { mean_tokens: mean((tokens, rows)), single: mean(sums[0]), multi: mean(sums[1]) })
 }
 
 /// Per-model parameters, Rouge-L by answer kind, Dist-4, LM loss and response length, as
 /// markdown; also `summary.json`.
-fn summarise(models: &[(String, PathBuf)], eval_dirs: &[PathBuf], out: &Path) -> Result<String> {
+fn summarise(
+    models: &[(String, PathBuf)],
+    eval_dirs: &[PathBuf],
+    stats: &[TestStats],
+    fit: &ToyFit,
+    out: &Path,
+) -> Result<String> {
     let mut md = String::from(
         "| model | parameters | test Rouge-L, single-answer tasks | test Rouge-L, multi-answer tasks | test Dist-4 | test LM loss | mean response tokens |\n|---|---|---|---|---|---|---|\n",
     );
     let mut rows = Vec::new();
-    for ((name, dir), eval) in models.iter().zip(eval_dirs) {
+    for (((name, dir), eval), st) in models.iter().zip(eval_dirs).zip(stats) {
         let results: Value = serde_json::from_str(&std::fs::read_to_string(eval.join("results.json"))?)?;
         let test = results["results"]
             .as_array()
             .and_then(|a| a.iter().find(|r| r["set"] == "test"))
             .context("results.json has no `test` set")?;
         let params = load_model(dir, &Device::Cpu, DType::F32)?.lm.params().num_elements();
-        let len = mean_generated_tokens(eval)?;
+        let (len, single, multi) = (st.mean_tokens, st.single, st.multi);
         let (dist4, lm) = (test["dist4"].as_f64().unwrap_or(f64::NAN), test["lm_loss"].as_f64().unwrap_or(f64::NAN));
-        let (single, multi) = rouge_by_answer_kind(eval, &out.join("data"))?;
         md.push_str(&format!("| {name} | {params} | {single:.2} | {multi:.2} | {dist4:.4} | {lm:.4} | {len:.2} |\n"));
         rows.push(json!({"model": name, "dir": dir, "parameters": params, "test": test, "mean_response_tokens": len,
                          "test_rouge_l_single_answer": single, "test_rouge_l_multi_answer": multi,
                          "held_out": results["results"].as_array().and_then(|a| a.iter().find(|r| r["set"] == "held_out")).cloned()}));
     }
     crate::atomic::write_file(&out.join("summary.md"), md.as_bytes())?;
-    let fit = crate::toy::fit(&crate::toy::MIXTURE);
     let summary = json!({"models": rows, "toy": {"forward": fit.forward, "reverse": fit.reverse,
                          "forward_kl": fit.forward_kl, "reverse_kl": fit.reverse_kl}});
     crate::atomic::write_file(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;

@@ -305,22 +305,19 @@ pub struct Sizes {
 }
 
 /// Distinct tasks of `families` in `split`, drawn round-robin over the families until `n` are
-/// found (families whose pool runs dry are skipped).
+/// found (a family whose pool runs dry, 2,000 draws without a new fitting instruction, is
+/// skipped from then on).
 fn distinct_tasks(families: &[Family], split: Option<Split>, n: usize, rng: &mut ChaCha8Rng) -> Vec<Task> {
+    const MAX_MISSES: usize = 2000;
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     let mut misses = vec![0usize; families.len()];
-    'outer: while out.len() < n {
-        let mut progressed = false;
+    while out.len() < n && misses.iter().any(|&m| m <= MAX_MISSES) {
         for (k, &f) in families.iter().enumerate() {
             if out.len() >= n {
-                break 'outer;
+                break;
             }
-            if misses[k] > 2000 {
-                continue;
-            }
-            progressed = true;
-            loop {
+            while misses[k] <= MAX_MISSES {
                 let t = draw(f, rng);
                 let fits = split.is_none_or(|s| split_of(&t.instruction) == s);
                 if fits && seen.insert(t.instruction.clone()) {
@@ -328,13 +325,7 @@ fn distinct_tasks(families: &[Family], split: Option<Split>, n: usize, rng: &mut
                     break;
                 }
                 misses[k] += 1;
-                if misses[k] > 2000 {
-                    break;
-                }
             }
-        }
-        if !progressed {
-            break;
         }
     }
     out
