@@ -16,6 +16,9 @@ use minillm::train::optim::{collect_grads, AdamW, AdamWConfig};
 use minillm::train::trainer::Task;
 use rand::{Rng, SeedableRng};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const VOCAB: usize = 8192;
 
 fn gpt2(layers: usize, width: usize, seed: u64) -> Model {
@@ -36,12 +39,15 @@ fn update(model: &Model, opt: &mut AdamW, loss: &Tensor) {
 }
 
 fn sft_step(c: &mut Criterion) {
-    let model = gpt2(2, 128, 1);
+    minillm::runtime::configure();
+    let model = gpt2(4, 256, 1);
     let mut opt = AdamW::new(model.lm.params().iter(), AdamWConfig::default()).unwrap();
     let seqs = random_ids(8, 128, 2);
     let batch = LmBatch::new(&seqs, &[1; 8], 0, &Device::Cpu).unwrap();
     let w = vec![1.0 / batch.num_targets() as f32; batch.num_targets()];
-    c.bench_function("sft_step gpt2-2x128 v8192 b8x128", |b| {
+    let mut group = c.benchmark_group("train");
+    group.sample_size(20);
+    group.bench_function("sft_step gpt2-4x256 v8192 b8x128", |b| {
         b.iter(|| {
             let hidden = model.lm.forward_hidden(&batch.input_ids, &batch.mask, None).unwrap();
             let logits = model.lm.logits(&batch.gather(&hidden).unwrap()).unwrap();
@@ -49,9 +55,11 @@ fn sft_step(c: &mut Criterion) {
             update(&model, &mut opt, &loss);
         })
     });
+    group.finish();
 }
 
 fn distill_iteration(c: &mut Criterion) {
+    minillm::runtime::configure();
     let student = gpt2(2, 128, 3);
     let cfg = DistillConfig {
         num_rollouts: 32,
@@ -80,5 +88,22 @@ fn distill_iteration(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sft_step, distill_iteration);
+/// The matmul shapes of the SFT step (tokens × width × out), for its FLOP/s against the
+/// machine's matmul rate.
+fn matmul(c: &mut Criterion) {
+    let mut group = c.benchmark_group("matmul");
+    for (m, k, n) in MATMUL_SHAPES {
+        let a = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu).unwrap();
+        group.throughput(criterion::Throughput::Elements((2 * m * k * n) as u64));
+        group.bench_function(format!("{m}x{k}x{n}"), |bench| bench.iter(|| a.matmul(&b).unwrap()));
+    }
+    group.finish();
+}
+
+/// (rows, inner, columns): the LM head, an MLP up and down projection, the fused q/k/v.
+const MATMUL_SHAPES: [(usize, usize, usize); 4] =
+    [(1024, 256, 8192), (1024, 256, 1024), (1024, 1024, 256), (1024, 256, 768)];
+
+criterion_group!(benches, sft_step, distill_iteration, matmul);
 criterion_main!(benches);

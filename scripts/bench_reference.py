@@ -42,7 +42,7 @@ def timed(fn, warmup, reps):
 
 
 def sft_step_bench():
-    model = gpt2(2, 128, 1).train()
+    model = gpt2(4, 256, 1).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-6)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(1, V, (8, 128), generator=g)

@@ -372,13 +372,7 @@ struct DemoArgs {
 }
 
 fn main() {
-    // candle asks for its thread count on every op and, unless RAYON_NUM_THREADS is set,
-    // answers by parsing /proc/cpuinfo each time (thousands of file reads per second while
-    // decoding). Fix the answer once, before any thread starts.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    minillm::runtime::configure();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

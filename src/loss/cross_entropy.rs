@@ -6,6 +6,8 @@ use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use crate::ops::math;
+
 /// Weighted cross-entropy of `logits` `[rows, vocab]` against `targets`.
 pub fn cross_entropy(logits: &Tensor, targets: &[u32], weights: &[f32]) -> Result<Tensor> {
     let (rows, vocab) = logits.dims2()?;
@@ -51,8 +53,8 @@ impl CustomOp1 for FusedCrossEntropy {
         let z = &s.as_slice::<f32>()?[a..b];
         let vocab = l.dims()[1];
         let lse = |r: &[f32]| {
-            let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            m + r.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
+            let m = math::max(r);
+            m as f64 + (math::sum_map(r, |v| math::exp(v - m)) as f64).ln()
         };
         if !self.grad {
             let total: f64 = z
@@ -69,9 +71,9 @@ impl CustomOp1 for FusedCrossEntropy {
             .zip(self.targets.par_iter().zip(self.weights.par_iter()))
             .for_each(|((g, r), (&y, &w))| {
                 if w != 0.0 {
-                    let l = lse(r);
+                    let l = lse(r) as f32;
                     for (gi, &v) in g.iter_mut().zip(r) {
-                        *gi = (w as f64 * (v as f64 - l).exp()) as f32;
+                        *gi = w * math::exp(v - l);
                     }
                     g[y as usize] -= w;
                 }

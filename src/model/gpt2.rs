@@ -7,6 +7,7 @@ use super::config::Gpt2Config;
 use super::layers::{attention, position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear};
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
+use crate::ops::attention_packed;
 
 struct Block {
     ln_1: LayerNorm,
@@ -106,15 +107,19 @@ impl CausalLm for Gpt2 {
             + self.wpe.embedding(&pos.flatten_all()?)?.reshape((b, t, ()))?)?;
         for (i, blk) in self.blocks.iter().enumerate() {
             let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x)?)?;
-            let h = qkv.dim(D::Minus1)? / 3;
-            let q = split_heads(&qkv.narrow(2, 0, h)?, self.n_head)?;
-            let k = split_heads(&qkv.narrow(2, h, h)?, self.n_head)?;
-            let v = split_heads(&qkv.narrow(2, 2 * h, h)?, self.n_head)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, k, v)?,
-                None => (k, v),
+            let a = match cache.as_deref_mut() {
+                // Without a cache (training, scoring) heads are read in place from the packed
+                // projections by one fused op.
+                None => attention_packed(&qkv, &bias, self.n_head, blk.scale)?,
+                Some(c) => {
+                    let h = qkv.dim(D::Minus1)? / 3;
+                    let q = split_heads(&qkv.narrow(2, 0, h)?, self.n_head)?;
+                    let k = split_heads(&qkv.narrow(2, h, h)?, self.n_head)?;
+                    let v = split_heads(&qkv.narrow(2, 2 * h, h)?, self.n_head)?;
+                    let (k, v) = c.append(i, k, v)?;
+                    attention(&q, &k, &v, &bias, blk.scale)?
+                }
             };
-            let a = attention(&q, &k, &v, &bias, blk.scale)?;
             x = (x + blk.attn_proj.forward(&a)?)?;
             let m = blk.mlp_proj.forward(&self.act.forward(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?)?)?;
             x = (x + m)?;

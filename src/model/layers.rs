@@ -1,7 +1,9 @@
-//! Building blocks shared by the model families, written as differentiable compositions.
+//! Building blocks shared by the model families.
 //!
 //! candle's fused `LayerNorm`/`RmsNorm`/`softmax_last_dim`/`sdpa` kernels compute the right
-//! values but propagate no gradient, so training-capable models must not use them.
+//! values but propagate no gradient, so training-capable models must not use them: the hot
+//! pieces use our fused ops with their own backward ([`crate::ops`]), the rest differentiable
+//! compositions.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -71,6 +73,9 @@ impl LayerNorm {
 
     /// Normalises `x` over its last dimension (statistics in f32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let (Some(w), Some(b)) = (&self.weight, &self.bias) {
+            return Ok(crate::ops::layer_norm(x, w, b, self.eps)?);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let mean = x.mean_keepdim(D::Minus1)?;
@@ -139,7 +144,7 @@ impl Activation {
     /// Applies the activation.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Self::GeluTanh => x.gelu()?,
+            Self::GeluTanh => crate::ops::gelu_tanh(x)?,
             Self::GeluErf => x.gelu_erf()?,
             Self::Relu => x.relu()?,
             Self::Silu => x.silu()?,
@@ -253,9 +258,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
         (repeat_kv(k, heads / kv_heads)?, repeat_kv(v, heads / kv_heads)?)
     };
     // k and v may be views into a preallocated cache: matmul reads them strided.
-    let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
-    let scores = scores.broadcast_add(bias)?;
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+    let scores = q.contiguous()?.matmul(&k.t()?)?;
+    let probs = crate::ops::masked_softmax(&scores, bias, scale)?;
     let out = probs.matmul(&v)?;
     Ok(out.transpose(1, 2)?.reshape((b, t, heads * d))?)
 }

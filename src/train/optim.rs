@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
 
+use crate::ops::adamw::{adamw_in_place, AdamStep};
+
 /// AdamW hyper-parameters.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +107,13 @@ impl AdamW {
         let bc2 = 1.0 - beta2.powi(self.step as i32);
         for (i, (_, var, decay)) in self.params.iter().enumerate() {
             let Some(g) = &grads[i] else { continue };
+            let p = var.as_tensor();
+            if crate::ops::adamw::in_place_supported(p, g, &self.m[i], &self.v[i]) {
+                let wd = if *decay { weight_decay } else { 0.0 };
+                let step = AdamStep { betas: (beta1, beta2), eps, lr, weight_decay: wd, bias_corrections: (bc1, bc2) };
+                adamw_in_place(p, &g.detach(), &self.m[i], &self.v[i], step)?;
+                continue;
+            }
             // Detached: candle's backward builds gradients with tracked ops, and a moment that
             // kept that graph would hold every earlier step's activations alive.
             let g = g.to_dtype(DType::F32)?.detach();

@@ -1,0 +1,71 @@
+//! A bounds-checked front to the `gemm` crate (the kernel candle's CPU matmul uses), for fused
+//! ops that multiply strided blocks of their buffers in place without copying them out.
+
+/// A read-only `rows × cols` matrix inside a slice: element `(i, j)` is
+/// `data[offset + i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    /// The buffer holding the matrix.
+    pub data: &'a [f32],
+    /// Index of element (0, 0).
+    pub offset: usize,
+    /// Rows and columns.
+    pub shape: (usize, usize),
+    /// Row and column strides.
+    pub strides: (usize, usize),
+}
+
+impl MatRef<'_> {
+    /// The same elements read as the transpose.
+    pub fn t(self) -> Self {
+        Self { shape: (self.shape.1, self.shape.0), strides: (self.strides.1, self.strides.0), ..self }
+    }
+
+    fn check(&self, len: usize) {
+        let (r, c) = self.shape;
+        if r > 0 && c > 0 {
+            let last = self.offset + (r - 1) * self.strides.0 + (c - 1) * self.strides.1;
+            assert!(last < len, "matrix view reaches index {last} of a buffer of {len}");
+        }
+    }
+}
+
+/// `dst ← (accumulate ? dst : 0) + alpha · a · b` for `dst` an `a.rows × b.cols` matrix at
+/// `dst_offset` with row stride `dst_rs` (column stride 1), single-threaded (callers
+/// parallelise over independent blocks).
+pub fn matmul(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: MatRef, alpha: f32, accumulate: bool) {
+    let (m, k) = a.shape;
+    let n = b.shape.1;
+    assert_eq!(b.shape.0, k, "inner dimensions differ");
+    a.check(a.data.len());
+    b.check(b.data.len());
+    MatRef { data: dst, offset: dst_offset, shape: (m, n), strides: (dst_rs, 1) }.check(dst.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: every element the kernel touches was bounds-checked above, `dst` is borrowed
+    // mutably (no aliasing with `a`/`b`), and the kernel reads and writes nothing else.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(dst_offset),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.data.as_ptr().add(a.offset),
+            a.strides.1 as isize,
+            a.strides.0 as isize,
+            b.data.as_ptr().add(b.offset),
+            b.strides.1 as isize,
+            b.strides.0 as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}

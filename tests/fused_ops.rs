@@ -1,0 +1,102 @@
+//! Every fused CPU op against the differentiable candle composition it replaces: values and
+//! gradients (of a random linear functional of the output, so every output element matters),
+//! at odd sizes (one row, length one, widths that are not multiples of the SIMD lanes), with
+//! padded (fully masked) rows in attention.
+
+use candle_core::{DType, Device, Tensor, Var};
+use minillm::model::AttentionMask;
+use minillm::ops::{attention, gelu, layer_norm, softmax};
+
+fn var(shape: &[usize], seed: u64, std: f32) -> Var {
+    let n: usize = shape.iter().product();
+    // A deterministic spread of values without a random-number dependency.
+    let data: Vec<f32> = (0..n)
+        .map(|i| {
+            let h = (i as u64 + 1)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(seed.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std
+        })
+        .collect();
+    Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+/// Largest absolute difference, relative to the largest magnitude of `b` (at least 1).
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    let (a, b) =
+        (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+}
+
+/// Output of both paths and the gradients of `Σ out ⊙ probe` with respect to `inputs`.
+fn compare(inputs: &[&Var], fused: impl Fn() -> Tensor, composite: impl Fn() -> Tensor, tol: f32, what: &str) {
+    let (yf, yc) = (fused(), composite());
+    assert!(rel_diff(&yf, &yc) < tol, "{what}: values differ by {}", rel_diff(&yf, &yc));
+    let probe = var(yf.dims(), 99, 1.0);
+    let gf = (yf * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    let gc = (yc * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, v) in inputs.iter().enumerate() {
+        let (a, b) =
+            (gf.get(v.as_tensor()).expect("fused gradient"), gc.get(v.as_tensor()).expect("composite gradient"));
+        assert!(rel_diff(a, b) < tol, "{what}: gradient of input {i} differs by {}", rel_diff(a, b));
+    }
+}
+
+#[test]
+fn gelu_matches_composite() {
+    for shape in [vec![1], vec![3, 7], vec![2, 5, 67]] {
+        let x = var(&shape, 1, 6.0);
+        compare(&[&x], || gelu::gelu_tanh(x.as_tensor()).unwrap(), || x.as_tensor().gelu().unwrap(), 1e-5, "gelu");
+    }
+}
+
+#[test]
+fn layer_norm_matches_composite() {
+    for (rows, h) in [(1, 1), (1, 5), (7, 67), (2 * 33, 256)] {
+        let x = var(&[rows, h], 2, 3.0);
+        let (w, b) = (var(&[h], 3, 1.0), var(&[h], 4, 1.0));
+        let fused = || layer_norm::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        let composite = || layer_norm::layer_norm_composite(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+        compare(&[&x, &w, &b], fused, composite, 2e-5, &format!("layer norm {rows}×{h}"));
+    }
+}
+
+/// A padded mask: row `i` has `i` leading padding positions (all-padding rows included).
+fn padded_bias(b: usize, t: usize) -> Tensor {
+    let rows: Vec<Vec<u8>> = (0..b).map(|i| (0..t).map(|j| (j >= i.min(t)) as u8).collect()).collect();
+    AttentionMask::from_rows(&rows).unwrap().bias(t, None, DType::F32, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn masked_softmax_matches_composite() {
+    for (b, heads, t) in [(1, 1, 1), (2, 3, 5), (3, 2, 19)] {
+        let scores = var(&[b, heads, t, t], 5, 4.0);
+        let bias = padded_bias(b, t);
+        let fused = || softmax::masked_softmax(scores.as_tensor(), &bias, 0.3).unwrap();
+        let composite = || softmax::masked_softmax_composite(scores.as_tensor(), &bias, 0.3).unwrap();
+        compare(&[&scores], fused, composite, 1e-5, &format!("softmax b{b} h{heads} t{t}"));
+    }
+}
+
+#[test]
+fn packed_attention_matches_composite() {
+    for (b, t, heads, d) in [(1, 1, 1, 1), (1, 7, 3, 5), (3, 20, 2, 8), (2, 64, 4, 16)] {
+        let qkv = var(&[b, t, 3 * heads * d], 6, 2.0);
+        let bias = padded_bias(b, t);
+        let fused = || attention::attention_packed(qkv.as_tensor(), &bias, heads, 0.25).unwrap();
+        let composite = || attention::attention_packed_composite(qkv.as_tensor(), &bias, heads, 0.25).unwrap();
+        compare(&[&qkv], fused, composite, 2e-5, &format!("attention b{b} t{t} h{heads} d{d}"));
+    }
+}
+
+#[test]
+fn packed_attention_refuses_bad_shapes() {
+    let qkv = var(&[1, 4, 10], 7, 1.0);
+    let err = attention::attention_packed(qkv.as_tensor(), &padded_bias(1, 4), 3, 1.0).unwrap_err();
+    assert!(err.to_string().contains("not 3 × 3 heads"), "{err}");
+    let qkv = var(&[1, 4, 12], 7, 1.0);
+    let err = attention::attention_packed(qkv.as_tensor(), &padded_bias(1, 5), 2, 1.0).unwrap_err();
+    assert!(err.to_string().contains("attention bias has shape"), "{err}");
+}
