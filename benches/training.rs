@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use minillm::data::batch::LmBatch;
-use minillm::loss::cross_entropy;
+use minillm::loss::head::{head_loss, DEFAULT_CHUNK_ROWS};
 use minillm::model::Model;
 use minillm::train::minillm::{DistillConfig, DistillData, DistillTask};
 use minillm::train::optim::{collect_grads, AdamW, AdamWConfig};
@@ -49,9 +49,10 @@ fn sft_step(c: &mut Criterion) {
     group.sample_size(20);
     group.bench_function("sft_step gpt2-4x256 v8192 b8x128", |b| {
         b.iter(|| {
-            let hidden = model.lm.forward_hidden(&batch.input_ids, &batch.mask, None).unwrap();
-            let logits = model.lm.logits(&batch.gather(&hidden).unwrap()).unwrap();
-            let loss = cross_entropy(&logits, &batch.targets, &w).unwrap();
+            // As the trainer does it: the LM head and cross-entropy fused, chunked.
+            let hidden = batch.gather(&model.lm.forward_hidden(&batch.input_ids, &batch.mask, None).unwrap()).unwrap();
+            let head = model.lm.lm_head_weight();
+            let loss = head_loss(&hidden, head, &batch.targets, &w, 1.0, None, DEFAULT_CHUNK_ROWS).unwrap().loss;
             update(&model, &mut opt, &loss);
         })
     });

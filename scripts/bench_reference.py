@@ -3,8 +3,8 @@
 
     python scripts/bench_reference.py [--threads 2]
 
-SFT step: GPT-2 (2 layers, width 128, 4 heads, vocab 8192), batch 8 x 128, forward + backward +
-AdamW. Distill iteration: the same student, teacher GPT-2 (4 layers, width 256); 32 teacher-mixed
+SFT step: GPT-2 (4 layers, width 256, 4 heads, vocab 8192), batch 8 x 128, forward + backward +
+AdamW. Matmul: the step's shapes (tokens x width x out), for the machine's matmul rate. Distill iteration: the same student, teacher GPT-2 (4 layers, width 256); 32 teacher-mixed
 rollouts of 32 new tokens from 32-token prompts (both models with KV caches, mixing
 probabilities, teacher final hidden states kept), then 4 inner epochs of minibatches of 8 (16
 updates) with the clipped PG term (released returns/whitening), the single-step reverse KL
@@ -55,6 +55,14 @@ def sft_step_bench():
         opt.step()
 
     return timed(step, 3, 10)
+
+
+def matmul_bench():
+    rates = {}
+    for m, k, n in [(1024, 256, 8192), (1024, 256, 1024), (1024, 1024, 256), (1024, 256, 768)]:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        rates[f"{m}x{k}x{n}"] = 2 * m * k * n / timed(lambda: a @ b, 3, 20) / 1e9
+    return rates
 
 
 def whiten(x):
@@ -131,5 +139,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {a.threads} threads")
+    for shape, rate in matmul_bench().items():
+        print(f"matmul {shape}: {rate:.0f} GFLOP/s")
     print(f"sft_step: {sft_step_bench() * 1e3:.1f} ms (median of 10)")
     print(f"distill_iteration: {distill_iteration_bench() * 1e3:.0f} ms (median of 3)")

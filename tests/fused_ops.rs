@@ -100,3 +100,35 @@ fn packed_attention_refuses_bad_shapes() {
     let err = attention::attention_packed(qkv.as_tensor(), &padded_bias(1, 5), 2, 1.0).unwrap_err();
     assert!(err.to_string().contains("attention bias has shape"), "{err}");
 }
+
+#[test]
+fn linear_matches_composite() {
+    use minillm::ops::linear::{linear, linear_composite, WeightLayout};
+    for (rows, din, dout) in [(1, 1, 1), (3, 5, 7), (33, 64, 130)] {
+        for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+            let x = var(&[rows, din], 8, 2.0);
+            let w = match layout {
+                WeightLayout::InOut => var(&[din, dout], 9, 1.0),
+                WeightLayout::OutIn => var(&[dout, din], 9, 1.0),
+            };
+            let b = var(&[dout], 10, 1.0);
+            let fused = || linear(x.as_tensor(), w.as_tensor(), b.as_tensor(), layout).unwrap();
+            let composite = || linear_composite(x.as_tensor(), w.as_tensor(), b.as_tensor(), layout).unwrap();
+            compare(&[&x, &w, &b], fused, composite, 1e-5, &format!("linear {rows}×{din}→{dout} {layout:?}"));
+        }
+    }
+}
+
+#[test]
+fn linear_without_bias_matches_matmul() {
+    use minillm::ops::linear::{linear_no_bias, WeightLayout};
+    for (rows, din, dout) in [(1, 1, 1), (5, 3, 67)] {
+        let x = var(&[rows, din], 11, 2.0);
+        let (w_io, w_oi) = (var(&[din, dout], 12, 1.0), var(&[dout, din], 13, 1.0));
+        let fused = || linear_no_bias(x.as_tensor(), w_io.as_tensor(), WeightLayout::InOut).unwrap();
+        compare(&[&x, &w_io], fused, || x.as_tensor().matmul(w_io.as_tensor()).unwrap(), 1e-5, "matmul [in, out]");
+        let fused = || linear_no_bias(x.as_tensor(), w_oi.as_tensor(), WeightLayout::OutIn).unwrap();
+        let composite = || x.as_tensor().matmul(&w_oi.as_tensor().t().unwrap()).unwrap();
+        compare(&[&x, &w_oi], fused, composite, 1e-5, "matmul [out, in]");
+    }
+}

@@ -210,7 +210,7 @@ fn log_mix(a: f64, x: f64, b: f64, y: f64) -> f64 {
 
 /// The divergence of one row (student logits `z`, teacher logits `t`); with `grad`, also
 /// writes `∂D/∂z` into it.
-fn row(kind: Divergence, z: &[f32], t: &[f32], grad: Option<&mut [f32]>) -> f64 {
+pub(crate) fn row(kind: Divergence, z: &[f32], t: &[f32], grad: Option<&mut [f32]>) -> f64 {
     let (lz, lt) = (logsumexp(z), logsumexp(t));
     let lq: Vec<f64> = z.iter().map(|&v| v as f64 - lz).collect();
     let lp: Vec<f64> = t.iter().map(|&v| v as f64 - lt).collect();

@@ -3,7 +3,9 @@
 
 pub mod cross_entropy;
 pub mod divergence;
+pub mod head;
 pub mod policy;
 
 pub use cross_entropy::{cross_entropy, cross_entropy_reference};
 pub use divergence::{divergence, divergence_reference, Divergence};
+pub use head::{head_loss, head_loss_reference, HeadLoss, TeacherHead};

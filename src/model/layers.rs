@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::params::{Init, ParamBuilder};
+use crate::ops::WeightLayout;
 
 /// A dense layer `y = x·W + b`.
 #[derive(Clone, Debug)]
@@ -40,10 +41,10 @@ impl Linear {
         let din = dims[dims.len() - 1];
         let rows = x.elem_count() / din.max(1);
         let x2 = x.reshape((rows, din))?;
-        let y = if self.out_in { x2.matmul(&self.weight.t()?)? } else { x2.matmul(&self.weight)? };
+        let layout = if self.out_in { WeightLayout::OutIn } else { WeightLayout::InOut };
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+            Some(b) => crate::ops::linear(&x2, &self.weight, b, layout)?,
+            None => crate::ops::linear_no_bias(&x2, &self.weight, layout)?,
         };
         let mut out_dims = dims;
         let last = out_dims.len() - 1;

@@ -76,7 +76,7 @@ pub trait CausalLm: Send + Sync {
         let dims = hidden.dims().to_vec();
         let h = dims[dims.len() - 1];
         let rows = hidden.elem_count() / h.max(1);
-        let logits = hidden.reshape((rows, h))?.matmul(&w.t()?)?;
+        let logits = crate::ops::linear_no_bias(&hidden.reshape((rows, h))?, w, crate::ops::WeightLayout::OutIn)?;
         let mut out = dims;
         let last = out.len() - 1;
         out[last] = w.dim(0)?;

@@ -34,6 +34,26 @@ impl MatRef<'_> {
 /// `dst_offset` with row stride `dst_rs` (column stride 1), single-threaded (callers
 /// parallelise over independent blocks).
 pub fn matmul(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: MatRef, alpha: f32, accumulate: bool) {
+    matmul_with(dst, dst_offset, dst_rs, a, b, alpha, accumulate, gemm::Parallelism::None)
+}
+
+/// [`matmul`] on all of rayon's threads, for one large product.
+pub fn matmul_parallel(dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) {
+    let n = b.shape.1;
+    matmul_with(dst, 0, n, a, b, 1.0, accumulate, gemm::Parallelism::Rayon(rayon::current_num_threads()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_with(
+    dst: &mut [f32],
+    dst_offset: usize,
+    dst_rs: usize,
+    a: MatRef,
+    b: MatRef,
+    alpha: f32,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
+) {
     let (m, k) = a.shape;
     let n = b.shape.1;
     assert_eq!(b.shape.0, k, "inner dimensions differ");
@@ -65,7 +85,7 @@ pub fn matmul(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: M
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         )
     }
 }

@@ -11,6 +11,7 @@ pub mod attention;
 pub mod gelu;
 pub mod gemm;
 pub mod layer_norm;
+pub mod linear;
 pub mod math;
 pub mod softmax;
 
@@ -19,7 +20,10 @@ use candle_core::{CpuStorage, Layout, Tensor};
 pub use attention::attention_packed;
 pub use gelu::gelu_tanh;
 pub use layer_norm::layer_norm;
+pub use linear::{linear, linear_no_bias, WeightLayout};
 pub use softmax::masked_softmax;
+
+use contiguous_f32 as contiguous;
 
 /// Whether `t` can take a fused CPU kernel (f32 on the CPU).
 fn fusable(t: &Tensor) -> bool {
@@ -27,7 +31,7 @@ fn fusable(t: &Tensor) -> bool {
 }
 
 /// The f32 values of a contiguous CPU tensor.
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{op}: input must be contiguous") };
     Ok(&s.as_slice::<f32>()?[a..b])
 }

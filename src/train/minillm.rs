@@ -17,8 +17,9 @@ use super::trainer::{Stats, Task, TaskState};
 use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
 use crate::eval::validate::{mean_rouge_l, response_text};
+use crate::loss::head::DEFAULT_CHUNK_ROWS;
 use crate::loss::policy::{advantages, k3_estimate, pg_loss, rewards, PolicyConfig};
-use crate::loss::{cross_entropy, divergence, Divergence};
+use crate::loss::{cross_entropy, divergence, head_loss, Divergence, TeacherHead};
 use crate::model::{AttentionMask, Model};
 use crate::sample::{generate_mixed, mix_log_prob, row_rngs, MixedSampling, PaddedBatch};
 
@@ -283,21 +284,26 @@ impl DistillTask {
     /// The pre-training term of one micro-batch: `(1 − r)·CE + r·H(p, q)`, token-averaged over
     /// the window.
     fn pt_loss(&self, student: &Model, b: &LmBatch) -> Result<(Tensor, Stats)> {
-        let hidden = student.lm.forward_hidden(&b.input_ids, &b.mask, None)?;
-        let logits = student.lm.logits(&b.gather(&hidden)?)?;
+        let hidden = b.gather(&student.lm.forward_hidden(&b.input_ids, &b.mask, None)?)?;
         let w = vec![1.0 / self.window_pt_tokens.max(1) as f32; b.num_targets()];
-        let ce = cross_entropy(&logits, &b.targets, &w)?;
-        let mut stats = Stats::from([("pt_lm".to_string(), ce.to_scalar::<f32>()? as f64)]);
         let r = self.cfg.pt_kd_ratio;
-        if r == 0.0 {
-            return Ok((ce, stats));
+        let t_hidden = match r {
+            0.0 => None,
+            _ => Some(b.gather(&self.teacher.lm.forward_hidden(&b.input_ids, &b.mask, None)?.detach())?),
+        };
+        let teacher = t_hidden.as_ref().map(|h| TeacherHead {
+            hidden: h,
+            head: self.teacher.lm.lm_head_weight(),
+            kind: Divergence::SoftCrossEntropy,
+            coef: r,
+        });
+        let out =
+            head_loss(&hidden, student.lm.lm_head_weight(), &b.targets, &w, 1.0 - r, teacher, DEFAULT_CHUNK_ROWS)?;
+        let mut stats = Stats::from([("pt_lm".to_string(), out.ce)]);
+        if r != 0.0 {
+            stats.insert("pt_kd".into(), out.kd);
         }
-        let t_hidden = self.teacher.lm.forward_hidden(&b.input_ids, &b.mask, None)?.detach();
-        let t_logits = self.teacher.lm.logits(&b.gather(&t_hidden)?)?.detach();
-        let v = logits.dim(1)?.min(t_logits.dim(1)?);
-        let sce = divergence(&logits.narrow(1, 0, v)?, &t_logits.narrow(1, 0, v)?, &w, Divergence::SoftCrossEntropy)?;
-        stats.insert("pt_kd".into(), sce.to_scalar::<f32>()? as f64);
-        Ok((((ce * (1.0 - r))? + (sce * r)?)?, stats))
+        Ok((out.loss, stats))
     }
 }
 

@@ -10,7 +10,8 @@ use super::trainer::{Stats, Task, TaskState};
 use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
 use crate::eval::validate::sampled_rouge_l;
-use crate::loss::{cross_entropy, divergence, Divergence};
+use crate::loss::head::DEFAULT_CHUNK_ROWS;
+use crate::loss::{head_loss, Divergence, TeacherHead};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
@@ -74,28 +75,31 @@ impl SupervisedTask {
         self
     }
 
-    /// Student logits at the batch's target positions, `[targets, vocab]`.
-    fn student_logits(student: &Model, b: &LmBatch) -> Result<Tensor> {
-        let hidden = student.lm.forward_hidden(&b.input_ids, &b.mask, None)?;
-        student.lm.logits(&b.gather(&hidden)?)
-    }
-
-    /// `(1 − r)·CE + r·D` (or CE alone), each summed with `weight` per target token.
+    /// `(1 − r)·CE + r·D` (or CE alone), each summed with `weight` per target token, through
+    /// the fused LM-head loss (no `[tokens × vocab]` logits).
     fn loss(&self, student: &Model, b: &LmBatch, weight: f32) -> Result<(Tensor, Stats)> {
-        let logits = Self::student_logits(student, b)?;
+        let hidden = b.gather(&student.lm.forward_hidden(&b.input_ids, &b.mask, None)?)?;
         let w = vec![weight; b.num_targets()];
-        let ce = cross_entropy(&logits, &b.targets, &w)?;
+        let t_hidden = match &self.kd {
+            Some(kd) => Some(b.gather(&kd.teacher.lm.forward_hidden(&b.input_ids, &b.mask, None)?.detach())?),
+            None => None,
+        };
+        let teacher = self.kd.as_ref().zip(t_hidden.as_ref()).map(|(kd, h)| TeacherHead {
+            hidden: h,
+            head: kd.teacher.lm.lm_head_weight(),
+            kind: kd.divergence,
+            coef: kd.ratio,
+        });
+        let ce_coef = self.kd.as_ref().map_or(1.0, |kd| 1.0 - kd.ratio);
+        let out =
+            head_loss(&hidden, student.lm.lm_head_weight(), &b.targets, &w, ce_coef, teacher, DEFAULT_CHUNK_ROWS)?;
         let mut stats = Stats::new();
-        stats.insert("ce".into(), ce.to_scalar::<f32>()? as f64);
+        stats.insert("ce".into(), out.ce);
         stats.insert("tokens".into(), b.num_targets() as f64);
-        let Some(kd) = &self.kd else { return Ok((ce, stats)) };
-        let t_hidden = kd.teacher.lm.forward_hidden(&b.input_ids, &b.mask, None)?.detach();
-        let t_logits = kd.teacher.lm.logits(&b.gather(&t_hidden)?)?.detach();
-        let v = logits.dim(1)?.min(t_logits.dim(1)?);
-        let d = divergence(&logits.narrow(1, 0, v)?, &t_logits.narrow(1, 0, v)?, &w, kd.divergence)?;
-        stats.insert("kd".into(), d.to_scalar::<f32>()? as f64);
-        let loss = ((ce * (1.0 - kd.ratio))? + (d * kd.ratio)?)?;
-        Ok((loss, stats))
+        if self.kd.is_some() {
+            stats.insert("kd".into(), out.kd);
+        }
+        Ok((out.loss, stats))
     }
 }
 

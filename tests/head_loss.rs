@@ -1,0 +1,163 @@
+//! The fused, chunked LM-head loss against the materialised path (logits, then the loss):
+//! identical values and gradients for cross-entropy alone and with every divergence, at odd
+//! sizes; and its peak memory on a GPT-2-sized vocabulary.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{Device, Tensor, Var};
+use minillm::loss::{head_loss, head_loss_reference, Divergence, TeacherHead};
+
+/// Counts live heap bytes and their high-water mark.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn var(shape: &[usize], seed: u64, std: f32) -> Var {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|i| {
+            let h = (i as u64 + 1)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(seed.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std
+        })
+        .collect();
+    Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) =
+        (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+}
+
+struct Case {
+    rows: usize,
+    width: usize,
+    vocab: usize,
+    teacher_vocab: usize,
+    chunk: usize,
+}
+
+fn check(case: &Case, kind: Option<Divergence>) {
+    let Case { rows, width, vocab, teacher_vocab, chunk } = *case;
+    let h = var(&[rows, width], 1, 2.0);
+    let w = var(&[vocab, width], 2, 1.0);
+    let (th, tw) = (var(&[rows, 5], 3, 2.0), var(&[teacher_vocab, 5], 4, 1.0));
+    let targets: Vec<u32> = (0..rows).map(|r| (r * 7 % vocab) as u32).collect();
+    let weights: Vec<f32> = (0..rows).map(|r| if r % 4 == 3 { 0.0 } else { 0.1 + r as f32 / 10.0 }).collect();
+    let teacher = || kind.map(|kind| TeacherHead { hidden: th.as_tensor(), head: tw.as_tensor(), kind, coef: 0.7 });
+    let what = format!("{rows}×{width}, vocab {vocab}/{teacher_vocab}, chunk {chunk}, {kind:?}");
+    let fused = head_loss(h.as_tensor(), w.as_tensor(), &targets, &weights, 0.3, teacher(), chunk).unwrap();
+    let reference = head_loss_reference(h.as_tensor(), w.as_tensor(), &targets, &weights, 0.3, teacher()).unwrap();
+    let (lf, lr) = (fused.loss.to_scalar::<f32>().unwrap(), reference.loss.to_scalar::<f32>().unwrap());
+    assert!((lf - lr).abs() <= 1e-5 * lr.abs().max(1.0), "{what}: loss {lf} vs {lr}");
+    assert!((fused.ce - reference.ce).abs() <= 1e-5 * reference.ce.abs().max(1.0), "{what}: ce");
+    assert!((fused.kd - reference.kd).abs() <= 1e-5 * reference.kd.abs().max(1.0), "{what}: kd");
+    let (gf, gr) = (fused.loss.backward().unwrap(), reference.loss.backward().unwrap());
+    for (name, v) in [("hidden", &h), ("head", &w)] {
+        let d = max_rel_diff(gf.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap());
+        assert!(d < 2e-5, "{what}: ∂{name} differs by {d}");
+    }
+}
+
+#[test]
+fn fused_head_loss_matches_materialised_path() {
+    let cases = [
+        Case { rows: 1, width: 1, vocab: 1, teacher_vocab: 1, chunk: 1 },
+        Case { rows: 7, width: 3, vocab: 67, teacher_vocab: 67, chunk: 3 },
+        Case { rows: 12, width: 8, vocab: 130, teacher_vocab: 120, chunk: 5 },
+        Case { rows: 9, width: 16, vocab: 70, teacher_vocab: 70, chunk: 128 },
+    ];
+    let kinds = [
+        None,
+        Some(Divergence::ReverseKl),
+        Some(Divergence::ForwardKl),
+        Some(Divergence::SoftCrossEntropy),
+        Some(Divergence::Jsd { beta: 0.3 }),
+        Some(Divergence::SkewReverseKl { lambda: 0.1 }),
+    ];
+    for case in &cases {
+        for kind in kinds {
+            check(case, kind);
+        }
+    }
+}
+
+#[test]
+fn fused_head_loss_refuses_mismatched_shapes() {
+    let h = var(&[4, 8], 1, 1.0);
+    let w = var(&[10, 6], 2, 1.0);
+    let err = head_loss(h.as_tensor(), w.as_tensor(), &[0; 4], &[1.0; 4], 1.0, None, 2).err().unwrap();
+    assert!(err.to_string().contains("LM head has shape"), "{err}");
+    let w = var(&[10, 8], 2, 1.0);
+    let err = head_loss(h.as_tensor(), w.as_tensor(), &[0, 1, 2, 10], &[1.0; 4], 1.0, None, 2).err().unwrap();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+}
+
+/// Peak heap growth of `f` above what was live when it started.
+fn peak_growth(f: impl FnOnce()) -> usize {
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    f();
+    PEAK.load(Ordering::Relaxed) - base
+}
+
+#[test]
+fn fused_head_loss_peak_memory_is_under_a_quarter() {
+    // 512 rows of a 50,257-token vocabulary with a teacher (reverse KL + CE, as the
+    // single-step and PT terms use): the materialised path holds both models' logits and
+    // the logit gradient, 3 × 103 MB.
+    let (rows, width, vocab) = (512, 64, 50_257);
+    let h = var(&[rows, width], 1, 1.0);
+    let w = var(&[vocab, width], 2, 0.1);
+    let (th, tw) = (var(&[rows, width], 3, 1.0), var(&[vocab, width], 4, 0.1));
+    let targets: Vec<u32> = (0..rows).map(|r| (r * 7919 % vocab) as u32).collect();
+    let weights = vec![1.0 / rows as f32; rows];
+    let teacher =
+        || Some(TeacherHead { hidden: th.as_tensor(), head: tw.as_tensor(), kind: Divergence::ReverseKl, coef: 0.5 });
+    let run = |fused: bool| {
+        peak_growth(|| {
+            let l = if fused {
+                head_loss(h.as_tensor(), w.as_tensor(), &targets, &weights, 0.5, teacher(), 32).unwrap()
+            } else {
+                head_loss_reference(h.as_tensor(), w.as_tensor(), &targets, &weights, 0.5, teacher()).unwrap()
+            };
+            let g = l.loss.backward().unwrap();
+            assert!(g.get(w.as_tensor()).is_some());
+        })
+    };
+    let (materialised, fused) = (run(false), run(true));
+    eprintln!("peak heap growth: materialised {} MB, fused {} MB", materialised >> 20, fused >> 20);
+    assert!(materialised > 3 * rows * vocab * 4, "the materialised path should hold three logit tensors");
+    assert!(fused * 4 <= materialised, "fused {fused} bytes vs materialised {materialised}");
+}
