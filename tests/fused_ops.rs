@@ -3,22 +3,14 @@
 //! at odd sizes (one row, length one, widths that are not multiples of the SIMD lanes), with
 //! padded (fully masked) rows in attention.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
 use minillm::model::AttentionMask;
 use minillm::ops::{attention, gelu, layer_norm, softmax};
 
 fn var(shape: &[usize], seed: u64, std: f32) -> Var {
-    let n: usize = shape.iter().product();
-    // A deterministic spread of values without a random-number dependency.
-    let data: Vec<f32> = (0..n)
-        .map(|i| {
-            let h = (i as u64 + 1)
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .wrapping_add(seed.wrapping_mul(0xBF58_476D_1CE4_E5B9));
-            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std
-        })
-        .collect();
-    Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
+    common::spread_var(shape, seed, std)
 }
 
 /// Largest absolute difference, relative to the largest magnitude of `b` (at least 1).

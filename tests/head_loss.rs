@@ -5,7 +5,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use candle_core::{Device, Tensor, Var};
+mod common;
+
+use candle_core::{Tensor, Var};
 use minillm::loss::{head_loss, head_loss_reference, Divergence, TeacherHead};
 
 /// Counts live heap bytes and their high-water mark.
@@ -41,16 +43,7 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn var(shape: &[usize], seed: u64, std: f32) -> Var {
-    let n: usize = shape.iter().product();
-    let data: Vec<f32> = (0..n)
-        .map(|i| {
-            let h = (i as u64 + 1)
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                .wrapping_add(seed.wrapping_mul(0xBF58_476D_1CE4_E5B9));
-            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std
-        })
-        .collect();
-    Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
+    common::spread_var(shape, seed, std)
 }
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -116,3 +116,17 @@ pub fn letters_jsonl(n: usize, seed: u64) -> String {
     }
     out
 }
+
+/// A `Var` of deterministic values spread over `[−std, std]` (no random-number dependency).
+pub fn spread_var(shape: &[usize], seed: u64, std: f32) -> candle_core::Var {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|i| {
+            let h = (i as u64 + 1)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                .wrapping_add(seed.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+            ((h >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * std
+        })
+        .collect();
+    candle_core::Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
+}
