@@ -78,16 +78,12 @@ pub fn head_loss(
     if !cpu {
         return head_loss_reference(hidden, head, targets, weights, ce_coef, teacher);
     }
-    let f32_vec = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?) };
+    // The teacher's tensors are read in place by the op (no copy of its LM head per call).
+    let as_f32 = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
     let teacher = match teacher {
-        Some(t) => Some(Teacher {
-            hidden: f32_vec(t.hidden)?,
-            head: f32_vec(t.head)?,
-            width: t.head.dim(1)?,
-            vocab: t.head.dim(0)?,
-            kind: t.kind,
-            coef: t.coef as f32,
-        }),
+        Some(t) => {
+            Some(Teacher { hidden: as_f32(t.hidden)?, head: as_f32(t.head)?, kind: t.kind, coef: t.coef as f32 })
+        }
         None => None,
     };
     let parts = Arc::new(Mutex::new(Parts::default()));
@@ -130,13 +126,28 @@ pub fn head_loss_reference(
     Ok(HeadLoss { loss, ce: ce_value, kd })
 }
 
+/// The teacher's side as contiguous f32 CPU tensors.
 struct Teacher {
-    hidden: Vec<f32>,
-    head: Vec<f32>,
-    width: usize,
-    vocab: usize,
+    /// `[rows, width]`.
+    hidden: Tensor,
+    /// `[vocab, width]`.
+    head: Tensor,
     kind: Divergence,
     coef: f32,
+}
+
+impl Teacher {
+    fn vocab(&self) -> usize {
+        self.head.dims()[0]
+    }
+}
+
+/// The f32 values of a contiguous CPU tensor, read under its storage lock.
+fn read_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    match storage {
+        candle_core::Storage::Cpu(s) => crate::ops::contiguous_f32(s, layout, "fused-head-loss (teacher)"),
+        _ => candle_core::bail!("fused-head-loss: the teacher's tensors must be on the CPU"),
+    }
 }
 
 /// Loss parts and the gradients the forward pass computed.
@@ -167,7 +178,7 @@ impl FusedHeadLoss {
         let mut kd = 0.0;
         dz.fill(0.0);
         if let (Some(t), Some(zt)) = (&self.teacher, zt) {
-            let v = z.len().min(t.vocab);
+            let v = z.len().min(t.vocab());
             kd = divergence::row(t.kind, &z[..v], &zt[..v], Some(&mut dz[..v]));
             dz[..v].iter_mut().for_each(|g| *g *= t.coef);
         }
@@ -203,7 +214,16 @@ impl CustomOp2 for FusedHeadLoss {
         let vocab = l2.dims()[0];
         let c = self.chunk_rows.min(rows.max(1));
         let (mut z, mut dz) = (vec![0f32; c * vocab], vec![0f32; c * vocab]);
-        let mut zt = self.teacher.as_ref().map(|t| vec![0f32; c * t.vocab]);
+        let mut zt = self.teacher.as_ref().map(|t| vec![0f32; c * t.vocab()]);
+        let teacher_locks = self.teacher.as_ref().map(|t| (t.hidden.storage_and_layout(), t.head.storage_and_layout()));
+        let teacher_views = match &teacher_locks {
+            Some(((hs, hl), (ws, wl))) => {
+                let (th, tw) = (read_f32(hs, hl)?, read_f32(ws, wl)?);
+                let (tv, twidth) = (wl.dims()[0], wl.dims()[1]);
+                Some((th, MatRef { data: tw, offset: 0, shape: (tv, twidth), strides: (twidth, 1) }))
+            }
+            None => None,
+        };
         let (mut dh, mut dw) = (vec![0f32; rows * width], vec![0f32; vocab * width]);
         let head = MatRef { data: w, offset: 0, shape: (vocab, width), strides: (width, 1) };
         let (mut ce, mut kd) = (0f64, 0f64);
@@ -212,13 +232,12 @@ impl CustomOp2 for FusedHeadLoss {
             let n = c.min(rows - start);
             let hc = MatRef { data: h, offset: start * width, shape: (n, width), strides: (width, 1) };
             matmul_parallel(&mut z[..n * vocab], hc, head.t(), false);
-            if let (Some(t), Some(zt)) = (&self.teacher, zt.as_mut()) {
-                let th =
-                    MatRef { data: &t.hidden, offset: start * t.width, shape: (n, t.width), strides: (t.width, 1) };
-                let tw = MatRef { data: &t.head, offset: 0, shape: (t.vocab, t.width), strides: (t.width, 1) };
-                matmul_parallel(&mut zt[..n * t.vocab], th, tw.t(), false);
+            if let (Some((th, tw)), Some(zt)) = (&teacher_views, zt.as_mut()) {
+                let (tv, twidth) = tw.shape;
+                let th = MatRef { data: th, offset: start * twidth, shape: (n, twidth), strides: (twidth, 1) };
+                matmul_parallel(&mut zt[..n * tv], th, tw.t(), false);
             }
-            let tv = self.teacher.as_ref().map_or(1, |t| t.vocab);
+            let tv = self.teacher.as_ref().map_or(1, Teacher::vocab);
             let (c_sum, k_sum) = dz[..n * vocab]
                 .par_chunks_mut(vocab)
                 .zip(z[..n * vocab].par_chunks(vocab))

@@ -56,8 +56,8 @@ impl Linear {
 /// Layer normalisation over the last dimension, with optional affine parameters.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
-    weight: Option<Tensor>,
-    bias: Option<Tensor>,
+    /// Weight and bias, both present or both absent.
+    affine: Option<(Tensor, Tensor)>,
     eps: f64,
 }
 
@@ -65,31 +65,19 @@ impl LayerNorm {
     /// `name.weight` and `name.bias` of size `dim` (both omitted when `affine` is false).
     pub fn new(pb: &mut ParamBuilder, name: &str, dim: usize, eps: f64, affine: bool) -> Result<Self> {
         if !affine {
-            return Ok(Self { weight: None, bias: None, eps });
+            return Ok(Self { affine: None, eps });
         }
-        let weight = Some(pb.get(&format!("{name}.weight"), &[dim], Init::Ones)?);
-        let bias = Some(pb.get(&format!("{name}.bias"), &[dim], Init::Zeros)?);
-        Ok(Self { weight, bias, eps })
+        let weight = pb.get(&format!("{name}.weight"), &[dim], Init::Ones)?;
+        let bias = pb.get(&format!("{name}.bias"), &[dim], Init::Zeros)?;
+        Ok(Self { affine: Some((weight, bias)), eps })
     }
 
     /// Normalises `x` over its last dimension (statistics in f32).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let (Some(w), Some(b)) = (&self.weight, &self.bias) {
-            return Ok(crate::ops::layer_norm(x, w, b, self.eps)?);
-        }
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let mut y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
-        if let Some(w) = &self.weight {
-            y = y.broadcast_mul(w)?;
-        }
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        Ok(y)
+        Ok(match &self.affine {
+            Some((w, b)) => crate::ops::layer_norm(x, w, b, self.eps)?,
+            None => crate::ops::layer_norm::normalize_composite(x, self.eps)?,
+        })
     }
 }
 

@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, fusable};
+use super::{contiguous_f32, fusable};
 
 /// Hyper-parameters of one AdamW update of one parameter.
 #[derive(Clone, Copy, Debug)]
@@ -56,7 +56,7 @@ impl InplaceOp2 for Ema {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
-        let g = contiguous(s2, l2, self.name())?;
+        let g = contiguous_f32(s2, l2, self.name())?;
         let m = contiguous_mut(s1, l1, self.name())?;
         if m.len() != g.len() {
             candle_core::bail!("{}: {} moments for {} gradients", self.name(), m.len(), g.len());
@@ -88,7 +88,7 @@ impl InplaceOp3 for Update {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<()> {
-        let (m, v) = (contiguous(s2, l2, self.name())?, contiguous(s3, l3, self.name())?);
+        let (m, v) = (contiguous_f32(s2, l2, self.name())?, contiguous_f32(s3, l3, self.name())?);
         let p = contiguous_mut(s1, l1, self.name())?;
         if p.len() != m.len() || p.len() != v.len() {
             candle_core::bail!("{}: state does not match the parameter", self.name());

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, MatRef};
-use super::{contiguous, fusable, math};
+use super::{contiguous_f32, fusable, math};
 
 /// Attention of `qkv` `[b, t, 3·heads·d]` (queries, keys, values side by side, each
 /// `heads·d` wide with heads in order) under the additive `bias` `[b, 1, t, t]`, with scores
@@ -79,10 +79,7 @@ impl PackedAttention {
         matmul(p, 0, t, hv.q, hv.k.t(), self.scale, false);
         for (row, bias) in p.chunks_mut(t).zip(bias.chunks(t)) {
             row.iter_mut().zip(bias).for_each(|(s, &b)| *s += b);
-            let max = math::max(row);
-            row.iter_mut().for_each(|s| *s = math::exp(*s - max));
-            let inv = 1.0 / math::sum_map(row, |v| v);
-            row.iter_mut().for_each(|s| *s *= inv);
+            math::softmax_in_place(row);
         }
     }
 }
@@ -99,7 +96,7 @@ impl CustomOp2 for PackedAttention {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (qkv, bias) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?);
+        let (qkv, bias) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         let (b, t, d) = self.dims(l1)?;
         let width = self.heads * d;
         let mut out = vec![0f32; b * t * width];
@@ -150,7 +147,8 @@ impl candle_core::CustomOp3 for PackedAttentionGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (qkv, bias, dout) = (contiguous(s1, l1, name)?, contiguous(s2, l2, name)?, contiguous(s3, l3, name)?);
+        let (qkv, bias, dout) =
+            (contiguous_f32(s1, l1, name)?, contiguous_f32(s2, l2, name)?, contiguous_f32(s3, l3, name)?);
         let (_, t, d) = self.fwd.dims(l1)?;
         let (heads, scale) = (self.fwd.heads, self.fwd.scale);
         let width = heads * d;
@@ -166,8 +164,7 @@ impl candle_core::CustomOp3 for PackedAttentionGrad {
                     // ∂p = ∂out·vᵀ, then ∂s = scale · p ⊙ (∂p − ⟨∂p, p⟩) row by row.
                     matmul(&mut dp, 0, t, dout_h, hv.v.t(), 1.0, false);
                     for (dp, p) in dp.chunks_mut(t).zip(p.chunks(t)) {
-                        let dot = math::dot(dp, p);
-                        dp.iter_mut().zip(p).for_each(|(g, &p)| *g = scale * p * (*g - dot));
+                        math::softmax_backward_in_place(p, dp, scale);
                     }
                     let ds = MatRef { data: &dp, offset: 0, shape: (t, t), strides: (t, 1) };
                     let probs = MatRef { data: &p, offset: 0, shape: (t, t), strides: (t, 1) };

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, fusable, math};
+use super::{contiguous_f32, fusable, math};
 
 /// √(2/π).
 const C: f32 = 0.797_884_6;
@@ -38,7 +38,7 @@ impl CustomOp1 for GeluTanh {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous(s, l, self.name())?;
+        let x = contiguous_f32(s, l, self.name())?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(y, x)| {
             for (y, &x) in y.iter_mut().zip(x) {
@@ -68,7 +68,7 @@ impl CustomOp2 for GeluTanhGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, g) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?);
+        let (x, g) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(4096).zip(x.par_chunks(4096).zip(g.par_chunks(4096))).for_each(|(dx, (x, g))| {
             for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{contiguous, fusable, math, rows_per_task};
+use super::{contiguous_f32, fusable, math, rows_per_task};
 
 /// `(x − mean) / √(var + eps) · w + b` over the last dimension of `x` (statistics in f32),
 /// differentiable in `x`, `w` and `b`.
@@ -17,13 +17,18 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::
 /// The same normalisation as a composition of differentiable candle ops (any device, any
 /// dtype: statistics in f32).
 pub fn layer_norm_composite(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    normalize_composite(x, eps)?.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// `(x − mean) / √(var + eps)` over the last dimension without affine parameters, as
+/// differentiable candle ops (statistics in f32, result in `x`'s dtype).
+pub fn normalize_composite(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(candle_core::DType::F32)?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
-    y.broadcast_mul(w)?.broadcast_add(b)
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
 }
 
 /// Mean and 1/√(var + eps) of one row.
@@ -61,8 +66,11 @@ impl CustomOp3 for LayerNorm {
         lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let h = check(l, lw, lb)?;
-        let (x, w, b) =
-            (contiguous(s, l, self.name())?, contiguous(sw, lw, self.name())?, contiguous(sb, lb, self.name())?);
+        let (x, w, b) = (
+            contiguous_f32(s, l, self.name())?,
+            contiguous_f32(sw, lw, self.name())?,
+            contiguous_f32(sb, lb, self.name())?,
+        );
         let mut y = vec![0f32; x.len()];
         let block = rows_per_task(h) * h;
         y.par_chunks_mut(block).zip(x.par_chunks(block)).for_each(|(y, x)| {
@@ -115,8 +123,11 @@ impl CustomOp3 for LayerNormGrad {
         lg: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let h = check(l, lw, lw)?;
-        let (x, w, g) =
-            (contiguous(s, l, self.name())?, contiguous(sw, lw, self.name())?, contiguous(sg, lg, self.name())?);
+        let (x, w, g) = (
+            contiguous_f32(s, l, self.name())?,
+            contiguous_f32(sw, lw, self.name())?,
+            contiguous_f32(sg, lg, self.name())?,
+        );
         let rows = x.len() / h.max(1);
         let mut out = vec![0f32; (rows + 2) * h];
         let (dx, dwb) = out.split_at_mut(rows * h);

@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul_parallel, MatRef};
-use super::{contiguous, fusable, rows_per_task};
+use super::{contiguous_f32, fusable, rows_per_task};
 
 /// How a weight matrix is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,7 +89,7 @@ impl candle_core::CustomOp2 for Matmul {
         sw: &CpuStorage,
         lw: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = (contiguous(sx, lx, self.name())?, contiguous(sw, lw, self.name())?);
+        let (x, w) = (contiguous_f32(sx, lx, self.name())?, contiguous_f32(sw, lw, self.name())?);
         let (rows, din) = lx.shape().dims2()?;
         let dout = w.len() / din.max(1);
         let mut y = vec![0f32; rows * dout];
@@ -105,11 +105,7 @@ impl candle_core::CustomOp2 for Matmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (rows, din) = x.dims2()?;
-        let grad_op = LinearGrad { fwd: Linear { layout: self.layout }, bias: false };
-        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &grad_op)?;
-        let dx = all.narrow(0, 0, rows * din)?.reshape((rows, din))?;
-        let dw = all.narrow(0, rows * din, w.elem_count())?.reshape(w.shape())?;
+        let (dx, dw, _) = linear_grads(x, w, grad, self.layout, false)?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -138,8 +134,11 @@ impl CustomOp3 for Linear {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, b) =
-            (contiguous(sx, lx, self.name())?, contiguous(sw, lw, self.name())?, contiguous(sb, lb, self.name())?);
+        let (x, w, b) = (
+            contiguous_f32(sx, lx, self.name())?,
+            contiguous_f32(sw, lw, self.name())?,
+            contiguous_f32(sb, lb, self.name())?,
+        );
         let (rows, din) = lx.shape().dims2()?;
         let dout = b.len();
         let mut y = vec![0f32; rows * dout];
@@ -154,19 +153,31 @@ impl CustomOp3 for Linear {
         &self,
         x: &Tensor,
         w: &Tensor,
-        b: &Tensor,
+        _b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (rows, din) = x.dims2()?;
-        let dout = b.dim(0)?;
-        let grad_op = LinearGrad { fwd: Linear { layout: self.layout }, bias: true };
-        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &grad_op)?;
-        let dx = all.narrow(0, 0, rows * din)?.reshape((rows, din))?;
-        let dw = all.narrow(0, rows * din, din * dout)?.reshape(w.shape())?;
-        let db = all.narrow(0, rows * din + din * dout, dout)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        let (dx, dw, db) = linear_grads(x, w, grad, self.layout, true)?;
+        Ok((Some(dx), Some(dw), db))
     }
+}
+
+/// `∂x`, `∂W` and (with `bias`) `∂b` of `x·W (+ b)` from the output gradient `grad`, by one
+/// [`LinearGrad`] pass.
+fn linear_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    layout: WeightLayout,
+    bias: bool,
+) -> candle_core::Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (rows, din) = x.dims2()?;
+    let dout = grad.dim(1)?;
+    let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LinearGrad { fwd: Linear { layout }, bias })?;
+    let dx = all.narrow(0, 0, rows * din)?.reshape((rows, din))?;
+    let dw = all.narrow(0, rows * din, din * dout)?.reshape(w.shape())?;
+    let db = if bias { Some(all.narrow(0, rows * din + din * dout, dout)?) } else { None };
+    Ok((dx, dw, db))
 }
 
 /// `∂x | ∂W | ∂b` of [`Linear`], flattened one after the other (`∂W` in the weight's layout;
@@ -190,8 +201,11 @@ impl CustomOp3 for LinearGrad {
         sg: &CpuStorage,
         lg: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, g) =
-            (contiguous(sx, lx, self.name())?, contiguous(sw, lw, self.name())?, contiguous(sg, lg, self.name())?);
+        let (x, w, g) = (
+            contiguous_f32(sx, lx, self.name())?,
+            contiguous_f32(sw, lw, self.name())?,
+            contiguous_f32(sg, lg, self.name())?,
+        );
         let (rows, din) = lx.shape().dims2()?;
         let dout = lg.shape().dims2()?.1;
         let mut out = vec![0f32; rows * din + din * dout + dout];

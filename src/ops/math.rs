@@ -97,6 +97,23 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     tail + lanes.iter().sum::<f32>()
 }
 
+/// Replaces `x` by `softmax(x)`.
+#[inline(always)]
+pub fn softmax_in_place(x: &mut [f32]) {
+    let m = max(x);
+    x.iter_mut().for_each(|v| *v = exp(*v - m));
+    let inv = 1.0 / sum_map(x, |v| v);
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Replaces `g`, the gradient with respect to a softmax output `p = softmax(scale · s)`, by the
+/// gradient with respect to `s`: `scale · p ⊙ (g − ⟨p, g⟩)`.
+#[inline(always)]
+pub fn softmax_backward_in_place(p: &[f32], g: &mut [f32], scale: f32) {
+    let d = dot(p, g);
+    g.iter_mut().zip(p).for_each(|(g, &p)| *g = scale * p * (*g - d));
+}
+
 #[inline(always)]
 fn add_into_lanes(lanes: &mut [f32; LANES], buf: &[f32; BLOCK]) {
     for j in 0..BLOCK / LANES {

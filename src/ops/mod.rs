@@ -23,8 +23,6 @@ pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_no_bias, WeightLayout};
 pub use softmax::masked_softmax;
 
-use contiguous_f32 as contiguous;
-
 /// Whether `t` can take a fused CPU kernel (f32 on the CPU).
 fn fusable(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32

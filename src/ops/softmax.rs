@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{contiguous, fusable, math, rows_per_task};
+use super::{contiguous_f32, fusable, math, rows_per_task};
 
 /// `softmax(scale · scores + bias)` for `scores` `[b, heads, t, s]` and `bias` `[b, 1, t, s]`,
 /// differentiable in `scores`.
@@ -40,7 +40,7 @@ impl CustomOp2 for MaskedSoftmax {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, bias) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?);
+        let (x, bias) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         let &[_, heads, t, s] = l1.dims() else { candle_core::bail!("{}: scores must be 4-d", self.name()) };
         let mut p = vec![0f32; x.len()];
         let per_task = rows_per_task(s);
@@ -53,10 +53,7 @@ impl CustomOp2 for MaskedSoftmax {
                 for ((p, &x), &b) in p.iter_mut().zip(x).zip(bias) {
                     *p = x * self.scale + b;
                 }
-                let max = math::max(p);
-                p.iter_mut().for_each(|p| *p = math::exp(*p - max));
-                let inv = 1.0 / math::sum_map(p, |v| v);
-                p.iter_mut().for_each(|p| *p *= inv);
+                math::softmax_in_place(p);
             }
         });
         Ok((CpuStorage::F32(p), l1.shape().clone()))
@@ -91,16 +88,13 @@ impl CustomOp2 for MaskedSoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (p, g) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?);
+        let (p, g) = (contiguous_f32(s1, l1, self.name())?, contiguous_f32(s2, l2, self.name())?);
         let s = *l1.dims().last().unwrap_or(&1);
-        let mut ds = vec![0f32; p.len()];
+        let mut ds = g.to_vec();
         let block = rows_per_task(s) * s;
-        ds.par_chunks_mut(block).zip(p.par_chunks(block).zip(g.par_chunks(block))).for_each(|(ds, (p, g))| {
-            for ((ds, p), g) in ds.chunks_mut(s).zip(p.chunks(s)).zip(g.chunks(s)) {
-                let dot = math::dot(p, g);
-                for ((d, &p), &g) in ds.iter_mut().zip(p).zip(g) {
-                    *d = self.scale * p * (g - dot);
-                }
+        ds.par_chunks_mut(block).zip(p.par_chunks(block)).for_each(|(ds, p)| {
+            for (ds, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                math::softmax_backward_in_place(p, ds, self.scale);
             }
         });
         Ok((CpuStorage::F32(ds), l1.shape().clone()))

@@ -13,13 +13,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::data_order::DataOrder;
+use super::supervised::batch_head_loss;
 use super::trainer::{Stats, Task, TaskState};
 use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
 use crate::eval::validate::{mean_rouge_l, response_text};
-use crate::loss::head::DEFAULT_CHUNK_ROWS;
 use crate::loss::policy::{advantages, k3_estimate, pg_loss, rewards, PolicyConfig};
-use crate::loss::{cross_entropy, divergence, head_loss, Divergence, TeacherHead};
+use crate::loss::{cross_entropy, divergence, Divergence};
 use crate::model::{AttentionMask, Model};
 use crate::sample::{generate_mixed, mix_log_prob, row_rngs, MixedSampling, PaddedBatch};
 
@@ -284,21 +284,10 @@ impl DistillTask {
     /// The pre-training term of one micro-batch: `(1 − r)·CE + r·H(p, q)`, token-averaged over
     /// the window.
     fn pt_loss(&self, student: &Model, b: &LmBatch) -> Result<(Tensor, Stats)> {
-        let hidden = b.gather(&student.lm.forward_hidden(&b.input_ids, &b.mask, None)?)?;
         let w = vec![1.0 / self.window_pt_tokens.max(1) as f32; b.num_targets()];
         let r = self.cfg.pt_kd_ratio;
-        let t_hidden = match r {
-            0.0 => None,
-            _ => Some(b.gather(&self.teacher.lm.forward_hidden(&b.input_ids, &b.mask, None)?.detach())?),
-        };
-        let teacher = t_hidden.as_ref().map(|h| TeacherHead {
-            hidden: h,
-            head: self.teacher.lm.lm_head_weight(),
-            kind: Divergence::SoftCrossEntropy,
-            coef: r,
-        });
-        let out =
-            head_loss(&hidden, student.lm.lm_head_weight(), &b.targets, &w, 1.0 - r, teacher, DEFAULT_CHUNK_ROWS)?;
+        let teacher = (r != 0.0).then_some((&self.teacher, Divergence::SoftCrossEntropy, r));
+        let out = batch_head_loss(student, teacher, b, &w)?;
         let mut stats = Stats::from([("pt_lm".to_string(), out.ce)]);
         if r != 0.0 {
             stats.insert("pt_kd".into(), out.kd);

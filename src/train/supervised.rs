@@ -11,7 +11,7 @@ use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
 use crate::eval::validate::sampled_rouge_l;
 use crate::loss::head::DEFAULT_CHUNK_ROWS;
-use crate::loss::{head_loss, Divergence, TeacherHead};
+use crate::loss::{head_loss, Divergence, HeadLoss, TeacherHead};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
@@ -75,24 +75,10 @@ impl SupervisedTask {
         self
     }
 
-    /// `(1 − r)·CE + r·D` (or CE alone), each summed with `weight` per target token, through
-    /// the fused LM-head loss (no `[tokens × vocab]` logits).
+    /// `(1 − r)·CE + r·D` (or CE alone), each summed with `weight` per target token.
     fn loss(&self, student: &Model, b: &LmBatch, weight: f32) -> Result<(Tensor, Stats)> {
-        let hidden = b.gather(&student.lm.forward_hidden(&b.input_ids, &b.mask, None)?)?;
-        let w = vec![weight; b.num_targets()];
-        let t_hidden = match &self.kd {
-            Some(kd) => Some(b.gather(&kd.teacher.lm.forward_hidden(&b.input_ids, &b.mask, None)?.detach())?),
-            None => None,
-        };
-        let teacher = self.kd.as_ref().zip(t_hidden.as_ref()).map(|(kd, h)| TeacherHead {
-            hidden: h,
-            head: kd.teacher.lm.lm_head_weight(),
-            kind: kd.divergence,
-            coef: kd.ratio,
-        });
-        let ce_coef = self.kd.as_ref().map_or(1.0, |kd| 1.0 - kd.ratio);
-        let out =
-            head_loss(&hidden, student.lm.lm_head_weight(), &b.targets, &w, ce_coef, teacher, DEFAULT_CHUNK_ROWS)?;
+        let teacher = self.kd.as_ref().map(|kd| (&kd.teacher, kd.divergence, kd.ratio));
+        let out = batch_head_loss(student, teacher, b, &vec![weight; b.num_targets()])?;
         let mut stats = Stats::new();
         stats.insert("ce".into(), out.ce);
         stats.insert("tokens".into(), b.num_targets() as f64);
@@ -101,6 +87,30 @@ impl SupervisedTask {
         }
         Ok((out.loss, stats))
     }
+}
+
+/// `(1 − r)·CE + r·D(teacher, student)` at `b`'s target positions (CE alone without a
+/// teacher), each weighted by `weights` per target token, through the fused LM-head loss: no
+/// `[tokens × vocab]` logits. The teacher is given with its divergence and `r`.
+pub(crate) fn batch_head_loss(
+    student: &Model,
+    teacher: Option<(&Model, Divergence, f64)>,
+    b: &LmBatch,
+    weights: &[f32],
+) -> Result<HeadLoss> {
+    let hidden = b.gather(&student.lm.forward_hidden(&b.input_ids, &b.mask, None)?)?;
+    let t_hidden = match teacher {
+        Some((t, _, _)) => Some(b.gather(&t.lm.forward_hidden(&b.input_ids, &b.mask, None)?.detach())?),
+        None => None,
+    };
+    let head = teacher.zip(t_hidden.as_ref()).map(|((t, kind, coef), hidden)| TeacherHead {
+        hidden,
+        head: t.lm.lm_head_weight(),
+        kind,
+        coef,
+    });
+    let ce_coef = 1.0 - teacher.map_or(0.0, |(_, _, r)| r);
+    head_loss(&hidden, student.lm.lm_head_weight(), &b.targets, weights, ce_coef, head, DEFAULT_CHUNK_ROWS)
 }
 
 impl Task for SupervisedTask {
