@@ -1,25 +1,32 @@
-//! One SFT step and one full MiniLLM iteration on small models, the same work as
-//! `scripts/bench_reference.py` does in PyTorch (see BENCHMARKS.md).
+//! The speed targets' work on small models, the same work as `scripts/bench_reference.py`
+//! does in PyTorch (see BENCHMARKS.md).
 //!
-//! SFT step: GPT-2 (2 layers, width 128, 4 heads, vocabulary 8192), batch 8 × 128 tokens,
-//! forward + backward + AdamW. Distill iteration: student as above, teacher GPT-2 (4 layers,
-//! width 256); 32 teacher-mixed rollouts of 32 new tokens from 32-token prompts, then 4 inner
-//! epochs of minibatches of 8 (16 updates) with the PG, single-step and PT (8 × 128) terms.
+//! SFT step: GPT-2 (4 layers, width 256, 4 heads, vocabulary 8192), batch 8 × 128 tokens,
+//! forward + backward + AdamW. Distill iteration: student GPT-2 (2 layers, width 128), teacher
+//! GPT-2 (4 layers, width 256); 256 teacher-mixed rollouts of 32 new tokens from 32-token
+//! prompts, then 4 inner epochs of minibatches of 8 (128 updates) with the PG, single-step and
+//! PT (8 × 128) terms. Decoding: the same two models sampling 32 rows × 128 new tokens.
+//! Matmul: the SFT step's shapes, for the machine's matmul rate.
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use minillm::data::batch::LmBatch;
-use minillm::loss::head::{head_loss, DEFAULT_CHUNK_ROWS};
+use minillm::loss::{head_loss, TargetTerm};
 use minillm::model::Model;
+use minillm::sample::{generate_mixed, row_rngs, MixedSampling};
 use minillm::train::minillm::{DistillConfig, DistillData, DistillTask};
 use minillm::train::optim::{collect_grads, AdamW, AdamWConfig};
 use minillm::train::trainer::Task;
 use rand::{Rng, SeedableRng};
+use std::time::Duration;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const VOCAB: usize = 8192;
+
+/// Rollouts per MiniLLM iteration (the released default).
+const ROLLOUTS: usize = 256;
 
 fn gpt2(layers: usize, width: usize, seed: u64) -> Model {
     let cfg = serde_json::json!({"model_type": "gpt2", "vocab_size": VOCAB, "n_positions": 512, "n_embd": width,
@@ -52,7 +59,8 @@ fn sft_step(c: &mut Criterion) {
             // As the trainer does it: the LM head and cross-entropy fused, chunked.
             let hidden = batch.gather(&model.lm.forward_hidden(&batch.input_ids, &batch.mask, None).unwrap()).unwrap();
             let head = model.lm.lm_head_weight();
-            let loss = head_loss(&hidden, head, &batch.targets, &w, 1.0, None, DEFAULT_CHUNK_ROWS).unwrap().loss;
+            let ce = TargetTerm::CrossEntropy { weights: &w, coef: 1.0 };
+            let loss = head_loss(&hidden, head, &batch.targets, ce, None, None).unwrap().loss;
             update(&model, &mut opt, &loss);
         })
     });
@@ -63,7 +71,7 @@ fn distill_iteration(c: &mut Criterion) {
     minillm::runtime::configure();
     let student = gpt2(2, 128, 3);
     let cfg = DistillConfig {
-        num_rollouts: 32,
+        num_rollouts: ROLLOUTS,
         rollout_batch: 32,
         inner_epochs: 4,
         max_new_tokens: 32,
@@ -71,19 +79,49 @@ fn distill_iteration(c: &mut Criterion) {
         valid_rollouts: 0,
         ..DistillConfig::default()
     };
-    let data = DistillData { prompts: random_ids(64, 32, 4), valid: Vec::new(), corpus: random_ids(64, 128, 5) };
+    let data = DistillData { prompts: random_ids(512, 32, 4), valid: Vec::new(), corpus: random_ids(512, 128, 5) };
     let mut task = DistillTask::new(cfg, gpt2(4, 256, 6), data, vec![0], 0, Device::Cpu, 8, 1, 7).unwrap();
     let mut opt = AdamW::new(student.lm.params().iter(), AdamWConfig::default()).unwrap();
+    let updates = ROLLOUTS / 8 * 4;
     let mut group = c.benchmark_group("distill");
-    group.sample_size(10);
-    group.bench_function("iteration 32 rollouts x 32 tokens, 4 inner epochs (16 updates)", |b| {
+    group.sample_size(10).measurement_time(Duration::from_secs(150));
+    group.bench_function(
+        format!("iteration {ROLLOUTS} rollouts x 32 tokens, 4 inner epochs ({updates} updates)"),
+        |b| {
+            b.iter(|| {
+                // The first step collects the buffer; all of them update on it.
+                for step in 0..updates {
+                    let norm = task.begin_step(&student, step).unwrap();
+                    let (loss, _) = task.micro_loss(&student, 0, norm).unwrap();
+                    update(&student, &mut opt, &loss);
+                }
+            })
+        },
+    );
+    group.finish();
+}
+
+/// Teacher-mixed sampling as the rollouts run it: student and teacher decode 32 rows in
+/// lockstep from 32-token prompts, 128 new tokens (no EOS stop, so both sides do the same
+/// work), the teacher's final hidden states kept.
+fn mixed_decoding(c: &mut Criterion) {
+    minillm::runtime::configure();
+    let (student, teacher) = (gpt2(2, 128, 3), gpt2(4, 256, 6));
+    let prompts = random_ids(32, 32, 4);
+    let cfg = MixedSampling {
+        alpha: 0.2,
+        max_new_tokens: 128,
+        max_length: None,
+        keep_teacher_hidden: true,
+        record_forward_kl: false,
+    };
+    let mut group = c.benchmark_group("decode");
+    group.sample_size(10).throughput(criterion::Throughput::Elements(32 * 128));
+    group.bench_function("teacher-mixed b32 x 128 new tokens", |b| {
         b.iter(|| {
-            // Steps 0..16: the first collects the buffer, all 16 update on it.
-            for step in 0..16 {
-                let norm = task.begin_step(&student, step).unwrap();
-                let (loss, _) = task.micro_loss(&student, 0, norm).unwrap();
-                update(&student, &mut opt, &loss);
-            }
+            let mut rngs = row_rngs(1, 0..32);
+            let r = generate_mixed(student.lm.as_ref(), teacher.lm.as_ref(), &prompts, &[], 0, &cfg, &mut rngs);
+            assert_eq!(r.unwrap().logq[0].len(), 128);
         })
     });
     group.finish();
@@ -106,5 +144,5 @@ fn matmul(c: &mut Criterion) {
 const MATMUL_SHAPES: [(usize, usize, usize); 4] =
     [(1024, 256, 8192), (1024, 256, 1024), (1024, 1024, 256), (1024, 256, 768)];
 
-criterion_group!(benches, sft_step, distill_iteration, matmul);
+criterion_group!(benches, sft_step, distill_iteration, mixed_decoding, matmul);
 criterion_main!(benches);

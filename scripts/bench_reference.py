@@ -4,12 +4,15 @@
     python scripts/bench_reference.py [--threads 2]
 
 SFT step: GPT-2 (4 layers, width 256, 4 heads, vocab 8192), batch 8 x 128, forward + backward +
-AdamW. Matmul: the step's shapes (tokens x width x out), for the machine's matmul rate. Distill iteration: the same student, teacher GPT-2 (4 layers, width 256); 32 teacher-mixed
-rollouts of 32 new tokens from 32-token prompts (both models with KV caches, mixing
-probabilities, teacher final hidden states kept), then 4 inner epochs of minibatches of 8 (16
-updates) with the clipped PG term (released returns/whitening), the single-step reverse KL
-from the kept teacher states, and the PT term (0.5 CE + 0.5 teacher soft CE on 8 x 128 chunks).
-Written to be as fast as plain PyTorch eager allows (no_grad where possible, sdpa attention).
+AdamW. Matmul: the step's shapes (tokens x width x out), for the machine's matmul rate.
+Mixed decoding: student GPT-2 (2 layers, width 128) and teacher GPT-2 (4 layers, width 256)
+sampling 32 rows x 128 new tokens from 32-token prompts in lockstep (both with KV caches,
+mixing probabilities, teacher final hidden states kept). Distill iteration: the same models;
+256 teacher-mixed rollouts of 32 new tokens (8 batches of 32), then 4 inner epochs of
+minibatches of 8 (128 updates) with the clipped PG term (released returns/whitening), the
+single-step reverse KL from the kept teacher states, and the PT term (0.5 CE + 0.5 teacher
+soft CE on 8 x 128 chunks). Written to be as fast as plain PyTorch eager allows (no_grad where
+possible, sdpa attention, no pure-student generation, the teacher run once per rollout).
 """
 import argparse
 import statistics
@@ -70,41 +73,59 @@ def whiten(x):
     return (x - mean) * torch.rsqrt(var + 1e-8)
 
 
+@torch.no_grad()
+def mixed_rollouts(student, teacher, prompts, new_tokens, alpha, g):
+    """Teacher-mixed sampling: both models decode in lockstep with their caches; returns the
+    tokens, log q and log p of each, and the teacher's final hidden state at each position."""
+    s_out = student(input_ids=prompts, use_cache=True)
+    t_out = teacher(input_ids=prompts, use_cache=True, output_hidden_states=True)
+    s_past, t_past = s_out.past_key_values, t_out.past_key_values
+    s_logits, t_logits, t_h = s_out.logits[:, -1], t_out.logits[:, -1], t_out.hidden_states[-1][:, -1]
+    toks, lqs, lps, hs = [], [], [], []
+    for _ in range(new_tokens):
+        lq, lp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
+        mix = (1 - alpha) * lq.exp() + alpha * lp.exp()
+        y = torch.multinomial(mix, 1, generator=g)
+        toks.append(y[:, 0]); lqs.append(lq.gather(1, y)[:, 0]); lps.append(lp.gather(1, y)[:, 0]); hs.append(t_h)
+        s_out = student(input_ids=y, past_key_values=s_past, use_cache=True)
+        t_out = teacher(input_ids=y, past_key_values=t_past, use_cache=True, output_hidden_states=True)
+        s_past, t_past = s_out.past_key_values, t_out.past_key_values
+        s_logits, t_logits, t_h = s_out.logits[:, -1], t_out.logits[:, -1], t_out.hidden_states[-1][:, -1]
+    return torch.stack(toks, 1), torch.stack(lqs, 1), torch.stack(lps, 1), torch.stack(hs, 1)
+
+
+def mixed_decoding_bench():
+    student, teacher = gpt2(2, 128, 3).eval(), gpt2(4, 256, 6).eval()
+    g = torch.Generator().manual_seed(4)
+    prompts = torch.randint(1, V, (32, 32), generator=g)
+    return timed(lambda: mixed_rollouts(student, teacher, prompts, 128, 0.2, g), 1, 5)
+
+
+ROLLOUTS, ROLLOUT_BATCH, MINIBATCH = 256, 32, 8
+
+
 def distill_iteration_bench():
     student, teacher = gpt2(2, 128, 3).train(), gpt2(4, 256, 6).eval()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-6)
     g = torch.Generator().manual_seed(4)
-    prompts = torch.randint(1, V, (32, 32), generator=g)
-    corpus = torch.randint(1, V, (64, 128), generator=g)
+    prompts = torch.randint(1, V, (512, 32), generator=g)
+    corpus = torch.randint(1, V, (512, 128), generator=g)
     alpha, gamma, eps_clip = 0.2, 0.95, 0.2
 
     def iteration():
-        # Rollouts: both models decode in lockstep with their caches.
         with torch.no_grad():
-            s_out = student(input_ids=prompts, use_cache=True)
-            t_out = teacher(input_ids=prompts, use_cache=True, output_hidden_states=True)
-            s_past, t_past = s_out.past_key_values, t_out.past_key_values
-            s_logits, t_logits, t_h = s_out.logits[:, -1], t_out.logits[:, -1], t_out.hidden_states[-1][:, -1]
-            toks, lqs, lps, hs = [], [], [], []
-            for _ in range(32):
-                lq, lp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
-                mix = (1 - alpha) * lq.exp() + alpha * lp.exp()
-                y = torch.multinomial(mix, 1)
-                toks.append(y[:, 0]); lqs.append(lq.gather(1, y)[:, 0]); lps.append(lp.gather(1, y)[:, 0]); hs.append(t_h)
-                s_out = student(input_ids=y, past_key_values=s_past, use_cache=True)
-                t_out = teacher(input_ids=y, past_key_values=t_past, use_cache=True, output_hidden_states=True)
-                s_past, t_past = s_out.past_key_values, t_out.past_key_values
-                s_logits, t_logits, t_h = s_out.logits[:, -1], t_out.logits[:, -1], t_out.hidden_states[-1][:, -1]
-            resp, logq_old, logp = torch.stack(toks, 1), torch.stack(lqs, 1), torch.stack(lps, 1)
-            t_hidden = torch.stack(hs, 1)
+            batch = prompts[torch.randperm(512, generator=g)[:ROLLOUTS]]
+            parts = [mixed_rollouts(student, teacher, batch[i:i + ROLLOUT_BATCH], 32, alpha, g)
+                     for i in range(0, ROLLOUTS, ROLLOUT_BATCH)]
+            resp, logq_old, logp, t_hidden = (torch.cat(x) for x in zip(*parts))
             mix_lp = torch.log((1 - alpha) * logq_old.exp() + alpha * logp.exp())
             w = torch.exp(logq_old - mix_lp)
             rewards = torch.clip((logp - logq_old) / 0.5, -100, 100)
-        full = torch.cat([prompts, resp], 1)
+        full = torch.cat([batch, resp], 1)
         for epoch in range(4):
-            perm = torch.randperm(32, generator=g)
-            for k in range(4):
-                idx = perm[k * 8:(k + 1) * 8]
+            perm = torch.randperm(ROLLOUTS, generator=g)
+            for k in range(ROLLOUTS // MINIBATCH):
+                idx = perm[k * MINIBATCH:(k + 1) * MINIBATCH]
                 logits = student(input_ids=full[idx]).logits[:, 31:63]
                 lq_all = F.log_softmax(logits, -1)
                 lq = lq_all.gather(2, resp[idx, :, None])[..., 0]
@@ -118,7 +139,7 @@ def distill_iteration_bench():
                 with torch.no_grad():
                     tl = F.log_softmax(teacher.lm_head(t_hidden[idx]), -1)
                 single = (lq_all.exp() * (lq_all - tl)).sum(-1).mean()
-                chunk = corpus[torch.randint(0, 64, (8,), generator=g)]
+                chunk = corpus[torch.randint(0, 512, (MINIBATCH,), generator=g)]
                 pl = student(input_ids=chunk).logits[:, :-1]
                 with torch.no_grad():
                     tp = F.softmax(teacher(input_ids=chunk).logits[:, :-1], -1)
@@ -142,4 +163,7 @@ if __name__ == "__main__":
     for shape, rate in matmul_bench().items():
         print(f"matmul {shape}: {rate:.0f} GFLOP/s")
     print(f"sft_step: {sft_step_bench() * 1e3:.1f} ms (median of 10)")
-    print(f"distill_iteration: {distill_iteration_bench() * 1e3:.0f} ms (median of 3)")
+    t = mixed_decoding_bench()
+    print(f"mixed_decoding b32 x 128: {t * 1e3:.0f} ms = {32 * 128 / t:.0f} tokens/s (median of 5)")
+    print(f"distill_iteration ({ROLLOUTS} rollouts, {ROLLOUTS // MINIBATCH * 4} updates): "
+          f"{distill_iteration_bench():.2f} s (median of 3)")

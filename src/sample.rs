@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::model::{AttentionMask, CausalLm, KvCache};
+use crate::ops::math;
 
 /// Settings of plain (single-model) generation.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -318,21 +319,32 @@ pub fn generate_mixed(
         bail!("{} random streams for {} prompts", rngs.len(), prompts.len());
     }
     let vocab = student.info().vocab_size.min(teacher.info().vocab_size);
-    let (mut q, mut p) = (Vec::new(), Vec::new());
+    let mut mixed = Vec::with_capacity(vocab);
     let models: [&dyn CausalLm; 2] = [student, teacher];
     let keep = cfg.keep_teacher_hidden.then_some(1);
     let mut forward_kl = vec![Vec::new(); if cfg.record_forward_kl { prompts.len() } else { 0 }];
     let Decoded { generation, logq, logp, hidden } =
         decode(&models, prompts, eos, pad, cfg.max_new_tokens, cfg.max_length, keep, |row, logits, _| {
-            log_softmax_into(&logits[0][..vocab], &mut q);
-            log_softmax_into(&logits[1][..vocab], &mut p);
+            let (zq, zp) = (&logits[0][..vocab], &logits[1][..vocab]);
+            let (lse_q, lse_p) = (math::logsumexp(zq), math::logsumexp(zp));
             if cfg.record_forward_kl {
-                let kl: f64 = q.iter().zip(&p).map(|(&lq, &lp)| (lp as f64).exp() * (lp as f64 - lq as f64)).sum();
+                let kl: f64 = zq
+                    .iter()
+                    .zip(zp)
+                    .map(|(&a, &b)| {
+                        let (lq, lp) = ((a - lse_q) as f64, (b - lse_p) as f64);
+                        lp.exp() * (lp - lq)
+                    })
+                    .sum();
                 forward_kl[row].push(kl as f32);
             }
-            let mixed: Vec<f32> = q.iter().zip(&p).map(|(&lq, &lp)| mix_log_prob(lq, lp, alpha)).collect();
-            let token = sample_from_logits(&mixed, rngs[row].random()) as usize;
-            Ok(Choice { token: token as u32, logq: q[token], logp: p[token] })
+            // The mixture's probabilities themselves (they sum to one): no log-space round trip.
+            mixed.clear();
+            mixed.extend(
+                zq.iter().zip(zp).map(|(&a, &b)| (1.0 - alpha) * math::exp(a - lse_q) + alpha * math::exp(b - lse_p)),
+            );
+            let token = sample_from_weights(&mixed, rngs[row].random()) as usize;
+            Ok(Choice { token: token as u32, logq: zq[token] - lse_q, logp: zp[token] - lse_p })
         })?;
     let teacher_hidden = if hidden.is_empty() { None } else { Some(Tensor::stack(&hidden, 1)?) };
     Ok(MixedRollout { generation, logq, logp, teacher_hidden, forward_kl })
@@ -428,17 +440,23 @@ pub fn top_p_filter(logits: &mut [f32], p: f32) {
 
 /// Draws an index from `softmax(logits)` with the uniform number `u` in [0, 1).
 pub fn sample_from_logits(logits: &[f32], u: f64) -> u32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let weights: Vec<f64> = logits.iter().map(|l| ((l - max) as f64).exp()).collect();
-    let total: f64 = weights.iter().sum();
+    let max = math::max(logits);
+    let weights: Vec<f32> = logits.iter().map(|&l| math::exp(l - max)).collect();
+    sample_from_weights(&weights, u)
+}
+
+/// Draws an index with probability proportional to the non-negative `weights`, with the
+/// uniform number `u` in [0, 1) (inverse CDF, accumulated in f64; never a zero-weight index).
+pub fn sample_from_weights(weights: &[f32], u: f64) -> u32 {
+    let total: f64 = weights.iter().map(|&w| w as f64).sum();
     let target = u * total;
     let mut acc = 0.0;
     let mut last_valid = 0;
-    for (i, w) in weights.iter().enumerate() {
-        if *w > 0.0 {
+    for (i, &w) in weights.iter().enumerate() {
+        if w > 0.0 {
             last_valid = i;
         }
-        acc += w;
+        acc += w as f64;
         if target < acc {
             return i as u32;
         }

@@ -83,6 +83,36 @@ fn packed_attention_matches_composite() {
     }
 }
 
+/// The decoding kernel against the composition, on the layouts decoding gives it: queries
+/// as a transposed view, keys and values as the filled part of a larger cache buffer,
+/// grouped-query heads, a prefill (t > 1 with padded rows) and single steps.
+#[test]
+fn inference_attention_matches_composite() {
+    for (b, heads, kv_heads, t, s, d) in
+        [(1, 1, 1, 1, 1, 1), (2, 4, 4, 1, 9, 8), (3, 6, 2, 5, 5, 7), (2, 4, 1, 1, 33, 16)]
+    {
+        // q: [b, t, heads, d] transposed to [b, heads, t, d] without a copy.
+        let q = var(&[b, t, heads, d], 8, 2.0).as_tensor().transpose(1, 2).unwrap();
+        // k, v: the first s positions of a cache with room for s + 3.
+        let cache = |seed| var(&[b, kv_heads, s + 3, d], seed, 2.0).as_tensor().narrow(2, 0, s).unwrap();
+        let (k, v) = (cache(9), cache(10));
+        assert!(t == 1 || heads == 1 || !q.is_contiguous());
+        assert!(b * kv_heads == 1 || !k.is_contiguous());
+        let bias =
+            if t == s { padded_bias(b, t) } else { Tensor::zeros((b, 1, t, s), DType::F32, &Device::Cpu).unwrap() };
+        let fused = minillm::ops::attention_inference(&q, &k, &v, &bias, 0.3).unwrap();
+        let composite = minillm::model::layers::attention(&q, &k, &v, &bias, 0.3).unwrap();
+        let what = format!("inference attention b{b} h{heads}/{kv_heads} t{t} s{s} d{d}");
+        assert!(rel_diff(&fused, &composite) < 2e-6, "{what}: differs by {}", rel_diff(&fused, &composite));
+    }
+    // It has no backward pass: asking for one is an error, never a silent zero gradient.
+    let q = var(&[1, 2, 1, 4], 11, 1.0);
+    let kv = var(&[1, 2, 3, 4], 12, 1.0);
+    let bias = Tensor::zeros((1, 1, 1, 3), DType::F32, &Device::Cpu).unwrap();
+    let out = minillm::ops::attention_inference(q.as_tensor(), kv.as_tensor(), kv.as_tensor(), &bias, 1.0).unwrap();
+    assert!(out.sum_all().unwrap().backward().is_err());
+}
+
 #[test]
 fn packed_attention_refuses_bad_shapes() {
     let qkv = var(&[1, 4, 10], 7, 1.0);

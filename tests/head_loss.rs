@@ -1,6 +1,7 @@
 //! The fused, chunked LM-head loss against the materialised path (logits, then the loss):
-//! identical values and gradients for cross-entropy alone and with every divergence, at odd
-//! sizes; and its peak memory on a GPT-2-sized vocabulary.
+//! identical values and gradients for cross-entropy and for MiniLLM's clipped policy
+//! surrogate, alone and with every divergence, at odd sizes; and its peak memory on a
+//! GPT-2-sized vocabulary.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 mod common;
 
 use candle_core::{Tensor, Var};
-use minillm::loss::{head_loss, head_loss_reference, Divergence, TeacherHead};
+use minillm::loss::{head_loss, head_loss_reference, Divergence, PolicyTokens, TargetTerm, TeacherHead};
 
 /// Counts live heap bytes and their high-water mark.
 struct Counting;
@@ -61,20 +62,59 @@ struct Case {
     chunk: usize,
 }
 
-fn check(case: &Case, kind: Option<Divergence>) {
+/// Which target term a case uses.
+#[derive(Clone, Copy, Debug)]
+enum Term {
+    CrossEntropy,
+    /// The policy surrogate with this clip.
+    Policy(Option<f64>),
+}
+
+fn check(case: &Case, term: Term, kind: Option<Divergence>) {
     let Case { rows, width, vocab, teacher_vocab, chunk } = *case;
     let h = var(&[rows, width], 1, 2.0);
     let w = var(&[vocab, width], 2, 1.0);
     let (th, tw) = (var(&[rows, 5], 3, 2.0), var(&[teacher_vocab, 5], 4, 1.0));
     let targets: Vec<u32> = (0..rows).map(|r| (r * 7 % vocab) as u32).collect();
     let weights: Vec<f32> = (0..rows).map(|r| if r % 4 == 3 { 0.0 } else { 0.1 + r as f32 / 10.0 }).collect();
-    let teacher = || kind.map(|kind| TeacherHead { hidden: th.as_tensor(), head: tw.as_tensor(), kind, coef: 0.7 });
-    let what = format!("{rows}×{width}, vocab {vocab}/{teacher_vocab}, chunk {chunk}, {kind:?}");
-    let fused = head_loss(h.as_tensor(), w.as_tensor(), &targets, &weights, 0.3, teacher(), chunk).unwrap();
-    let reference = head_loss_reference(h.as_tensor(), w.as_tensor(), &targets, &weights, 0.3, teacher()).unwrap();
+    let kd_weights: Vec<f32> = (0..rows).map(|r| if r % 5 == 2 { 0.0 } else { 0.3 + r as f32 / 7.0 }).collect();
+    // Old log-probabilities spread around the current ones (ratios from e^-1.5 to e^1.5, so
+    // that both clip edges are crossed), advantages of both signs, importance weights ≠ 1.
+    // No ratio lands exactly on 1 ± ε, where candle's max/clamp split the gradient in halves.
+    let logq = candle_nn::ops::log_softmax(&h.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap(), 1).unwrap();
+    let logq: Vec<f32> = targets
+        .iter()
+        .enumerate()
+        .map(|(r, &y)| logq.get(r).unwrap().get(y as usize).unwrap().to_scalar::<f32>().unwrap())
+        .collect();
+    let old: Vec<f32> = logq.iter().enumerate().map(|(r, l)| l + ((r * 5 % 7) as f32 - 3.0) / 2.0).collect();
+    let importance: Vec<f32> = (0..rows).map(|r| 0.55 + (r % 3) as f32 * 0.35).collect();
+    let advantages: Vec<f32> = (0..rows).map(|r| ((r * 3 % 5) as f32 - 2.0) * 0.7).collect();
+    let target_term = || match term {
+        Term::CrossEntropy => TargetTerm::CrossEntropy { weights: &weights, coef: 0.3 },
+        Term::Policy(clip) => TargetTerm::Policy(PolicyTokens {
+            logq_old: &old,
+            importance: &importance,
+            advantages: &advantages,
+            weights: &weights,
+            clip,
+        }),
+    };
+    let teacher = || {
+        kind.map(|kind| TeacherHead {
+            hidden: th.as_tensor(),
+            head: tw.as_tensor(),
+            kind,
+            coef: 0.7,
+            weights: &kd_weights,
+        })
+    };
+    let what = format!("{rows}×{width}, vocab {vocab}/{teacher_vocab}, chunk {chunk}, {term:?}, {kind:?}");
+    let fused = head_loss(h.as_tensor(), w.as_tensor(), &targets, target_term(), teacher(), Some(chunk)).unwrap();
+    let reference = head_loss_reference(h.as_tensor(), w.as_tensor(), &targets, target_term(), teacher()).unwrap();
     let (lf, lr) = (fused.loss.to_scalar::<f32>().unwrap(), reference.loss.to_scalar::<f32>().unwrap());
     assert!((lf - lr).abs() <= 1e-5 * lr.abs().max(1.0), "{what}: loss {lf} vs {lr}");
-    assert!((fused.ce - reference.ce).abs() <= 1e-5 * reference.ce.abs().max(1.0), "{what}: ce");
+    assert!((fused.target - reference.target).abs() <= 1e-5 * reference.target.abs().max(1.0), "{what}: target term");
     assert!((fused.kd - reference.kd).abs() <= 1e-5 * reference.kd.abs().max(1.0), "{what}: kd");
     let (gf, gr) = (fused.loss.backward().unwrap(), reference.loss.backward().unwrap());
     for (name, v) in [("hidden", &h), ("head", &w)] {
@@ -100,8 +140,10 @@ fn fused_head_loss_matches_materialised_path() {
         Some(Divergence::SkewReverseKl { lambda: 0.1 }),
     ];
     for case in &cases {
-        for kind in kinds {
-            check(case, kind);
+        for term in [Term::CrossEntropy, Term::Policy(Some(0.2)), Term::Policy(None)] {
+            for kind in kinds {
+                check(case, term, kind);
+            }
         }
     }
 }
@@ -110,11 +152,21 @@ fn fused_head_loss_matches_materialised_path() {
 fn fused_head_loss_refuses_mismatched_shapes() {
     let h = var(&[4, 8], 1, 1.0);
     let w = var(&[10, 6], 2, 1.0);
-    let err = head_loss(h.as_tensor(), w.as_tensor(), &[0; 4], &[1.0; 4], 1.0, None, 2).err().unwrap();
+    let ce = TargetTerm::CrossEntropy { weights: &[1.0; 4], coef: 1.0 };
+    let err = head_loss(h.as_tensor(), w.as_tensor(), &[0; 4], ce, None, Some(2)).err().unwrap();
     assert!(err.to_string().contains("LM head has shape"), "{err}");
     let w = var(&[10, 8], 2, 1.0);
-    let err = head_loss(h.as_tensor(), w.as_tensor(), &[0, 1, 2, 10], &[1.0; 4], 1.0, None, 2).err().unwrap();
+    let err = head_loss(h.as_tensor(), w.as_tensor(), &[0, 1, 2, 10], ce, None, Some(2)).err().unwrap();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    let short = TargetTerm::Policy(PolicyTokens {
+        logq_old: &[0.0; 4],
+        importance: &[1.0; 3],
+        advantages: &[0.0; 4],
+        weights: &[1.0; 4],
+        clip: None,
+    });
+    let err = head_loss(h.as_tensor(), w.as_tensor(), &[0; 4], short, None, Some(2)).err().unwrap();
+    assert!(err.to_string().contains("target-term inputs of lengths [4, 3, 4, 4]"), "{err}");
 }
 
 /// Peak heap growth of `f` above what was live when it started.
@@ -136,14 +188,18 @@ fn fused_head_loss_peak_memory_is_under_a_quarter() {
     let (th, tw) = (var(&[rows, width], 3, 1.0), var(&[vocab, width], 4, 0.1));
     let targets: Vec<u32> = (0..rows).map(|r| (r * 7919 % vocab) as u32).collect();
     let weights = vec![1.0 / rows as f32; rows];
-    let teacher =
-        || Some(TeacherHead { hidden: th.as_tensor(), head: tw.as_tensor(), kind: Divergence::ReverseKl, coef: 0.5 });
+    let teacher = || {
+        let (hidden, head) = (th.as_tensor(), tw.as_tensor());
+        Some(TeacherHead { hidden, head, kind: Divergence::ReverseKl, coef: 0.5, weights: &weights })
+    };
+    let ce = TargetTerm::CrossEntropy { weights: &weights, coef: 0.5 };
     let run = |fused: bool| {
         peak_growth(|| {
+            // The fused path at its default chunk size.
             let l = if fused {
-                head_loss(h.as_tensor(), w.as_tensor(), &targets, &weights, 0.5, teacher(), 32).unwrap()
+                head_loss(h.as_tensor(), w.as_tensor(), &targets, ce, teacher(), None).unwrap()
             } else {
-                head_loss_reference(h.as_tensor(), w.as_tensor(), &targets, &weights, 0.5, teacher()).unwrap()
+                head_loss_reference(h.as_tensor(), w.as_tensor(), &targets, ce, teacher()).unwrap()
             };
             let g = l.loss.backward().unwrap();
             assert!(g.get(w.as_tensor()).is_some());

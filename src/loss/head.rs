@@ -1,6 +1,8 @@
-//! The LM head and the token loss fused and chunked: `Σ_r w_r · (a·CE(z_r, y_r) + b·D(p_r, q_r))`
+//! The LM head and the token loss fused and chunked: `Σ_r f_r(log q_r(y_r)) + b·Σ_r u_r·D(p_r, q_r)`
 //! with the student's logits `z = h·Wᵀ` (and the teacher's, from its hidden states and head)
-//! computed `chunk_rows` rows at a time, never as a whole `[rows × vocab]` tensor.
+//! computed `chunk_rows` rows at a time, never as a whole `[rows × vocab]` tensor. The target
+//! term `f_r` is a weighted cross-entropy (SFT, KD, the PT term) or MiniLLM's clipped policy
+//! surrogate of the sampled tokens (with the single-step reverse KL as the divergence).
 //!
 //! The forward pass also computes the gradients (`∂h = ∂z·W`, `∂W = Σ ∂zᵀ·h`, chunk by
 //! chunk) and keeps them for the backward pass, which only scales them: the logits are used
@@ -11,15 +13,104 @@
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Result};
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::policy::pg_loss;
 use super::{cross_entropy, divergence, Divergence};
 use crate::ops::gemm::{matmul_parallel, MatRef};
 use crate::ops::math;
 
-/// Rows per chunk by default: 128 × 50,257 × 4 bytes ≈ 26 MB per buffer.
-pub const DEFAULT_CHUNK_ROWS: usize = 128;
+/// `[chunk × vocab]` floats per buffer by default: 16 MB (512 rows of an 8,192-token
+/// vocabulary, 83 of GPT-2's 50,257). Larger chunks make the weight-gradient product more
+/// efficient (its inner dimension is the chunk); three such buffers stay well under a
+/// quarter of the materialised path's memory.
+const CHUNK_FLOATS: usize = 1 << 22;
+
+/// Rows per chunk for a vocabulary of `vocab` tokens (between 16 and 512).
+pub fn default_chunk_rows(vocab: usize) -> usize {
+    (CHUNK_FLOATS / vocab.max(1)).clamp(16, 512)
+}
+
+/// What the loss asks of each row's target token `y_r`, as a function of `l_r = log q(y_r)`.
+#[derive(Clone, Copy)]
+pub enum TargetTerm<'a> {
+    /// `coef · Σ_r w_r · (−l_r)`, the weighted cross-entropy.
+    CrossEntropy {
+        /// `w_r`, one per row.
+        weights: &'a [f32],
+        /// The coefficient of the whole term.
+        coef: f64,
+    },
+    /// MiniLLM's clipped, importance-weighted surrogate of the sampled tokens
+    /// ([`pg_loss`]).
+    Policy(PolicyTokens<'a>),
+}
+
+/// The per-token inputs of the clipped surrogate `Σ_t w_t · max(−A_t ρ_t, −A_t clip(ρ_t, 1 ± ε))`
+/// with `ρ_t = exp(l_t − log q_old,t) · importance_t`.
+#[derive(Clone, Copy)]
+pub struct PolicyTokens<'a> {
+    /// The sampling-time log-probabilities.
+    pub logq_old: &'a [f32],
+    /// The mixture importance weights.
+    pub importance: &'a [f32],
+    /// The advantages.
+    pub advantages: &'a [f32],
+    /// Per-token weights (length normalisation over the window).
+    pub weights: &'a [f32],
+    /// Ratio clip ε (none: no clipping).
+    pub clip: Option<f64>,
+}
+
+impl TargetTerm<'_> {
+    fn check(&self, rows: usize) -> Result<()> {
+        let lens = match self {
+            Self::CrossEntropy { weights, .. } => vec![weights.len()],
+            Self::Policy(p) => vec![p.logq_old.len(), p.importance.len(), p.advantages.len(), p.weights.len()],
+        };
+        if lens.iter().any(|&l| l != rows) {
+            bail!("head loss: {rows} rows but target-term inputs of lengths {lens:?}");
+        }
+        Ok(())
+    }
+
+    fn weight(&self, r: usize) -> f32 {
+        match self {
+            Self::CrossEntropy { weights, .. } => weights[r],
+            Self::Policy(p) => p.weights[r],
+        }
+    }
+
+    /// Row `r`'s reported value, its contribution to the loss and `∂loss/∂l`, at `l = log q(y_r)`.
+    fn at(&self, r: usize, l: f32) -> (f64, f64, f32) {
+        match *self {
+            Self::CrossEntropy { weights, coef } => {
+                let w = weights[r] as f64;
+                (-w * l as f64, -coef * w * l as f64, (-coef * w) as f32)
+            }
+            Self::Policy(p) => {
+                let ratio = ((l - p.logq_old[r]) as f64).exp() * p.importance[r] as f64;
+                let neg_adv = -(p.advantages[r] as f64);
+                let unclipped = neg_adv * ratio;
+                // ∂(−A·ρ)/∂l = −A·ρ; the clipped branch is constant outside [1 − ε, 1 + ε].
+                let (value, slope) = match p.clip {
+                    Some(eps) if ratio < 1.0 - eps || ratio > 1.0 + eps => {
+                        let clipped = neg_adv * ratio.clamp(1.0 - eps, 1.0 + eps);
+                        if unclipped > clipped {
+                            (unclipped, unclipped)
+                        } else {
+                            (clipped, 0.0)
+                        }
+                    }
+                    _ => (unclipped, unclipped),
+                };
+                let w = p.weights[r] as f64;
+                (w * value, w * value, (w * slope) as f32)
+            }
+        }
+    }
+}
 
 /// A teacher's side of the loss: its final hidden states at the same rows and its LM head.
 pub struct TeacherHead<'a> {
@@ -31,37 +122,40 @@ pub struct TeacherHead<'a> {
     pub kind: Divergence,
     /// Its coefficient `b`.
     pub coef: f64,
+    /// Per-row weights `u_r`.
+    pub weights: &'a [f32],
 }
 
-/// The loss and its parts (`ce`, `kd`: weighted sums before the coefficients).
+/// The loss and its parts (before the coefficients).
 pub struct HeadLoss {
     /// The differentiable total.
     pub loss: Tensor,
-    /// `Σ w·CE`.
-    pub ce: f64,
-    /// `Σ w·D` (0 without a teacher).
+    /// The target term: `Σ w·CE`, or the policy surrogate.
+    pub target: f64,
+    /// `Σ u·D` (0 without a teacher).
     pub kd: f64,
 }
 
-/// `Σ_r w_r (ce_coef·CE(h_r·Wᵀ, y_r) + b·D)` for student `hidden` `[rows, width]` and `head`
-/// `[vocab, width]`, differentiable in both.
+/// `Σ_r f_r(log q(y_r)) + b·Σ_r u_r·D` for student `hidden` `[rows, width]` and `head`
+/// `[vocab, width]`, differentiable in both; `chunk_rows` defaults to
+/// [`default_chunk_rows`].
 pub fn head_loss(
     hidden: &Tensor,
     head: &Tensor,
     targets: &[u32],
-    weights: &[f32],
-    ce_coef: f64,
+    term: TargetTerm,
     teacher: Option<TeacherHead>,
-    chunk_rows: usize,
+    chunk_rows: Option<usize>,
 ) -> Result<HeadLoss> {
     let (rows, width) = hidden.dims2()?;
     let (vocab, hw) = head.dims2()?;
     if hw != width {
         bail!("LM head has shape {:?} for hidden states of width {width}", head.dims());
     }
-    if targets.len() != rows || weights.len() != rows {
-        bail!("head loss: {rows} rows but {} targets and {} weights", targets.len(), weights.len());
+    if targets.len() != rows {
+        bail!("head loss: {rows} rows but {} targets", targets.len());
     }
+    term.check(rows)?;
     if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
         bail!("head loss: target {t} is outside the vocabulary of {vocab}");
     }
@@ -70,60 +164,108 @@ pub fn head_loss(
         if tr != rows || t.head.dim(1)? != tw {
             bail!("teacher hidden {:?} and head {:?} for {rows} student rows", t.hidden.dims(), t.head.dims());
         }
+        if t.weights.len() != rows {
+            bail!("head loss: {rows} rows but {} divergence weights", t.weights.len());
+        }
     }
     let cpu = [Some(hidden), Some(head), teacher.as_ref().map(|t| t.hidden), teacher.as_ref().map(|t| t.head)]
         .into_iter()
         .flatten()
         .all(|t| t.device().is_cpu());
     if !cpu {
-        return head_loss_reference(hidden, head, targets, weights, ce_coef, teacher);
+        return head_loss_reference(hidden, head, targets, term, teacher);
     }
     // The teacher's tensors are read in place by the op (no copy of its LM head per call).
     let as_f32 = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.contiguous()?) };
     let teacher = match teacher {
-        Some(t) => {
-            Some(Teacher { hidden: as_f32(t.hidden)?, head: as_f32(t.head)?, kind: t.kind, coef: t.coef as f32 })
-        }
+        Some(t) => Some(Teacher {
+            hidden: as_f32(t.hidden)?,
+            head: as_f32(t.head)?,
+            kind: t.kind,
+            coef: t.coef as f32,
+            weights: t.weights.to_vec(),
+        }),
         None => None,
     };
     let parts = Arc::new(Mutex::new(Parts::default()));
     let op = FusedHeadLoss {
         targets: targets.to_vec(),
-        weights: weights.to_vec(),
-        ce_coef: ce_coef as f32,
+        term: OwnedTerm::from(term),
         teacher,
-        chunk_rows: chunk_rows.max(1),
+        chunk_rows: chunk_rows.unwrap_or_else(|| default_chunk_rows(vocab)).max(1),
         parts: parts.clone(),
     };
     let h = hidden.to_dtype(DType::F32)?.contiguous()?;
     let w = head.to_dtype(DType::F32)?.contiguous()?;
     let loss = h.apply_op2(&w, op)?;
     let p = parts.lock().map_err(|_| anyhow::anyhow!("head loss state poisoned"))?;
-    Ok(HeadLoss { loss, ce: p.ce, kd: p.kd })
+    Ok(HeadLoss { loss, target: p.target, kd: p.kd })
 }
 
-/// The materialised composition: whole logits, then [`cross_entropy`] and [`divergence`].
+/// The materialised composition: whole logits, then [`cross_entropy`] or `log_softmax` and
+/// [`pg_loss`], and [`divergence`].
 pub fn head_loss_reference(
     hidden: &Tensor,
     head: &Tensor,
     targets: &[u32],
-    weights: &[f32],
-    ce_coef: f64,
+    term: TargetTerm,
     teacher: Option<TeacherHead>,
 ) -> Result<HeadLoss> {
     let logits = hidden.matmul(&head.t()?)?;
-    let ce = cross_entropy(&logits, targets, weights)?;
-    let ce_value = ce.to_scalar::<f32>()? as f64;
-    let mut loss = (ce * ce_coef)?;
+    let (target, mut loss) = match term {
+        TargetTerm::CrossEntropy { weights, coef } => {
+            let ce = cross_entropy(&logits, targets, weights)?;
+            (ce.to_scalar::<f32>()? as f64, (ce * coef)?)
+        }
+        TargetTerm::Policy(p) => {
+            let n = targets.len();
+            let idx = Tensor::from_slice(targets, (n, 1), logits.device())?;
+            let logq = candle_nn::ops::log_softmax(&logits, D::Minus1)?.gather(&idx, D::Minus1)?.squeeze(1)?;
+            let pg = pg_loss(&logq, p.logq_old, p.importance, p.advantages, p.weights, p.clip)?;
+            (pg.to_scalar::<f32>()? as f64, pg)
+        }
+    };
     let mut kd = 0.0;
     if let Some(t) = teacher {
         let t_logits = t.hidden.matmul(&t.head.t()?)?.detach();
         let v = logits.dim(1)?.min(t_logits.dim(1)?);
-        let d = divergence(&logits.narrow(1, 0, v)?, &t_logits.narrow(1, 0, v)?, weights, t.kind)?;
+        let d = divergence(&logits.narrow(1, 0, v)?, &t_logits.narrow(1, 0, v)?, t.weights, t.kind)?;
         kd = d.to_scalar::<f32>()? as f64;
         loss = (loss + (d * t.coef)?)?;
     }
-    Ok(HeadLoss { loss, ce: ce_value, kd })
+    Ok(HeadLoss { loss, target, kd })
+}
+
+/// [`TargetTerm`] with its slices copied into the op.
+enum OwnedTerm {
+    CrossEntropy { weights: Vec<f32>, coef: f64 },
+    Policy { logq_old: Vec<f32>, importance: Vec<f32>, advantages: Vec<f32>, weights: Vec<f32>, clip: Option<f64> },
+}
+
+impl From<TargetTerm<'_>> for OwnedTerm {
+    fn from(t: TargetTerm) -> Self {
+        match t {
+            TargetTerm::CrossEntropy { weights, coef } => Self::CrossEntropy { weights: weights.to_vec(), coef },
+            TargetTerm::Policy(p) => Self::Policy {
+                logq_old: p.logq_old.to_vec(),
+                importance: p.importance.to_vec(),
+                advantages: p.advantages.to_vec(),
+                weights: p.weights.to_vec(),
+                clip: p.clip,
+            },
+        }
+    }
+}
+
+impl OwnedTerm {
+    fn view(&self) -> TargetTerm<'_> {
+        match self {
+            Self::CrossEntropy { weights, coef } => TargetTerm::CrossEntropy { weights, coef: *coef },
+            Self::Policy { logq_old, importance, advantages, weights, clip } => {
+                TargetTerm::Policy(PolicyTokens { logq_old, importance, advantages, weights, clip: *clip })
+            }
+        }
+    }
 }
 
 /// The teacher's side as contiguous f32 CPU tensors.
@@ -134,6 +276,7 @@ struct Teacher {
     head: Tensor,
     kind: Divergence,
     coef: f32,
+    weights: Vec<f32>,
 }
 
 impl Teacher {
@@ -153,46 +296,58 @@ fn read_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> candle_co
 /// Loss parts and the gradients the forward pass computed.
 #[derive(Default)]
 struct Parts {
-    ce: f64,
+    target: f64,
     kd: f64,
     grads: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 struct FusedHeadLoss {
     targets: Vec<u32>,
-    weights: Vec<f32>,
-    ce_coef: f32,
+    term: OwnedTerm,
     teacher: Option<Teacher>,
     chunk_rows: usize,
     parts: Arc<Mutex<Parts>>,
 }
 
 impl FusedHeadLoss {
-    /// The loss parts of one row, with `w·∂/∂z` of the weighted total written to `dz`.
-    fn row(&self, r: usize, z: &[f32], zt: Option<&[f32]>, dz: &mut [f32]) -> (f64, f64) {
-        let w = self.weights[r];
-        if w == 0.0 {
+    /// Row `r`'s target term (reported, loss) and weighted divergence, with its gradient
+    /// `∂loss/∂z` written to `dz`.
+    fn row(&self, r: usize, z: &[f32], zt: Option<&[f32]>, dz: &mut [f32]) -> (f64, f64, f64) {
+        let term = self.term.view();
+        let u = self.teacher.as_ref().map_or(0.0, |t| t.weights[r]);
+        if term.weight(r) == 0.0 && u == 0.0 {
             dz.fill(0.0);
-            return (0.0, 0.0);
+            return (0.0, 0.0, 0.0);
         }
-        let mut kd = 0.0;
-        dz.fill(0.0);
-        if let (Some(t), Some(zt)) = (&self.teacher, zt) {
-            let v = z.len().min(t.vocab());
-            kd = divergence::row(t.kind, &z[..v], &zt[..v], Some(&mut dz[..v]));
-            dz[..v].iter_mut().for_each(|g| *g *= t.coef);
-        }
-        let max = math::max(z);
-        let lse = max + math::sum_map(z, |v| math::exp(v - max)).ln();
+        let lse = math::logsumexp(z);
         let y = self.targets[r] as usize;
-        let ce = (lse - z[y]) as f64;
-        let c = self.ce_coef;
-        if c != 0.0 {
-            dz.iter_mut().zip(z).for_each(|(g, &v)| *g += c * math::exp(v - lse));
-            dz[y] -= c;
+        let (reported, loss, slope) = term.at(r, z[y] - lse);
+        // ∂l/∂z = onehot(y) − q, so the target term contributes a·q − a·onehot(y).
+        let a = -slope;
+        let mut kd = 0.0;
+        match (&self.teacher, zt) {
+            // The teacher covers the whole student vocabulary: one pass over it gives
+            // b·u·∂D/∂z + a·q.
+            (Some(t), Some(zt)) if t.coef * u != 0.0 && t.vocab() >= z.len() => {
+                let b = t.coef * u;
+                kd = divergence::row_grad_plus_q(t.kind, z, &zt[..z.len()], lse, dz, a / b);
+                dz.iter_mut().for_each(|g| *g *= b);
+            }
+            (teacher, zt) => {
+                dz.fill(0.0);
+                if let (Some(t), Some(zt)) = (teacher, zt) {
+                    let v = z.len().min(t.vocab());
+                    kd = divergence::row(t.kind, &z[..v], &zt[..v], Some(&mut dz[..v]));
+                    let b = t.coef * u;
+                    dz[..v].iter_mut().for_each(|g| *g *= b);
+                }
+                if a != 0.0 {
+                    dz.iter_mut().zip(z).for_each(|(g, &v)| *g += a * math::exp(v - lse));
+                }
+            }
         }
-        dz.iter_mut().for_each(|g| *g *= w);
-        (w as f64 * ce, w as f64 * kd)
+        dz[y] -= a;
+        (reported, loss, u as f64 * kd)
     }
 }
 
@@ -226,7 +381,7 @@ impl CustomOp2 for FusedHeadLoss {
         };
         let (mut dh, mut dw) = (vec![0f32; rows * width], vec![0f32; vocab * width]);
         let head = MatRef { data: w, offset: 0, shape: (vocab, width), strides: (width, 1) };
-        let (mut ce, mut kd) = (0f64, 0f64);
+        let (mut target, mut loss, mut kd) = (0f64, 0f64, 0f64);
         let mut start = 0;
         while start < rows {
             let n = c.min(rows - start);
@@ -238,7 +393,7 @@ impl CustomOp2 for FusedHeadLoss {
                 matmul_parallel(&mut zt[..n * tv], th, tw.t(), false);
             }
             let tv = self.teacher.as_ref().map_or(1, Teacher::vocab);
-            let (c_sum, k_sum) = dz[..n * vocab]
+            let (t_sum, l_sum, k_sum) = dz[..n * vocab]
                 .par_chunks_mut(vocab)
                 .zip(z[..n * vocab].par_chunks(vocab))
                 .enumerate()
@@ -246,8 +401,9 @@ impl CustomOp2 for FusedHeadLoss {
                     let zt = zt.as_ref().map(|zt| &zt[i * tv..(i + 1) * tv]);
                     self.row(start + i, z, zt, dz)
                 })
-                .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-            ce += c_sum;
+                .reduce(|| (0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+            target += t_sum;
+            loss += l_sum;
             kd += k_sum;
             let g = MatRef { data: &dz, offset: 0, shape: (n, vocab), strides: (vocab, 1) };
             // ∂h = ∂z·W for these rows; ∂W += ∂zᵀ·h.
@@ -255,9 +411,9 @@ impl CustomOp2 for FusedHeadLoss {
             matmul_parallel(&mut dw, g.t(), hc, true);
             start += n;
         }
-        let total = self.ce_coef as f64 * ce + self.teacher.as_ref().map_or(0.0, |t| t.coef as f64 * kd);
+        let total = loss + self.teacher.as_ref().map_or(0.0, |t| t.coef as f64 * kd);
         let mut parts = self.parts.lock().map_err(|_| candle_core::Error::Msg("head loss state poisoned".into()))?;
-        *parts = Parts { ce, kd, grads: Some((dh, dw)) };
+        *parts = Parts { target, kd, grads: Some((dh, dw)) };
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
     }
 

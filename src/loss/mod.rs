@@ -8,4 +8,4 @@ pub mod policy;
 
 pub use cross_entropy::{cross_entropy, cross_entropy_reference};
 pub use divergence::{divergence, divergence_reference, Divergence};
-pub use head::{head_loss, head_loss_reference, HeadLoss, TeacherHead};
+pub use head::{head_loss, head_loss_reference, HeadLoss, PolicyTokens, TargetTerm, TeacherHead};

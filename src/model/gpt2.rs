@@ -4,7 +4,7 @@ use anyhow::Result;
 use candle_core::{Tensor, D};
 
 use super::config::Gpt2Config;
-use super::layers::{attention, position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear};
+use super::layers::{position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear};
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
 use crate::ops::attention_packed;
@@ -113,11 +113,12 @@ impl CausalLm for Gpt2 {
                 None => attention_packed(&qkv, &bias, self.n_head, blk.scale)?,
                 Some(c) => {
                     let h = qkv.dim(D::Minus1)? / 3;
-                    let q = split_heads(&qkv.narrow(2, 0, h)?, self.n_head)?;
+                    // Queries are read through their strides; keys and values are copied
+                    // into the cache.
+                    let q = qkv.narrow(2, 0, h)?.reshape((b, t, self.n_head, h / self.n_head))?.transpose(1, 2)?;
                     let k = split_heads(&qkv.narrow(2, h, h)?, self.n_head)?;
                     let v = split_heads(&qkv.narrow(2, 2 * h, h)?, self.n_head)?;
-                    let (k, v) = c.append(i, k, v)?;
-                    attention(&q, &k, &v, &bias, blk.scale)?
+                    c.attend(i, &q, k, v, &bias, blk.scale)?
                 }
             };
             x = (x + blk.attn_proj.forward(&a)?)?;

@@ -330,6 +330,26 @@ impl KvCache {
         c.len += t;
         Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
     }
+
+    /// Appends this step's keys/values to layer `layer` and attends the queries `q`
+    /// `[b, heads, t, d]` to everything cached: [`attention`]'s result, by the fused
+    /// decoding kernel on f32 CPU tensors (not differentiable: caches serve generation only).
+    pub fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let (k, v) = self.append(layer, k, v)?;
+        if q.device().is_cpu() && q.dtype() == DType::F32 {
+            Ok(crate::ops::attention_inference(q, &k, &v, bias, scale)?)
+        } else {
+            attention(q, &k, &v, bias, scale)
+        }
+    }
 }
 
 /// Converts host position ids to a `[b, t]` tensor.

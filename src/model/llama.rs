@@ -148,11 +148,11 @@ impl CausalLm for Llama {
             let q = apply_rope(&split_heads(&l.q.forward(&h)?, self.heads)?, &cos, &sin)?;
             let k = apply_rope(&split_heads(&l.k.forward(&h)?, self.kv_heads)?, &cos, &sin)?;
             let v = split_heads(&l.v.forward(&h)?, self.kv_heads)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, k, v)?,
-                None => (k, v),
+            let a = match cache.as_deref_mut() {
+                Some(c) => c.attend(i, &q, k, v, &bias, scale)?,
+                None => attention(&q, &k, &v, &bias, scale)?,
             };
-            x = (x + l.o.forward(&attention(&q, &k, &v, &bias, scale)?)?)?;
+            x = (x + l.o.forward(&a)?)?;
             let h = l.post_attn_norm.forward(&x)?;
             let m = l.down.forward(&(self.act.forward(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?)?;
             x = (x + m)?;

@@ -141,11 +141,11 @@ impl CausalLm for Opt {
             let q = split_heads(&l.q.forward(&h)?, self.heads)?;
             let k = split_heads(&l.k.forward(&h)?, self.heads)?;
             let v = split_heads(&l.v.forward(&h)?, self.heads)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, k, v)?,
-                None => (k, v),
+            let a = match cache.as_deref_mut() {
+                Some(c) => c.attend(i, &q, k, v, &bias, scale)?,
+                None => attention(&q, &k, &v, &bias, scale)?,
             };
-            let a = l.out.forward(&attention(&q, &k, &v, &bias, scale)?)?;
+            let a = l.out.forward(&a)?;
             x = (x + a)?;
             if !self.pre_ln {
                 x = l.attn_norm.forward(&x)?;

@@ -82,19 +82,35 @@ pub fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 /// `Σ a[i]·b[i]` over the shorter of the two, in `LANES` partial sums.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    sum_map2(a, b, |x, y| x * y)
+}
+
+/// `Σ f(a[i], b[i])` over the shorter of the two, in `LANES` partial sums.
+#[inline(always)]
+pub fn sum_map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut lanes = [0f32; LANES];
     let mut buf = [0f32; BLOCK];
     let (ca, cb) = (a.chunks_exact(BLOCK), b.chunks_exact(BLOCK));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| f(x, y)).sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..BLOCK {
-            buf[i] = x[i] * y[i];
+            buf[i] = f(x[i], y[i]);
         }
         add_into_lanes(&mut lanes, &buf);
     }
     tail + lanes.iter().sum::<f32>()
+}
+
+/// `log Σ exp(x)` (−∞ for an empty slice).
+#[inline(always)]
+pub fn logsumexp(x: &[f32]) -> f32 {
+    let m = max(x);
+    if m == f32::NEG_INFINITY {
+        return m;
+    }
+    m + sum_map(x, |v| exp(v - m)).ln()
 }
 
 /// Replaces `x` by `softmax(x)`.

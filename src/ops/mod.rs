@@ -10,6 +10,7 @@ pub mod adamw;
 pub mod attention;
 pub mod gelu;
 pub mod gemm;
+pub mod inference_attention;
 pub mod layer_norm;
 pub mod linear;
 pub mod math;
@@ -19,6 +20,7 @@ use candle_core::{CpuStorage, Layout, Tensor};
 
 pub use attention::attention_packed;
 pub use gelu::gelu_tanh;
+pub use inference_attention::attention_inference;
 pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_no_bias, WeightLayout};
 pub use softmax::masked_softmax;

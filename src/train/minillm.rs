@@ -8,7 +8,7 @@
 //! term recomputes the teacher's logits from those states with one LM-head product.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -18,8 +18,8 @@ use super::trainer::{Stats, Task, TaskState};
 use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
 use crate::eval::validate::{mean_rouge_l, response_text};
-use crate::loss::policy::{advantages, k3_estimate, pg_loss, rewards, PolicyConfig};
-use crate::loss::{cross_entropy, divergence, Divergence};
+use crate::loss::policy::{advantages, k3_estimate, rewards, PolicyConfig};
+use crate::loss::{cross_entropy, head_loss, Divergence, PolicyTokens, TargetTerm, TeacherHead};
 use crate::model::{AttentionMask, Model};
 use crate::sample::{generate_mixed, mix_log_prob, row_rngs, MixedSampling, PaddedBatch};
 
@@ -258,9 +258,10 @@ impl DistillTask {
         Ok(())
     }
 
-    /// Student logits `[tokens, vocab]` at the response positions of `rows` (left-padded
-    /// prompts, right-padded responses: the layout decoding ran in), with the targets.
-    fn response_logits(&self, student: &Model, rows: &[&Rollout]) -> Result<(Tensor, Vec<u32>)> {
+    /// Student final hidden states `[tokens, width]` at the positions that predict the
+    /// response tokens of `rows` (left-padded prompts, right-padded responses: the layout
+    /// decoding ran in), with those tokens.
+    fn response_hidden(&self, student: &Model, rows: &[&Rollout]) -> Result<(Tensor, Vec<u32>)> {
         let batch = PaddedBatch::new(rows.iter().map(|r| (r.prompt.as_slice(), r.response.as_slice())), self.pad);
         let t = batch.input_ids.first().map_or(0, Vec::len);
         let (mut positions, mut targets) = (Vec::new(), Vec::new());
@@ -277,8 +278,7 @@ impl DistillTask {
         let hidden = student.lm.forward_hidden(&input, &AttentionMask::from_rows(&mask)?, None)?;
         let h = hidden.dim(2)?;
         let idx = Tensor::from_slice(&positions, positions.len(), &self.device)?;
-        let picked = hidden.reshape(((), h))?.index_select(&idx, 0)?;
-        Ok((student.lm.logits(&picked)?, targets))
+        Ok((hidden.reshape(((), h))?.index_select(&idx, 0)?, targets))
     }
 
     /// The pre-training term of one micro-batch: `(1 − r)·CE + r·H(p, q)`, token-averaged over
@@ -288,7 +288,7 @@ impl DistillTask {
         let r = self.cfg.pt_kd_ratio;
         let teacher = (r != 0.0).then_some((&self.teacher, Divergence::SoftCrossEntropy, r));
         let out = batch_head_loss(student, teacher, b, &w)?;
-        let mut stats = Stats::from([("pt_lm".to_string(), out.ce)]);
+        let mut stats = Stats::from([("pt_lm".to_string(), out.target)]);
         if r != 0.0 {
             stats.insert("pt_kd".into(), out.kd);
         }
@@ -379,11 +379,8 @@ impl Task for DistillTask {
 
     fn micro_loss(&mut self, student: &Model, i: usize, _norm: f64) -> Result<(Tensor, Stats)> {
         let rows: Vec<&Rollout> = self.window[i].iter().map(|&j| &self.buffer[j]).collect();
-        let (logits, targets) = self.response_logits(student, &rows)?;
+        let (hidden, targets) = self.response_hidden(student, &rows)?;
         let n = targets.len();
-        let lq_all = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let idx = Tensor::from_slice(&targets, (n, 1), &self.device)?;
-        let logq = lq_all.gather(&idx, D::Minus1)?.squeeze(1)?;
         let adv = advantages(&rows.iter().map(|r| r.rewards.clone()).collect::<Vec<_>>(), &self.cfg.policy);
         let flat = |f: &dyn Fn(&Rollout) -> &Vec<f32>| -> Vec<f32> {
             rows.iter().flat_map(|r| f(r).iter().copied()).collect()
@@ -393,26 +390,43 @@ impl Task for DistillTask {
         let adv: Vec<f32> = rows.iter().zip(&adv).flat_map(|(r, a)| a[..r.response.len()].iter().copied()).collect();
         let weight = 1.0 / self.window_tokens.max(1) as f32;
         let weights = vec![weight; n];
-        let pg = pg_loss(&logq, &old, &importance, &adv, &weights, self.cfg.policy.clip_ratio)?;
-        let mut stats =
-            Stats::from([("pg".to_string(), pg.to_scalar::<f32>()? as f64), ("tokens".to_string(), n as f64)]);
-        let mut loss = pg;
-        if self.cfg.single_step {
+        // The PG surrogate and the single-step reverse KL share one pass of the LM heads over
+        // the response positions; the teacher's logits come from the hidden states kept at
+        // sampling time.
+        let policy = PolicyTokens {
+            logq_old: &old,
+            importance: &importance,
+            advantages: &adv,
+            weights: &weights,
+            clip: self.cfg.policy.clip_ratio,
+        };
+        let single_weights: Vec<f32> = if self.cfg.single_step_weighted {
+            importance.iter().map(|&x| x * weight).collect()
+        } else {
+            weights.clone()
+        };
+        let t_hidden = if self.cfg.single_step {
             let hidden: Vec<Tensor> = rows
                 .iter()
                 .map(|r| r.teacher_hidden.clone().context("rollout without teacher states"))
                 .collect::<Result<_>>()?;
-            let t_logits = self.teacher.lm.logits(&Tensor::cat(&hidden, 0)?)?.detach();
-            let v = logits.dim(1)?.min(t_logits.dim(1)?);
-            let w: Vec<f32> = if self.cfg.single_step_weighted {
-                importance.iter().map(|&x| x * weight).collect()
-            } else {
-                weights.clone()
-            };
-            let single = divergence(&logits.narrow(1, 0, v)?, &t_logits.narrow(1, 0, v)?, &w, Divergence::ReverseKl)?;
-            stats.insert("single".into(), single.to_scalar::<f32>()? as f64);
-            loss = (loss + single)?;
+            Some(Tensor::cat(&hidden, 0)?)
+        } else {
+            None
+        };
+        let single = t_hidden.as_ref().map(|h| TeacherHead {
+            hidden: h,
+            head: self.teacher.lm.lm_head_weight(),
+            kind: Divergence::ReverseKl,
+            coef: 1.0,
+            weights: &single_weights,
+        });
+        let out = head_loss(&hidden, student.lm.lm_head_weight(), &targets, TargetTerm::Policy(policy), single, None)?;
+        let mut stats = Stats::from([("pg".to_string(), out.target), ("tokens".to_string(), n as f64)]);
+        if self.cfg.single_step {
+            stats.insert("single".into(), out.kd);
         }
+        let mut loss = out.loss;
         if self.cfg.pt {
             let b = self.pt_window[i].clone();
             let (pt, s) = self.pt_loss(student, &b)?;

@@ -10,8 +10,7 @@ use super::trainer::{Stats, Task, TaskState};
 use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
 use crate::eval::validate::sampled_rouge_l;
-use crate::loss::head::DEFAULT_CHUNK_ROWS;
-use crate::loss::{head_loss, Divergence, HeadLoss, TeacherHead};
+use crate::loss::{head_loss, Divergence, HeadLoss, TargetTerm, TeacherHead};
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
 
@@ -80,7 +79,7 @@ impl SupervisedTask {
         let teacher = self.kd.as_ref().map(|kd| (&kd.teacher, kd.divergence, kd.ratio));
         let out = batch_head_loss(student, teacher, b, &vec![weight; b.num_targets()])?;
         let mut stats = Stats::new();
-        stats.insert("ce".into(), out.ce);
+        stats.insert("ce".into(), out.target);
         stats.insert("tokens".into(), b.num_targets() as f64);
         if self.kd.is_some() {
             stats.insert("kd".into(), out.kd);
@@ -108,9 +107,10 @@ pub(crate) fn batch_head_loss(
         head: t.lm.lm_head_weight(),
         kind,
         coef,
+        weights,
     });
-    let ce_coef = 1.0 - teacher.map_or(0.0, |(_, _, r)| r);
-    head_loss(&hidden, student.lm.lm_head_weight(), &b.targets, weights, ce_coef, head, DEFAULT_CHUNK_ROWS)
+    let ce = TargetTerm::CrossEntropy { weights, coef: 1.0 - teacher.map_or(0.0, |(_, _, r)| r) };
+    head_loss(&hidden, student.lm.lm_head_weight(), &b.targets, ce, head, None)
 }
 
 impl Task for SupervisedTask {
