@@ -11,6 +11,8 @@ use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::loss::divergence::kl_value;
+use crate::loss::Divergence;
 use crate::model::{AttentionMask, CausalLm, KvCache};
 use crate::ops::math;
 
@@ -328,15 +330,7 @@ pub fn generate_mixed(
             let (zq, zp) = (&logits[0][..vocab], &logits[1][..vocab]);
             let (lse_q, lse_p) = (math::logsumexp(zq), math::logsumexp(zp));
             if cfg.record_forward_kl {
-                let kl: f64 = zq
-                    .iter()
-                    .zip(zp)
-                    .map(|(&a, &b)| {
-                        let (lq, lp) = ((a - lse_q) as f64, (b - lse_p) as f64);
-                        lp.exp() * (lp - lq)
-                    })
-                    .sum();
-                forward_kl[row].push(kl as f32);
+                forward_kl[row].push(kl_value(Divergence::ForwardKl, zq, zp, lse_q, lse_p) as f32);
             }
             // The mixture's probabilities themselves (they sum to one): no log-space round trip.
             mixed.clear();

@@ -268,8 +268,9 @@ pub(crate) fn row_grad_plus_q(kind: Divergence, z: &[f32], t: &[f32], lz: f32, g
     }
 }
 
-/// The value of a KL-type divergence from the two log-normalisers.
-fn kl_value(kind: Divergence, z: &[f32], t: &[f32], lz: f32, lt: f32) -> f64 {
+/// The value of a KL-type divergence (forward KL, soft cross-entropy, reverse KL) of one row
+/// from the two log-normalisers `lz = logsumexp(z)`, `lt = logsumexp(t)`.
+pub(crate) fn kl_value(kind: Divergence, z: &[f32], t: &[f32], lz: f32, lt: f32) -> f64 {
     let c = lz - lt;
     let value = match kind {
         Divergence::ReverseKl => math::sum_map2(z, t, |a, b| math::exp(a - lz) * ((a - b) - c)),

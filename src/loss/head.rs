@@ -335,7 +335,8 @@ impl FusedHeadLoss {
             }
             (teacher, zt) => {
                 dz.fill(0.0);
-                if let (Some(t), Some(zt)) = (teacher, zt) {
+                // A row the divergence does not weigh contributes nothing to it.
+                if let (Some(t), Some(zt), true) = (teacher, zt, u != 0.0) {
                     let v = z.len().min(t.vocab());
                     kd = divergence::row(t.kind, &z[..v], &zt[..v], Some(&mut dz[..v]));
                     let b = t.coef * u;

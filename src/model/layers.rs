@@ -344,7 +344,7 @@ impl KvCache {
         scale: f64,
     ) -> Result<Tensor> {
         let (k, v) = self.append(layer, k, v)?;
-        if q.device().is_cpu() && q.dtype() == DType::F32 {
+        if [q, &k, &v, bias].into_iter().all(crate::ops::fusable) {
             Ok(crate::ops::attention_inference(q, &k, &v, bias, scale)?)
         } else {
             attention(q, &k, &v, bias, scale)

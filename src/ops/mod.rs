@@ -26,7 +26,7 @@ pub use linear::{linear, linear_no_bias, WeightLayout};
 pub use softmax::masked_softmax;
 
 /// Whether `t` can take a fused CPU kernel (f32 on the CPU).
-fn fusable(t: &Tensor) -> bool {
+pub(crate) fn fusable(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == candle_core::DType::F32
 }
 
