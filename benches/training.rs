@@ -11,12 +11,12 @@
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use minillm::data::batch::LmBatch;
+use minillm::generate::{generate_mixed, row_rngs, MixedSampling};
 use minillm::loss::{head_loss, TargetTerm};
 use minillm::model::Model;
-use minillm::sample::{generate_mixed, row_rngs, MixedSampling};
 use minillm::train::minillm::{DistillConfig, DistillData, DistillTask};
 use minillm::train::optim::{collect_grads, AdamW, AdamWConfig};
-use minillm::train::trainer::Task;
+use minillm::train::trainer::{Task, Window};
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
 
@@ -80,7 +80,8 @@ fn distill_iteration(c: &mut Criterion) {
         ..DistillConfig::default()
     };
     let data = DistillData { prompts: random_ids(512, 32, 4), valid: Vec::new(), corpus: random_ids(512, 128, 5) };
-    let mut task = DistillTask::new(cfg, gpt2(4, 256, 6), data, vec![0], 0, Device::Cpu, 8, 1, 7).unwrap();
+    let mut task = DistillTask::new(cfg, gpt2(4, 256, 6), data, 7).unwrap();
+    let window = Window { batch_size: 8, grad_accum: 1 };
     let mut opt = AdamW::new(student.lm.params().iter(), AdamWConfig::default()).unwrap();
     let updates = ROLLOUTS / 8 * 4;
     let mut group = c.benchmark_group("distill");
@@ -91,8 +92,8 @@ fn distill_iteration(c: &mut Criterion) {
             b.iter(|| {
                 // The first step collects the buffer; all of them update on it.
                 for step in 0..updates {
-                    let norm = task.begin_step(&student, step).unwrap();
-                    let (loss, _) = task.micro_loss(&student, 0, norm).unwrap();
+                    task.begin_step(&student, step, window).unwrap();
+                    let (loss, _) = task.micro_loss(&student, 0).unwrap();
                     update(&student, &mut opt, &loss);
                 }
             })

@@ -1,10 +1,20 @@
 //! Per-token log-probabilities of given sequences under a model (`minillm score`, and the
 //! building block of LM-loss evaluation).
 
-use anyhow::{bail, Result};
-use candle_core::{DType, Tensor, D};
+use std::io::Write;
+use std::path::Path;
 
-use crate::model::{log_softmax_last, AttentionMask, CausalLm};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, D};
+use serde_json::{json, Value};
+
+use crate::data::jsonl::read_jsonl;
+use crate::model::{log_softmax_last, AttentionMask, CausalLm, Model};
+use crate::progress::Progress;
+use crate::tokenizer::encode_example;
+
+/// Rows scored per progress update.
+const CHUNK: usize = 64;
 
 /// A sequence to score and the first position whose token is scored (≥ 1: the first token has
 /// no prefix to be predicted from).
@@ -82,4 +92,58 @@ pub fn score(lm: &dyn CausalLm, requests: &[ScoreRequest], max_batch_tokens: usi
         start = end;
     }
     Ok(out)
+}
+
+/// Reads `{"text"}` or `{"prompt", "response"}` lines from `input` and writes to `out` one JSON
+/// line per input line with the token ids, the log-probability of every scored token given
+/// its prefix, and the total. For prompt/response lines the response tokens (with EOS) are
+/// scored, tokenised as in training; for text lines every token after the first.
+pub fn score_jsonl(model: &Model, input: &Path, out: &mut dyn Write, batch_tokens: usize) -> Result<()> {
+    let tok = model.tokenizer()?;
+    let mut requests = Vec::new();
+    let mut lines = Vec::new();
+    for (line, parsed) in read_jsonl(input)? {
+        let at = || format!("{}:{line}", input.display());
+        let v: Value = parsed.with_context(|| format!("{}: invalid JSON", at()))?;
+        let field = |k: &str| v.get(k).and_then(Value::as_str);
+        let req = match (field("text"), field("prompt"), field("response")) {
+            (Some(t), _, _) => {
+                let ids = tok.encode(t)?;
+                if ids.is_empty() {
+                    bail!("{}: `text` is empty", at());
+                }
+                ScoreRequest { score_from: 1, ids }
+            }
+            (None, Some(p), Some(r)) => {
+                let ex = encode_example(tok, p, r, model.eos()?)?;
+                if ex.prompt.is_empty() {
+                    bail!("{}: `prompt` is empty", at());
+                }
+                ScoreRequest { score_from: ex.prompt.len(), ids: [ex.prompt, ex.response].concat() }
+            }
+            _ => bail!("{}: expected a string field `text`, or string fields `prompt` and `response`", at()),
+        };
+        requests.push(req);
+        lines.push(line);
+    }
+    let progress = Progress::new("scoring", requests.len() as u64);
+    for (chunk, line_nos) in requests.chunks(CHUNK).zip(lines.chunks(CHUNK)) {
+        let scores = score(model.lm.as_ref(), chunk, batch_tokens).with_context(|| {
+            format!("scoring lines {}–{} of {}", line_nos[0], line_nos[line_nos.len() - 1], input.display())
+        })?;
+        for ((req, s), line) in chunk.iter().zip(scores).zip(line_nos) {
+            let row = json!({
+                "line": line,
+                "ids": req.ids,
+                "scored_from": req.score_from,
+                "logprobs": s.logprobs,
+                "total": s.total,
+            });
+            writeln!(out, "{row}")?;
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish();
+    out.flush()?;
+    Ok(())
 }

@@ -52,16 +52,19 @@ impl Tokenizer {
         Self { inner }
     }
 
-    /// The tokenizer of a model directory: `tokenizer.json`, else `vocab.json` + `merges.txt`
-    /// (GPT-2 BPE); `None` when the directory has neither.
+    /// The tokenizer of a model directory: `tokenizer.json`, else GPT-2 BPE from `vocab.json` +
+    /// `merges.txt` (or `encoder.json` + `vocab.bpe`); `None` when the directory has none.
     pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
         let json = dir.join("tokenizer.json");
         if json.is_file() {
             return Self::from_file(&json).map(Some);
         }
-        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
-        if vocab.is_file() && merges.is_file() {
-            return Self::from_gpt2_files(&vocab, &merges).map(Some);
+        // GPT-2's BPE as `transformers` saves it, or as OpenAI released it.
+        for (vocab, merges) in [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")] {
+            let (vocab, merges) = (dir.join(vocab), dir.join(merges));
+            if vocab.is_file() && merges.is_file() {
+                return Self::from_gpt2_files(&vocab, &merges).map(Some);
+            }
         }
         Ok(None)
     }
@@ -76,6 +79,12 @@ impl Tokenizer {
     /// Text of `ids`; special tokens are dropped when `skip_special` is set.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(|e| anyhow!("decoding failed: {e}"))
+    }
+
+    /// The text of a generated response: its EOS ids (`eos`) dropped, special tokens skipped.
+    pub fn decode_response(&self, response: &[u32], eos: &[u32]) -> Result<String> {
+        let ids: Vec<u32> = response.iter().copied().filter(|t| !eos.contains(t)).collect();
+        self.decode(&ids, true)
     }
 
     /// Number of ids (including added tokens).

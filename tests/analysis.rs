@@ -4,8 +4,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use minillm::eval::calibration::{calibration, ece, label_probabilities, load_classification, ClassifyTemplate};
-use minillm::eval::exposure::ex_acc_err;
+use minillm::analysis::calibration::{calibration, ece, label_probabilities, load_classification, ClassifyTemplate};
+use minillm::analysis::exposure::ex_acc_err;
 use minillm::model::load_model;
 use minillm::score::{score, ScoreRequest};
 
@@ -117,21 +117,30 @@ fn exposure_and_calibrate_commands_write_their_outputs() {
     let b = tiny_model_dir(&tmp.path().join("b"), "gpt2", 32, 1, 66);
     let set = tmp.path().join("prompts.jsonl");
     std::fs::write(&set, letters_jsonl(6, 67)).unwrap();
-    let load =
-        |dir: &std::path::Path| minillm::cli::LoadOptions { dir: dir.to_path_buf(), dtype: "f32".into(), gpu: None };
+    let minillm = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_minillm")).args(args).output().unwrap()
+    };
     let out = tmp.path().join("exposure");
-    minillm::cli::exposure(minillm::cli::ExposureCommand {
-        teacher: load(&teacher),
-        students: vec![load(&a), load(&b)],
-        set: set.display().to_string(),
-        data_dir: tmp.path().to_path_buf(),
-        prompts: 3,
-        samples: 2,
-        max_new_tokens: 10,
-        seed: 1,
-        out: out.clone(),
-    })
-    .unwrap();
+    let run = minillm(&[
+        "exposure".as_ref(),
+        "--teacher".as_ref(),
+        teacher.as_os_str(),
+        "--model".as_ref(),
+        a.as_os_str(),
+        "--model".as_ref(),
+        b.as_os_str(),
+        "--set".as_ref(),
+        set.as_os_str(),
+        "--prompts".as_ref(),
+        "3".as_ref(),
+        "--samples".as_ref(),
+        "2".as_ref(),
+        "--max-new-tokens".as_ref(),
+        "10".as_ref(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let doc: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("exposure.json")).unwrap()).unwrap();
     assert_eq!(doc["results"].as_array().unwrap().len(), 2);
@@ -141,13 +150,16 @@ fn exposure_and_calibrate_commands_write_their_outputs() {
 
     let data = tmp.path().join("sst.jsonl");
     std::fs::write(&data, "{\"text\": \"good\", \"label\": 1}\n").unwrap();
-    let cmd = |preset: Option<&str>| minillm::cli::CalibrateCommand {
-        load: load(&a),
-        data: data.clone(),
-        preset: preset.map(str::to_string),
-        custom: None,
-        bins: 10,
+    let calibrate = |extra: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec!["calibrate".as_ref(), "--model".as_ref(), a.as_os_str(), "--data".as_ref(), data.as_os_str()];
+        args.extend(extra.iter().map(|x| std::ffi::OsStr::new(*x)));
+        minillm(&args)
     };
-    minillm::cli::calibrate(cmd(Some("sst2"))).unwrap();
-    assert!(minillm::cli::calibrate(cmd(None)).is_err());
+    let run = calibrate(&["--preset", "sst2"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert!(line["ece"].is_number() && line["accuracy"].is_number());
+    assert!(!calibrate(&[]).status.success(), "a template is required");
+    assert!(!calibrate(&["--instruction", "x", "--input", "{text}", "--labels", "only"]).status.success());
 }

@@ -7,8 +7,11 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use minillm::cli::{run_method, Method};
-use minillm::config::RunConfig;
+use minillm::recipe::{Method, Recipe, RunConfig};
+
+fn run_method(method: Method, config: &RunConfig) -> anyhow::Result<minillm::train::trainer::TrainOutcome> {
+    Ok(Recipe { method, config: config.clone() }.run()?.outcome)
+}
 
 fn q(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
@@ -24,6 +27,7 @@ fn base(tmp: &Path) -> Vec<String> {
         format!("model.teacher={}", q(&teacher)),
         format!("data.train={}", q(&tmp.join("train.jsonl"))),
         format!("data.valid={}", q(&tmp.join("valid.jsonl"))),
+        "data.max_len=256".into(), // the tiny models' context
         "train.max_steps=4".into(),
         "train.batch_size=4".into(),
         "train.eval_interval=2".into(),

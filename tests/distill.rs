@@ -14,8 +14,15 @@ use minillm::model::load_model;
 use minillm::tokenizer::Tokenizer;
 use minillm::train::minillm::{DistillConfig, DistillData, DistillTask};
 use minillm::train::optim::Schedule;
+use minillm::train::run_dir::RunDir;
 use minillm::train::supervised::SupervisedTask;
-use minillm::train::trainer::{train, RunDir, Task, TrainConfig};
+use minillm::train::trainer::{Task, TrainConfig, TrainOutcome};
+
+/// Trains the model saved in `dir` (loaded afresh, as a new process would).
+fn train(dir: &Path, task: &mut dyn Task, c: &TrainConfig, out: &RunDir) -> anyhow::Result<TrainOutcome> {
+    let student = load_model(dir, &Device::Cpu, DType::F32)?;
+    minillm::train::trainer::train(&student, task, c, out, &std::sync::atomic::AtomicBool::new(false))
+}
 
 /// A random student and a teacher that has been fine-tuned on the task (so its distribution
 /// has structure a student can learn, unlike a randomly initialised one).
@@ -34,9 +41,9 @@ fn setup(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
         save_interval: 60,
         ..TrainConfig::default()
     };
-    let mut sft = SupervisedTask::new(data[..224].to_vec(), data[224..].to_vec(), 16, 1, 1, 0, Device::Cpu, None);
+    let mut sft = SupervisedTask::new(data[..224].to_vec(), data[224..].to_vec(), 1, None);
     let run = RunDir::new(&dir.join("teacher-sft")).unwrap();
-    train(&init, &Device::Cpu, DType::F32, &mut sft, &t, &run).unwrap();
+    train(&init, &mut sft, &t, &run).unwrap();
     (student, run.best())
 }
 
@@ -51,7 +58,7 @@ fn task(dir: &Path, teacher: &Path, cfg: DistillConfig, t: &TrainConfig) -> Dist
     let corpus = load_corpus(&shared_data().join("minillm_openwebtext_sample/data.txt"), &tok, 0, 64).unwrap();
     let teacher = load_model(teacher, &Device::Cpu, DType::F32).unwrap();
     let data = DistillData { prompts: train_set.into_iter().map(|e| e.prompt).collect(), valid, corpus };
-    DistillTask::new(cfg, teacher, data, vec![0], 0, Device::Cpu, t.batch_size, t.grad_accum, t.seed).unwrap()
+    DistillTask::new(cfg, teacher, data, t.seed).unwrap()
 }
 
 fn small() -> DistillConfig {
@@ -85,9 +92,9 @@ fn distill_lowers_the_reverse_kl_and_logs_every_term() {
     let (student, teacher) = setup(tmp.path());
     let t = train_cfg(32);
     let mut task = task(tmp.path(), &teacher, small(), &t);
-    let before = task.validate(&load_model(&student, &Device::Cpu, DType::F32).unwrap()).unwrap();
+    let before = task.validate(&load_model(&student, &Device::Cpu, DType::F32).unwrap(), t.batch_size).unwrap();
     let run = RunDir::new(&tmp.path().join("run")).unwrap();
-    let out = train(&student, &Device::Cpu, DType::F32, &mut task, &t, &run).unwrap();
+    let out = train(&student, &mut task, &t, &run).unwrap();
     let after = &out.evals.last().unwrap().1;
     let rows: Vec<serde_json::Value> =
         std::fs::read_to_string(run.metrics()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -122,14 +129,12 @@ fn distill_resumes_bit_identically_from_the_middle_of_a_buffer() {
     let (student, teacher) = setup(tmp.path());
     let t = train_cfg(10); // 4 steps per buffer: the interruption at step 5 is mid-buffer
     let straight = RunDir::new(&tmp.path().join("straight")).unwrap();
-    train(&student, &Device::Cpu, DType::F32, &mut task(tmp.path(), &teacher, small(), &t), &t, &straight).unwrap();
+    train(&student, &mut task(tmp.path(), &teacher, small(), &t), &t, &straight).unwrap();
     let resumed = RunDir::new(&tmp.path().join("resumed")).unwrap();
     let stop = TrainConfig { stop_after: Some(5), ..t.clone() };
-    let first =
-        train(&student, &Device::Cpu, DType::F32, &mut task(tmp.path(), &teacher, small(), &stop), &stop, &resumed)
-            .unwrap();
+    let first = train(&student, &mut task(tmp.path(), &teacher, small(), &stop), &stop, &resumed).unwrap();
     assert!(first.interrupted);
-    train(&student, &Device::Cpu, DType::F32, &mut task(tmp.path(), &teacher, small(), &t), &t, &resumed).unwrap();
+    train(&student, &mut task(tmp.path(), &teacher, small(), &t), &t, &resumed).unwrap();
     let params = |d: &Path| -> Vec<Vec<f32>> {
         let m = load_model(d, &Device::Cpu, DType::F32).unwrap();
         m.lm.params().iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect()

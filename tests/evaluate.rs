@@ -11,8 +11,8 @@ use common::*;
 use minillm::eval::evaluate::{evaluate_model, parse_seeds, score_predictions, EvalOptions};
 use minillm::eval::metrics::{distinct_n, lm_loss, mean_std};
 use minillm::eval::sets::{load_set, DEFAULT_DATA_DIR};
+use minillm::generate::SamplingConfig;
 use minillm::model::load_model;
-use minillm::sample::SamplingConfig;
 
 fn data_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_DATA_DIR)

@@ -31,6 +31,8 @@ fn sigint_writes_a_checkpoint_and_the_run_resumes() {
             "--batch-size".into(),
             "4".into(),
             "--set".into(),
+            "data.max_len=256".into(), // the tiny model's context
+            "--set".into(),
             "train.save_interval=100000".into(),
             "--set".into(),
             "train.eval_interval=100000".into(),
@@ -41,13 +43,14 @@ fn sigint_writes_a_checkpoint_and_the_run_resumes() {
     let start = Instant::now();
     while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
         assert!(start.elapsed() < Duration::from_secs(120), "no training progress");
+        assert!(child.try_wait().unwrap().is_none(), "the training process exited early");
         std::thread::sleep(Duration::from_millis(50));
     }
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let code = child.wait().unwrap().code();
     assert_eq!(code, Some(130), "an interrupted run exits with 130");
-    let run = minillm::train::trainer::RunDir::new(&out).unwrap();
+    let run = minillm::train::run_dir::RunDir::new(&out).unwrap();
     let (step, dir) = run.latest_checkpoint().expect("a checkpoint written on Ctrl-C");
     assert!(step >= 3);
     assert!(dir.join("model.safetensors").is_file() && dir.join("trainer_state.safetensors").is_file());

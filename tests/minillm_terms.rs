@@ -6,9 +6,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use minillm::generate::mix_log_prob;
 use minillm::loss::policy::{advantages, pg_loss, rewards, PolicyConfig};
 use minillm::loss::{cross_entropy, divergence, Divergence};
-use minillm::sample::mix_log_prob;
 
 fn close(a: f32, b: f32, tol: f32, what: &str) {
     assert!((a - b).abs() <= tol * b.abs().max(1.0), "{what}: {a} vs {b}");

@@ -55,7 +55,7 @@ fn known_values() {
     assert!((s.precision - 1.0).abs() < 1e-12 && (s.recall - 5.0 / 6.0).abs() < 1e-12);
     assert!((s.fmeasure - 10.0 / 11.0).abs() < 1e-12);
     assert_eq!(rouge_l("", "x").fmeasure, 0.0);
-    let mean = minillm::eval::validate::mean_rouge_l(
+    let mean = minillm::train::validation::mean_rouge_l(
         &["the cat".to_string(), "dogs".to_string()],
         &[vec!["a b".to_string(), "The cats!".to_string()], vec!["cats".to_string()]],
     );

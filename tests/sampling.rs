@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use minillm::sample::*;
+use minillm::generate::*;
 use minillm::score::{score, ScoreRequest};
 
 fn unpad(ids: &candle_core::Tensor, mask: &candle_core::Tensor) -> Vec<Vec<u32>> {
@@ -62,13 +62,24 @@ fn rows_stop_at_their_first_eos_and_the_padded_layout_masks_the_rest() {
         .unwrap();
     assert_eq!(got.responses[0], vec![eos[0]]);
     assert!(got.ended_with_eos[0]);
-    let padded = got.padded(0);
+    // Re-scoring layout: prompts left-padded, responses right after them, targets = responses.
+    let pairs: Vec<(&[u32], &[u32])> =
+        got.prompts.iter().zip(&got.responses).map(|(p, r)| (p.as_slice(), r.as_slice())).collect();
+    let batch = minillm::data::batch::LmBatch::from_rollouts(&pairs, 0, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(batch.targets, got.responses.concat());
+    let ids = batch.input_ids.to_vec2::<u32>().unwrap();
+    let p = prompts.iter().map(Vec::len).max().unwrap();
+    let t = ids[0].len();
+    let mut k = 0;
     for (b, resp) in got.responses.iter().enumerate() {
-        let ones: usize = padded.response_mask[b].iter().map(|&m| m as usize).sum();
-        assert_eq!(ones, resp.len());
-        assert_eq!(&padded.input_ids[b][padded.prompt_len..padded.prompt_len + resp.len()], &resp[..]);
-        let real: usize = padded.attention_mask[b].iter().map(|&m| m as usize).sum();
+        assert_eq!(&ids[b][p..p + resp.len()], &resp[..]);
+        assert_eq!(&ids[b][p - prompts[b].len()..p], &prompts[b][..]);
+        let real: usize = batch.mask.row(b).iter().map(|&m| m as usize).sum();
         assert_eq!(real, prompts[b].len() + resp.len());
+        for j in 0..resp.len() {
+            assert_eq!(batch.positions[k] as usize, b * t + p + j - 1, "position j − 1 predicts response token j");
+            k += 1;
+        }
     }
 }
 

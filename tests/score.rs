@@ -56,12 +56,23 @@ fn out_of_range_requests_are_refused() {
 #[test]
 fn score_command_reports_bad_lines_and_writes_one_line_per_input() {
     let tmp = tempfile::tempdir().unwrap();
-    let load = minillm::cli::LoadOptions { dir: fixtures().join("models/gpt2"), dtype: "f32".into(), gpu: None };
+    let model = fixtures().join("models/gpt2");
     let input = tmp.path().join("in.jsonl");
     let out = tmp.path().join("out.jsonl");
+    let score = |input: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_minillm"))
+            .args(["score", "--model"])
+            .arg(&model)
+            .arg("--input")
+            .arg(input)
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
     std::fs::write(&input, "{\"text\": \"hello there\"}\n\n{\"prompt\": \"Q: 1+1\\n\", \"response\": \"2\"}\n")
         .unwrap();
-    minillm::cli::score(&load, &input, Some(&out), 4096).unwrap();
+    assert!(score(&input).status.success());
     let rows: Vec<serde_json::Value> =
         std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 2);
@@ -77,10 +88,11 @@ fn score_command_reports_bad_lines_and_writes_one_line_per_input() {
         ("{\"text\": 5}\n", "in.jsonl:1"),
     ] {
         std::fs::write(&input, content).unwrap();
-        let e = format!("{:#}", minillm::cli::score(&load, &input, Some(&out), 4096).unwrap_err());
-        assert!(e.contains(expect), "{e}");
+        let run = score(&input);
+        let e = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success() && e.contains(expect), "{e}");
     }
-    let missing = tmp.path().join("missing.jsonl");
-    let e = format!("{:#}", minillm::cli::score(&load, &missing, None, 4096).unwrap_err());
-    assert!(e.contains("missing.jsonl"), "{e}");
+    let run = score(&tmp.path().join("missing.jsonl"));
+    let e = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && e.contains("missing.jsonl"), "{e}");
 }

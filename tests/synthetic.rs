@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use minillm::data::jsonl::read_jsonl;
-use minillm::data::synthetic::{self, draw, split_of, Family, Sizes, Split};
+use minillm::demo::synthetic::{self, draw, split_of, Family, Sizes, Split};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;

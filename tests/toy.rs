@@ -2,7 +2,7 @@
 //! perturbation lowers KL(p‖q)); the reverse-KL fit is a local minimum of KL(q‖p) that sits on
 //! the larger mode, and each fit beats the other on its own objective.
 
-use minillm::toy::{fit, mixture_pdf, normal_pdf, MIXTURE};
+use minillm::demo::toy::{fit, mixture_pdf, normal_pdf, MIXTURE};
 
 /// KL(a‖b) by the trapezoid rule on a fine grid, independent of the module's integrator.
 fn kl(a: impl Fn(f64) -> f64, b: impl Fn(f64) -> f64) -> f64 {

@@ -11,10 +11,12 @@ use common::*;
 use minillm::data::instruct::{load_instruct, InstructOptions};
 use minillm::loss::Divergence;
 use minillm::model::load_model;
+use minillm::model::Model;
 use minillm::tokenizer::Tokenizer;
 use minillm::train::optim::Schedule;
+use minillm::train::run_dir::RunDir;
 use minillm::train::supervised::{KdTerm, SupervisedTask};
-use minillm::train::trainer::{train, RunDir, Stats, Task, TaskState, TrainConfig};
+use minillm::train::trainer::{train, Stats, Task, TaskState, TrainConfig, Window};
 
 fn tok() -> Tokenizer {
     Tokenizer::from_file(&fixtures().join("models/gpt2/tokenizer.json")).unwrap()
@@ -40,7 +42,21 @@ fn cfg(steps: usize) -> TrainConfig {
 }
 
 fn sft_task(dir: &Path, c: &TrainConfig, kd: Option<KdTerm>) -> SupervisedTask {
-    SupervisedTask::new(data(dir, 128, 1), data(dir, 32, 2), c.batch_size, c.grad_accum, c.seed, 0, Device::Cpu, kd)
+    SupervisedTask::new(data(dir, 128, 1), data(dir, 32, 2), c.seed, kd)
+}
+
+fn student(dir: &Path) -> Model {
+    load_model(dir, &Device::Cpu, DType::F32).unwrap()
+}
+
+/// Trains the student saved in `dir` (loaded afresh, as a new process would).
+fn run(
+    dir: &Path,
+    task: &mut dyn Task,
+    c: &TrainConfig,
+    out: &RunDir,
+) -> anyhow::Result<minillm::train::trainer::TrainOutcome> {
+    train(&student(dir), task, c, out, &std::sync::atomic::AtomicBool::new(false))
 }
 
 fn params_of(dir: &Path) -> Vec<(String, Vec<f32>)> {
@@ -58,14 +74,15 @@ fn sft_lowers_validation_loss_and_selects_the_best_checkpoint() {
     let c = cfg(40);
     let mut task = sft_task(tmp.path(), &c, None);
     let run = RunDir::new(&tmp.path().join("run")).unwrap();
-    let before = task.validate(&load_model(&student, &Device::Cpu, DType::F32).unwrap()).unwrap()["val_loss"];
-    let out = train(&student, &Device::Cpu, DType::F32, &mut task, &c, &run).unwrap();
+    let before =
+        task.validate(&load_model(&student, &Device::Cpu, DType::F32).unwrap(), c.batch_size).unwrap()["val_loss"];
+    let out = self::run(&student, &mut task, &c, &run).unwrap();
     assert_eq!(out.steps, 40);
     let (best, best_step) = out.best.unwrap();
     assert!(best < 0.6 * before, "validation loss {before} → {best}");
     assert!(out.evals.iter().all(|(_, s)| s["val_loss"] >= best));
     let reloaded = load_model(&run.best(), &Device::Cpu, DType::F32).unwrap();
-    let again = task.validate(&reloaded).unwrap()["val_loss"];
+    let again = task.validate(&reloaded, c.batch_size).unwrap()["val_loss"];
     assert!((again - best).abs() < 1e-6, "best/ holds the step-{best_step} model");
     let rows: Vec<serde_json::Value> =
         std::fs::read_to_string(run.metrics()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -85,16 +102,15 @@ fn an_interrupted_run_resumes_bit_identically() {
     let student = tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 3);
     let c = TrainConfig { save_interval: 4, keep_checkpoints: 1, ..cfg(14) };
     let straight = RunDir::new(&tmp.path().join("straight")).unwrap();
-    train(&student, &Device::Cpu, DType::F32, &mut sft_task(tmp.path(), &c, None), &c, &straight).unwrap();
+    run(&student, &mut sft_task(tmp.path(), &c, None), &c, &straight).unwrap();
 
     let resumed = RunDir::new(&tmp.path().join("resumed")).unwrap();
     let stop = TrainConfig { stop_after: Some(7), ..c.clone() };
-    let first =
-        train(&student, &Device::Cpu, DType::F32, &mut sft_task(tmp.path(), &stop, None), &stop, &resumed).unwrap();
+    let first = run(&student, &mut sft_task(tmp.path(), &stop, None), &stop, &resumed).unwrap();
     assert!(first.interrupted);
     assert_eq!(first.steps, 7);
     assert_eq!(resumed.latest_checkpoint().unwrap().0, 7, "interruption writes a checkpoint");
-    let second = train(&student, &Device::Cpu, DType::F32, &mut sft_task(tmp.path(), &c, None), &c, &resumed).unwrap();
+    let second = run(&student, &mut sft_task(tmp.path(), &c, None), &c, &resumed).unwrap();
     assert_eq!(second.steps, 14);
 
     let (a, b) = (straight.latest_checkpoint().unwrap().1, resumed.latest_checkpoint().unwrap().1);
@@ -121,28 +137,30 @@ fn kd_lowers_the_divergence_to_the_teacher() {
     let c = cfg(30);
     let kd = KdTerm { teacher, ratio: 1.0, divergence: Divergence::ForwardKl };
     let mut task = sft_task(tmp.path(), &c, Some(kd));
-    let before = task.validate(&load_model(&student, &Device::Cpu, DType::F32).unwrap()).unwrap()["val_kd"];
-    let run = RunDir::new(&tmp.path().join("run")).unwrap();
-    let out = train(&student, &Device::Cpu, DType::F32, &mut task, &c, &run).unwrap();
+    let before =
+        task.validate(&load_model(&student, &Device::Cpu, DType::F32).unwrap(), c.batch_size).unwrap()["val_kd"];
+    let out = run(&student, &mut task, &c, &RunDir::new(&tmp.path().join("run")).unwrap()).unwrap();
     let after = out.evals.last().unwrap().1["val_kd"];
     assert!(after < 0.5 * before, "forward KL to the teacher {before} → {after}");
 }
 
 /// A task whose loss is NaN from step 3 on.
-struct Poisoned(SupervisedTask);
+struct Poisoned(SupervisedTask, usize);
 
 impl Task for Poisoned {
-    fn begin_step(&mut self, s: &minillm::model::Model, step: usize) -> anyhow::Result<f64> {
-        self.0.begin_step(s, step).map(|n| if step >= 3 { f64::NAN } else { n })
+    fn begin_step(&mut self, s: &Model, step: usize, window: Window) -> anyhow::Result<()> {
+        self.1 = step;
+        self.0.begin_step(s, step, window)
     }
     fn micro_batches(&self) -> usize {
         self.0.micro_batches()
     }
-    fn micro_loss(&mut self, s: &minillm::model::Model, i: usize, norm: f64) -> anyhow::Result<(Tensor, Stats)> {
-        self.0.micro_loss(s, i, norm)
+    fn micro_loss(&mut self, s: &Model, i: usize) -> anyhow::Result<(Tensor, Stats)> {
+        let (loss, stats) = self.0.micro_loss(s, i)?;
+        Ok((if self.1 >= 3 { (loss * f64::NAN)? } else { loss }, stats))
     }
-    fn validate(&mut self, s: &minillm::model::Model) -> anyhow::Result<Stats> {
-        self.0.validate(s)
+    fn validate(&mut self, s: &Model, batch_size: usize) -> anyhow::Result<Stats> {
+        self.0.validate(s, batch_size)
     }
     fn state(&self) -> anyhow::Result<TaskState> {
         self.0.state()
@@ -157,11 +175,11 @@ fn non_finite_steps_are_skipped_and_stop_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let student = tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 7);
     let c = TrainConfig { max_bad_steps: 3, ..cfg(20) };
-    let mut task = Poisoned(sft_task(tmp.path(), &c, None));
-    let run = RunDir::new(&tmp.path().join("run")).unwrap();
-    let e = train(&student, &Device::Cpu, DType::F32, &mut task, &c, &run).unwrap_err().to_string();
+    let mut task = Poisoned(sft_task(tmp.path(), &c, None), 0);
+    let out = RunDir::new(&tmp.path().join("run")).unwrap();
+    let e = run(&student, &mut task, &c, &out).unwrap_err().to_string();
     assert!(e.contains("stopping at step 5") && e.contains("3 consecutive"), "{e}");
-    let skipped = std::fs::read_to_string(run.metrics()).unwrap().matches("skipped").count();
+    let skipped = std::fs::read_to_string(out.metrics()).unwrap().matches("skipped").count();
     assert_eq!(skipped, 3);
 }
 

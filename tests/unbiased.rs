@@ -9,9 +9,9 @@
 //! single-step reverse KL (`divergence`).
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use minillm::generate::{log_softmax_into, mix_log_prob, sample_from_logits};
 use minillm::loss::policy::{advantages, pg_loss, rewards, PolicyConfig, Returns};
 use minillm::loss::{divergence, Divergence};
-use minillm::sample::{log_softmax_into, mix_log_prob, sample_from_logits};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

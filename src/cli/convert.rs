@@ -1,16 +1,35 @@
-//! `minillm convert`: load a model directory and write it back (HF layout, chosen dtype).
+//! `minillm convert`: load a model directory and write it back (Hugging Face layout, chosen
+//! dtype).
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use anyhow::Result;
+use clap::Args;
+use minillm::model::save_model;
 
-use super::{parse_dtype, LoadOptions};
-use crate::model::save_model;
+use super::ModelArgs;
 
-/// Loads `load` and saves it to `out` atomically.
-pub fn convert(load: &LoadOptions, out: &Path) -> Result<()> {
-    let model = load.load()?;
-    save_model(&model, out, parse_dtype(&load.dtype)?)?;
-    eprintln!("saved {} ({} parameters) to {}", load.dir.display(), model.lm.params().num_elements(), out.display());
-    Ok(())
+/// `minillm convert`.
+#[derive(Args, Debug)]
+pub struct Convert {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+impl Convert {
+    /// Loads the model and saves it to `--out` atomically.
+    pub fn run(self) -> Result<()> {
+        let model = self.model.load()?;
+        save_model(&model, &self.out, self.model.load.dtype.dtype())?;
+        eprintln!(
+            "saved {} ({} parameters) to {}",
+            self.model.model.display(),
+            model.lm.params().num_elements(),
+            self.out.display()
+        );
+        Ok(())
+    }
 }

@@ -1,62 +1,67 @@
-//! The subcommands behind `minillm`'s command line, one file each.
+//! The `minillm` command line: one file per subcommand, each a clap struct (one declaration per
+//! option) with a `run` that resolves it into the library's settings once and calls the
+//! library.
 
-mod analysis;
-mod convert;
-mod demo;
-mod eval;
-mod generate;
-mod methods;
-mod score;
+pub mod analysis;
+pub mod convert;
+pub mod demo;
+pub mod eval;
+pub mod generate;
+pub mod init;
+pub mod score;
+pub mod signals;
+pub mod train;
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use anyhow::Result;
+use clap::Args;
+use minillm::model::{load_model, select_device, Model, Precision};
 
-pub use analysis::{calibrate, exposure, CalibrateCommand, ExposureCommand};
-pub use convert::convert;
-pub use demo::{demo, DemoOptions};
-pub use eval::{eval, EvalCommand};
-pub use generate::{generate, GenerateOptions};
-pub use methods::{run_method, Method};
-pub use score::score;
+/// Where a model is and how to load it.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Model directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
 
-use crate::model::{load_model, Model};
-
-/// How to load a model from the command line.
-#[derive(Clone, Debug)]
-pub struct LoadOptions {
-    /// Model directory.
-    pub dir: PathBuf,
-    /// `f32`, `bf16` or `f16`.
-    pub dtype: String,
-    /// GPU index, if any.
+/// How to load models: precision and device.
+#[derive(Args, Clone, Copy, Debug)]
+pub struct LoadArgs {
+    /// Working precision: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: Precision,
+    /// Run on the GPU with this index (needs the `cuda` feature).
+    #[arg(long)]
     pub gpu: Option<usize>,
 }
 
-/// Parses a dtype name.
-pub fn parse_dtype(name: &str) -> Result<DType> {
-    Ok(match name {
-        "f32" | "float32" => DType::F32,
-        "bf16" | "bfloat16" => DType::BF16,
-        "f16" | "float16" => DType::F16,
-        other => bail!("unknown dtype `{other}` (expected f32, bf16 or f16)"),
-    })
-}
-
-/// The CPU, or the requested GPU.
-pub fn device(gpu: Option<usize>) -> Result<Device> {
-    match gpu {
-        None => Ok(Device::Cpu),
-        Some(i) => {
-            Device::new_cuda(i).with_context(|| format!("opening GPU {i} (was minillm built with --features cuda?)"))
-        }
+impl LoadArgs {
+    /// Loads the model directory `dir`.
+    pub fn load(&self, dir: &std::path::Path) -> Result<Model> {
+        load_model(dir, &select_device(self.gpu)?, self.dtype.dtype())
     }
 }
 
-impl LoadOptions {
+impl ModelArgs {
     /// Loads the model.
     pub fn load(&self) -> Result<Model> {
-        load_model(&self.dir, &device(self.gpu)?, parse_dtype(&self.dtype)?)
+        self.load.load(&self.model)
     }
+}
+
+/// Refuses an output directory that exists and holds anything, unless `overwrite` is given.
+pub fn refuse_foreign_dir(dir: &std::path::Path, overwrite: bool) -> Result<()> {
+    let occupied = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
+    if occupied && !overwrite {
+        anyhow::bail!(
+            "{} already exists and is not empty; choose another --out, or pass --overwrite to replace the \
+             model files in it (other files are kept)",
+            dir.display()
+        );
+    }
+    Ok(())
 }

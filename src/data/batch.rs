@@ -1,6 +1,7 @@
-//! Training batches: right-padded sequences and the positions whose next token is a target.
+//! Batches for the LM head: padded sequences and the positions whose next token is a target
+//! (right-padded for training data, the decoding layout for sampled rollouts).
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
 use super::instruct::InstructExample;
@@ -53,6 +54,40 @@ impl LmBatch {
     pub fn from_chunks(chunks: &[&Vec<u32>], pad: u32, device: &Device) -> Result<Self> {
         let seqs: Vec<Vec<u32>> = chunks.iter().map(|c| c.to_vec()).collect();
         Self::new(&seqs, &vec![1; seqs.len()], pad, device)
+    }
+
+    /// (prompt, response) pairs in the layout decoding ran in: prompts left-padded to the
+    /// longest, then responses right-padded to the longest, so re-scoring reproduces the
+    /// sampling-time logits; the targets are the response tokens.
+    pub fn from_rollouts(pairs: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Self> {
+        let p = pairs.iter().map(|(x, _)| x.len()).max().unwrap_or(0);
+        let r = pairs.iter().map(|(_, y)| y.len()).max().unwrap_or(0);
+        if p == 0 && r > 0 {
+            bail!("a rollout needs a non-empty prompt (its first response token has no prefix)");
+        }
+        let t = p + r;
+        let mut ids = Vec::with_capacity(pairs.len() * t);
+        let mut rows = Vec::with_capacity(pairs.len());
+        let (mut positions, mut targets) = (Vec::new(), Vec::new());
+        for (b, (prompt, response)) in pairs.iter().enumerate() {
+            let left = p - prompt.len();
+            ids.extend(std::iter::repeat_n(pad, left).chain(prompt.iter().copied()).chain(response.iter().copied()));
+            ids.extend(std::iter::repeat_n(pad, r - response.len()));
+            rows.push(
+                [vec![0u8; left], vec![1u8; prompt.len() + response.len()], vec![0u8; r - response.len()]].concat(),
+            );
+            // Position j − 1 predicts the token at j.
+            for (k, &tok) in response.iter().enumerate() {
+                positions.push((b * t + p + k - 1) as u32);
+                targets.push(tok);
+            }
+        }
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (pairs.len(), t), device)?,
+            mask: AttentionMask::from_rows(&rows)?,
+            positions,
+            targets,
+        })
     }
 
     /// Number of target tokens.

@@ -1,7 +1,6 @@
-//! Data: instruction sets, the pre-training corpus, batching, and the demo's synthetic task.
+//! Data: instruction sets, the pre-training corpus, and batching.
 
 pub mod batch;
 pub mod instruct;
 pub mod jsonl;
 pub mod pretrain;
-pub mod synthetic;

@@ -17,11 +17,11 @@ use serde_json::{json, Value};
 use super::metrics::{distinct_n, lm_loss, mean_std};
 use super::rouge::{rouge_l_max, tokenize};
 use super::sets::{length_bucket, load_set, EvalSet};
-use super::validate::response_text;
 use crate::data::instruct::references;
 use crate::data::jsonl::read_jsonl;
+use crate::generate::{Sampler, SamplingConfig};
 use crate::model::Model;
-use crate::sample::{generate, row_rngs, SamplingConfig};
+use crate::progress::Progress;
 use crate::tokenizer::encode_example;
 
 /// Settings of an evaluation run.
@@ -70,18 +70,48 @@ pub struct SetResult {
 
 /// Parses a comma-separated seed list (non-empty, numbers, no duplicates).
 pub fn parse_seeds(s: &str) -> Result<Vec<u64>> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let v: u64 = part.parse().with_context(|| format!("invalid seed `{part}` in the seed list `{s}`"))?;
-        if out.contains(&v) {
-            bail!("seed {v} appears twice in the seed list `{s}`");
+    let seeds = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().with_context(|| format!("invalid seed `{p}` in the seed list `{s}`")))
+        .collect::<Result<Vec<u64>>>()?;
+    check_list("seed", &seeds)?;
+    Ok(seeds)
+}
+
+/// A list of seeds or sets must be non-empty and name each item once.
+fn check_list<T: PartialEq + std::fmt::Display>(what: &str, items: &[T]) -> Result<()> {
+    if items.is_empty() {
+        bail!("the {what} list is empty");
+    }
+    for (i, x) in items.iter().enumerate() {
+        if items[..i].contains(x) {
+            bail!("{what} {x} appears twice in the {what} list");
         }
-        out.push(v);
     }
-    if out.is_empty() {
-        bail!("the seed list is empty");
+    Ok(())
+}
+
+impl EvalOptions {
+    /// Checks the settings: non-empty set and seed lists without repeats, positive sizes.
+    pub fn validate(&self) -> Result<()> {
+        check_list("set", &self.sets)?;
+        if self.sets.iter().any(String::is_empty) {
+            bail!("the set list has an empty name");
+        }
+        check_list("seed", &self.seeds)?;
+        if self.batch_size == 0 {
+            bail!("the batch size must be at least 1");
+        }
+        if self.max_examples == Some(0) {
+            bail!("max_examples must be at least 1");
+        }
+        if self.sampling.max_new_tokens == 0 {
+            bail!("max_new_tokens must be at least 1");
+        }
+        Ok(())
     }
-    Ok(out)
 }
 
 struct Prepared {
@@ -146,44 +176,39 @@ fn run_seed(
     prep: &Prepared,
     seed: u64,
     opts: &EvalOptions,
-    bar: &indicatif::ProgressBar,
+    progress: &Progress,
 ) -> Result<Vec<Value>> {
     let path = opts.out.join("eval").join(&set.name).join(format!("seed-{seed}.jsonl"));
     std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
     let mut rows = resume_rows(&path)?;
-    bar.inc(prep.indices.iter().filter(|i| rows.contains_key(i)).count() as u64);
+    progress.inc(prep.indices.iter().filter(|i| rows.contains_key(i)).count() as u64);
     let todo: Vec<usize> = (0..prep.indices.len()).filter(|&k| !rows.contains_key(&prep.indices[k])).collect();
     let tok = model.tokenizer()?;
-    let eos = model.eos_token_ids.clone();
-    let pad = model.pad_id();
+    let eos = &model.eos_token_ids;
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-    for chunk in todo.chunks(opts.batch_size.max(1)) {
-        let prompts: Vec<Vec<u32>> = chunk.iter().map(|&k| prep.prompts[k].clone()).collect();
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let cfg = SamplingConfig {
-            max_new_tokens: opts.sampling.max_new_tokens.min(opts.max_len - longest),
-            max_length: Some(opts.max_len),
-            ..opts.sampling.clone()
-        };
-        let mut rngs = row_rngs(seed, chunk.iter().map(|&k| prep.indices[k] as u64));
-        let g = generate(model.lm.as_ref(), &prompts, &eos, pad, &cfg, &mut rngs)?;
+    let prompts: Vec<Vec<u32>> = todo.iter().map(|&k| prep.prompts[k].clone()).collect();
+    // Each example's stream is (seed, example index): independent of batching and resuming.
+    let ids: Vec<u64> = todo.iter().map(|&k| prep.indices[k] as u64).collect();
+    let cfg = SamplingConfig { max_length: Some(opts.max_len), ..opts.sampling.clone() };
+    Sampler::plain(model, &cfg).decode_in_chunks(&prompts, seed, &ids, opts.batch_size, |first, samples| {
         let mut text = String::new();
-        for (&k, y) in chunk.iter().zip(&g.responses) {
-            let i = prep.indices[k];
+        for (j, s) in samples.iter().enumerate() {
+            let i = prep.indices[todo[first + j]];
             let e = &set.examples[i];
-            let prediction = response_text(tok, y, &eos)?;
+            let prediction = tok.decode_response(&s.response, eos)?;
             let refs: Vec<&str> = e.references.iter().map(String::as_str).collect();
             let row = json!({
                 "index": i, "seed": seed, "prompt": e.prompt, "prediction": prediction,
-                "references": e.references, "rougeL": 100.0 * rouge_l_max(&prediction, &refs), "tokens": y.len(),
+                "references": e.references, "rougeL": 100.0 * rouge_l_max(&prediction, &refs), "tokens": s.response.len(),
             });
             text.push_str(&format!("{row}\n"));
             rows.insert(i, row);
         }
         file.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
         file.flush()?;
-        bar.inc(chunk.len() as u64);
-    }
+        progress.inc(samples.len() as u64);
+        Ok(())
+    })?;
     Ok(prep.indices.iter().map(|i| rows[i].clone()).collect())
 }
 
@@ -200,20 +225,13 @@ fn dist4_of(rows: &[Value]) -> f64 {
 /// Evaluates `model` on every set and seed; writes `results.json` and `results.md` in
 /// `opts.out` and returns the results.
 pub fn evaluate_model(model: &Model, opts: &EvalOptions) -> Result<Vec<SetResult>> {
-    if opts.seeds.is_empty() {
-        bail!("no seeds given");
-    }
+    opts.validate()?;
     let sets: Vec<EvalSet> = opts.sets.iter().map(|s| load_set(s, &opts.data_dir)).collect::<Result<_>>()?;
     let tok = model.tokenizer()?;
     let mut results = Vec::new();
     for set in &sets {
         let prep = prepare(model, set, opts)?;
-        let bar = indicatif::ProgressBar::new((prep.indices.len() * opts.seeds.len()) as u64).with_style(
-            indicatif::ProgressStyle::with_template(&format!(
-                "{:>10} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}]",
-                set.name
-            ))?,
-        );
+        let progress = Progress::new(&format!("{:>10}", set.name), (prep.indices.len() * opts.seeds.len()) as u64);
         let started = std::time::Instant::now();
         let mut generated = 0usize;
         let mut per_seed = BTreeMap::new();
@@ -221,7 +239,7 @@ pub fn evaluate_model(model: &Model, opts: &EvalOptions) -> Result<Vec<SetResult
         let mut bucket_scores: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         let mut bucket_sizes = BTreeMap::new();
         for &seed in &opts.seeds {
-            let rows = run_seed(model, set, &prep, seed, opts, &bar)?;
+            let rows = run_seed(model, set, &prep, seed, opts, &progress)?;
             generated += rows.iter().map(|r| r["tokens"].as_u64().unwrap_or(0) as usize).sum::<usize>();
             per_seed.insert(seed, rouge_of(&rows));
             dist.push(dist4_of(&rows));
@@ -238,7 +256,7 @@ pub fn evaluate_model(model: &Model, opts: &EvalOptions) -> Result<Vec<SetResult
                 }
             }
         }
-        bar.finish_and_clear();
+        progress.finish();
         let secs = started.elapsed().as_secs_f64();
         tracing::info!(
             "{}: {generated} tokens in {secs:.1} s ({:.0} tokens/s, resumed rows included)",

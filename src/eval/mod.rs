@@ -1,12 +1,11 @@
-//! Evaluation: Rouge-L identical to `rouge_score`, and validation for checkpoint selection.
+//! The paper's evaluation protocol: Rouge-L identical to `rouge_score` (its tokenizer and
+//! NLTK's Porter stemmer), the five instruction sets, Dist-n and LM loss, and the sets × seeds
+//! evaluation with resumable generations.
 
-pub mod calibration;
 pub mod evaluate;
-pub mod exposure;
 pub mod metrics;
 pub mod porter;
 pub mod rouge;
 pub mod sets;
-pub mod validate;
 
 pub use rouge::{rouge_l, rouge_l_max, tokenize, RougeScore};

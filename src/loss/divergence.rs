@@ -12,14 +12,17 @@
 //! divergences (forward KL and soft cross-entropy: `q − p`; reverse KL:
 //! `q ⊙ (log q − log p − D)`), which run in vectorised f32; the others in f64.
 
-use crate::ops::math;
+use crate::ops::math::{self, log_mix};
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// A token-level divergence `D(p, q)` between teacher `p` and student `q`.
+///
+/// Written and read as its short name (`fkl`, `jsd:0.3`, …; see [`Divergence::parse`]), in
+/// configs and on the command line alike.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(try_from = "String", into = "String")]
 pub enum Divergence {
     /// `KL(p ‖ q) = Σ p (log p − log q)`.
     ForwardKl,
@@ -68,7 +71,8 @@ impl Divergence {
         Ok(d)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the parameter (β or λ) of a parametrised divergence.
+    pub fn validate(&self) -> Result<()> {
         match *self {
             Self::Jsd { beta } if !(beta > 0.0 && beta < 1.0) => bail!("JSD needs 0 < β < 1, got {beta}"),
             Self::SkewForwardKl { lambda } | Self::SkewReverseKl { lambda } if !(0.0..1.0).contains(&lambda) => {
@@ -76,6 +80,43 @@ impl Divergence {
             }
             _ => Ok(()),
         }
+    }
+}
+
+impl std::fmt::Display for Divergence {
+    /// The short name [`Divergence::parse`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::ForwardKl => write!(f, "fkl"),
+            Self::SoftCrossEntropy => write!(f, "sce"),
+            Self::ReverseKl => write!(f, "rkl"),
+            Self::Jsd { beta } => write!(f, "jsd:{beta}"),
+            Self::Tvd => write!(f, "tvd"),
+            Self::SkewForwardKl { lambda } => write!(f, "sfkl:{lambda}"),
+            Self::SkewReverseKl { lambda } => write!(f, "srkl:{lambda}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Divergence {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::parse(s)
+    }
+}
+
+impl TryFrom<String> for Divergence {
+    type Error = anyhow::Error;
+
+    fn try_from(s: String) -> Result<Self> {
+        Self::parse(&s)
+    }
+}
+
+impl From<Divergence> for String {
+    fn from(d: Divergence) -> String {
+        d.to_string()
     }
 }
 
@@ -198,16 +239,6 @@ impl CustomOp2 for FusedDivergenceGrad {
 fn logsumexp(x: &[f32]) -> f64 {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     m + x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln()
-}
-
-/// `ln(a·e^x + b·e^y)` for weights `a, b ≥ 0`.
-fn log_mix(a: f64, x: f64, b: f64, y: f64) -> f64 {
-    let (u, v) = (a.ln() + x, b.ln() + y);
-    let m = u.max(v);
-    if m == f64::NEG_INFINITY {
-        return m;
-    }
-    m + ((u - m).exp() + (v - m).exp()).ln()
 }
 
 /// The divergence of one row (student logits `z`, teacher logits `t`); with `grad`, also

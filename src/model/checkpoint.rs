@@ -71,6 +71,28 @@ impl Model {
         self.pad_token_id.or(self.eos_token_ids.first().copied()).unwrap_or(0)
     }
 
+    /// The device the model's weights live on.
+    pub fn device(&self) -> Device {
+        self.lm.lm_head_weight().device().clone()
+    }
+
+    /// Replaces every parameter's value with the one in the model directory `dir` (a
+    /// checkpoint of the same architecture, e.g. when resuming a run).
+    pub fn load_weights(&self, dir: &Path) -> Result<()> {
+        let files = weight_files(dir)?;
+        // SAFETY: read-only mapping, as in `ParamSource::from_files`; tensors are copied out.
+        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+            .with_context(|| format!("reading the weights of {}", dir.display()))?;
+        for (name, var) in self.lm.params().iter() {
+            let t = tensors.load(name, &Device::Cpu).with_context(|| format!("{}: tensor `{name}`", dir.display()))?;
+            if t.dims() != var.dims() {
+                bail!("{}: tensor `{name}` has shape {:?}, the model's {:?}", dir.display(), t.dims(), var.dims());
+            }
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+
     /// The first EOS id, or an error when the model defines none.
     pub fn eos(&self) -> Result<u32> {
         self.eos_token_ids.first().copied().context("the model's config defines no eos_token_id")

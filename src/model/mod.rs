@@ -10,12 +10,69 @@ pub mod llama;
 pub mod opt;
 pub mod params;
 
-use anyhow::Result;
-use candle_core::{Tensor, D};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
 
 pub use checkpoint::{load_model, save_model, write_model_files, Model};
 pub use layers::{AttentionMask, KvCache};
 pub use params::{ParamSource, Params};
+
+/// The working precision of a model's weights and activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half precision.
+    F16,
+}
+
+impl Precision {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "f32" | "float32" => Self::F32,
+            "bf16" | "bfloat16" => Self::Bf16,
+            "f16" | "float16" => Self::F16,
+            other => bail!("unknown dtype `{other}` (expected f32, bf16 or f16)"),
+        })
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+/// The CPU, or GPU number `gpu` (needs a build with the `cuda` feature).
+pub fn select_device(gpu: Option<usize>) -> Result<Device> {
+    match gpu {
+        None => Ok(Device::Cpu),
+        Some(i) => {
+            Device::new_cuda(i).with_context(|| format!("opening GPU {i} (was minillm built with --features cuda?)"))
+        }
+    }
+}
 
 /// The architecture family of a model, from `model_type` in `config.json`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]

@@ -113,6 +113,17 @@ pub fn logsumexp(x: &[f32]) -> f32 {
     m + sum_map(x, |v| exp(v - m)).ln()
 }
 
+/// `ln(a·e^x + b·e^y)` for weights `a, b ≥ 0`, in f64: the log-density of a two-component
+/// mixture (the teacher-mixed sampler, JSD and skew divergences).
+pub fn log_mix(a: f64, x: f64, b: f64, y: f64) -> f64 {
+    let (u, v) = (a.ln() + x, b.ln() + y);
+    let m = u.max(v);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + ((u - m).exp() + (v - m).exp()).ln()
+}
+
 /// Replaces `x` by `softmax(x)`.
 #[inline(always)]
 pub fn softmax_in_place(x: &mut [f32]) {

@@ -1,7 +1,14 @@
-//! Training: the optimizer and schedules, the shared loop, and the methods built on it.
+//! Training: the shared loop ([`trainer`]), its run directory, the optimizer and schedules,
+//! the supervised objective and validation every method uses, and the methods' tasks —
+//! [`supervised`] (SFT, KD, SeqKD's training phase), [`seqkd`] (teacher generations) and
+//! [`minillm`] (on-policy reverse-KL distillation).
 
 pub mod data_order;
 pub mod minillm;
+pub mod objective;
 pub mod optim;
+pub mod run_dir;
+pub mod seqkd;
 pub mod supervised;
 pub mod trainer;
+pub mod validation;

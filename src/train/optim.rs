@@ -29,6 +29,24 @@ impl Default for AdamWConfig {
     }
 }
 
+impl AdamWConfig {
+    /// Checks the hyper-parameters, naming the offending key.
+    pub fn validate(&self) -> Result<()> {
+        for (key, b) in [("train.optimizer.beta1", self.beta1), ("train.optimizer.beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                bail!("{key} must be in [0, 1), got {b}");
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            bail!("train.optimizer.eps must be a positive finite number, got {}", self.eps);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("train.optimizer.weight_decay must be a finite number ≥ 0, got {}", self.weight_decay);
+        }
+        Ok(())
+    }
+}
+
 /// Learning-rate schedule, as `transformers`' schedulers compute it for optimizer step `k`
 /// (0-based; the first step of a warm-up therefore uses a learning rate of 0).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -52,6 +70,16 @@ pub enum Schedule {
 }
 
 impl Schedule {
+    /// Checks the schedule against the peak learning rate `lr`.
+    pub fn validate(&self, lr: f64) -> Result<()> {
+        if let Self::Cosine { min_lr, .. } = *self {
+            if !(min_lr.is_finite() && (0.0..=lr).contains(&min_lr)) {
+                bail!("train.schedule.min_lr must be in [0, train.lr = {lr}], got {min_lr}");
+            }
+        }
+        Ok(())
+    }
+
     /// The learning rate at step `k` for peak rate `lr`.
     pub fn lr(&self, lr: f64, k: usize) -> f64 {
         let warm = |w: usize| if k < w { Some(lr * k as f64 / w.max(1) as f64) } else { None };

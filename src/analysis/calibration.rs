@@ -45,6 +45,17 @@ impl ClassifyTemplate {
         })
     }
 
+    /// A custom template: `instruction`, `input` with `{field}` placeholders, and the label
+    /// words (label `i` is word `i`; at least two).
+    pub fn custom(instruction: &str, input: &str, label_words: &[String]) -> Result<Self> {
+        let label_words: Vec<String> =
+            label_words.iter().map(|w| w.trim().to_string()).filter(|w| !w.is_empty()).collect();
+        if label_words.len() < 2 {
+            bail!("a classification needs at least two label words, got {}", label_words.len());
+        }
+        Ok(Self { instruction: instruction.to_string(), input: input.to_string(), label_words })
+    }
+
     fn fill(&self, record: &Value) -> Result<String> {
         let mut out = String::new();
         let mut rest = self.input.as_str();

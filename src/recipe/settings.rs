@@ -1,6 +1,6 @@
-//! Run configuration: a TOML file with one section per concern, overridden by
-//! `--set section.key=value` flags, validated up front (unknown keys are errors), and written
-//! fully resolved into the run directory.
+//! A run's settings: a TOML file with one section per concern, overridden by
+//! `--set section.key=value`, parsed into typed values (unknown keys are errors), validated up
+//! front with messages that name the key, and written fully resolved into the run directory.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::loss::Divergence;
+use crate::model::Precision;
 use crate::train::minillm::DistillConfig;
 use crate::train::trainer::TrainConfig;
 
@@ -32,7 +33,7 @@ pub struct RunConfig {
 }
 
 /// `[model]`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
     /// Student model directory (the starting point).
@@ -40,15 +41,9 @@ pub struct ModelSection {
     /// Teacher model directory.
     pub teacher: Option<PathBuf>,
     /// Working precision.
-    pub dtype: String,
+    pub dtype: Precision,
     /// GPU index.
     pub gpu: Option<usize>,
-}
-
-impl Default for ModelSection {
-    fn default() -> Self {
-        Self { student: None, teacher: None, dtype: "f32".into(), gpu: None }
-    }
 }
 
 /// `[data]`.
@@ -98,22 +93,35 @@ pub struct KdSection {
     /// Weight of the divergence; 1 − ratio goes to cross-entropy.
     pub ratio: f64,
     /// `fkl`, `sce`, `rkl`, `jsd[:β]`, `tvd`, `sfkl[:λ]`, `srkl[:λ]`.
-    pub divergence: String,
+    pub divergence: Divergence,
 }
 
 impl Default for KdSection {
     fn default() -> Self {
-        Self { ratio: 0.5, divergence: "fkl".into() }
+        Self { ratio: 0.5, divergence: Divergence::ForwardKl }
     }
 }
 
-impl KdSection {
-    /// The parsed divergence.
-    pub fn divergence(&self) -> Result<Divergence> {
-        if !(0.0..=1.0).contains(&self.ratio) {
-            bail!("kd.ratio must be in [0, 1], got {}", self.ratio);
+/// How SeqKD trains on the teacher's samples.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeqKdMode {
+    /// Cross-entropy on the teacher's samples.
+    Pure,
+    /// The KD mix on them, as the released scripts do.
+    #[default]
+    Lmops,
+}
+
+impl std::str::FromStr for SeqKdMode {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pure" => Ok(Self::Pure),
+            "lmops" => Ok(Self::Lmops),
+            other => bail!("unknown SeqKD mode `{other}` (pure, lmops)"),
         }
-        Divergence::parse(&self.divergence)
     }
 }
 
@@ -121,9 +129,8 @@ impl KdSection {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SeqKdSection {
-    /// `pure` (cross-entropy on teacher samples) or `lmops` (the KD mix on them, as the
-    /// released scripts do).
-    pub mode: String,
+    /// `pure` or `lmops`.
+    pub mode: SeqKdMode,
     /// Where teacher generations are written (and reused from if present).
     pub generations: Option<PathBuf>,
     /// Most tokens the teacher generates per prompt.
@@ -134,14 +141,52 @@ pub struct SeqKdSection {
 
 impl Default for SeqKdSection {
     fn default() -> Self {
-        Self { mode: "lmops".into(), generations: None, max_new_tokens: 256, batch_size: 16 }
+        Self { mode: SeqKdMode::Lmops, generations: None, max_new_tokens: 256, batch_size: 16 }
+    }
+}
+
+/// A `[distill]` preset: defaults that explicitly set keys override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// The released implementation (the defaults).
+    Lmops,
+    /// The paper's equations as printed.
+    Paper,
+}
+
+impl std::str::FromStr for Preset {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "lmops" => Ok(Self::Lmops),
+            "paper" => Ok(Self::Paper),
+            other => bail!("unknown preset `{other}` (lmops, paper)"),
+        }
+    }
+}
+
+impl Preset {
+    /// The distill settings of the preset.
+    pub fn settings(self) -> DistillConfig {
+        match self {
+            Self::Lmops => DistillConfig::default(),
+            Self::Paper => DistillConfig::paper(),
+        }
     }
 }
 
 impl RunConfig {
-    /// Reads `path` (if any), applies `key=value` overrides (TOML values; bare words are taken
-    /// as strings) and the distill preset, and validates the result.
+    /// Reads `path` (if any) and applies `key=value` overrides (TOML values; bare words are
+    /// taken as strings), then the `[distill]` preset (`distill.preset` in the file or an
+    /// override, or `preset` when given), and validates the result.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        Self::load_with_preset(path, overrides, None)
+    }
+
+    /// [`RunConfig::load`] with a preset that takes precedence over `distill.preset`.
+    pub fn load_with_preset(path: Option<&Path>, overrides: &[String], preset: Option<Preset>) -> Result<Self> {
         let mut root: toml::Table = match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
@@ -158,21 +203,47 @@ impl RunConfig {
             set_path(&mut root, key.trim(), value)?;
         }
         // A distill preset supplies defaults that explicit keys override.
-        if let Some(toml::Value::Table(d)) = root.get_mut("distill") {
-            if let Some(preset) = d.remove("preset") {
-                let name = preset.as_str().context("distill.preset must be a string")?;
-                let base = toml::Table::try_from(DistillConfig::preset(name)?)?;
-                let explicit = std::mem::take(d);
-                *d = base;
-                merge(d, explicit);
-            }
+        let distill = root.entry("distill").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let d = distill.as_table_mut().context("`distill` is not a section")?;
+        let named = match d.remove("preset") {
+            Some(v) => Some(v.as_str().context("distill.preset must be a string")?.parse::<Preset>()?),
+            None => None,
+        };
+        if let Some(preset) = preset.or(named) {
+            let explicit = std::mem::take(d);
+            *d = toml::Table::try_from(preset.settings())?;
+            merge(d, explicit);
         }
         let cfg: RunConfig = toml::Value::Table(root).try_into().context("invalid configuration")?;
-        cfg.kd.divergence()?;
-        if !["pure", "lmops"].contains(&cfg.seqkd.mode.as_str()) {
-            bail!("seqkd.mode must be `pure` or `lmops`, got `{}`", cfg.seqkd.mode);
-        }
+        cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Checks every setting, naming the offending key.
+    pub fn validate(&self) -> Result<()> {
+        self.train.validate()?;
+        self.distill.validate()?;
+        if !(0.0..=1.0).contains(&self.kd.ratio) {
+            bail!("kd.ratio must be in [0, 1], got {}", self.kd.ratio);
+        }
+        self.kd.divergence.validate()?;
+        let d = &self.data;
+        for (key, v) in [("data.max_len", d.max_len), ("data.max_prompt_len", d.max_prompt_len)] {
+            if v == 0 {
+                bail!("{key} must be at least 1, got 0");
+            }
+        }
+        if d.corpus_chunk < 2 {
+            bail!("data.corpus_chunk must be at least 2 tokens, got {}", d.corpus_chunk);
+        }
+        for (key, v) in
+            [("seqkd.max_new_tokens", self.seqkd.max_new_tokens), ("seqkd.batch_size", self.seqkd.batch_size)]
+        {
+            if v == 0 {
+                bail!("{key} must be at least 1, got 0");
+            }
+        }
+        Ok(())
     }
 
     /// The resolved configuration as TOML.

@@ -1,0 +1,232 @@
+//! `minillm sft | kd | seqkd | distill`: a run configuration from the config file, `--set`
+//! overrides and the typed flags (which win), run as a [`Recipe`].
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use minillm::loss::Divergence;
+use minillm::recipe::{Method, Preset, Recipe, RunConfig, SeqKdMode};
+
+use super::signals::{INTERRUPTED_STATUS, STOP};
+
+/// Options every training command has.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Run configuration (TOML); see configs/.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Student model directory (model.student).
+    #[arg(long)]
+    student: Option<PathBuf>,
+    /// Training jsonl (data.train).
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Validation jsonl (data.valid).
+    #[arg(long)]
+    valid: Option<PathBuf>,
+    /// Run directory (out).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Optimizer steps (train.max_steps).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    /// Peak learning rate (train.lr).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Sequences per micro-batch (train.batch_size).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per step (train.grad_accum).
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Seed (train.seed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Any setting, as section.key=value (repeatable), e.g. --set train.eval_interval=50.
+    /// The flags above win over --set and the config file.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+/// The teacher of a distillation command.
+#[derive(Args, Debug)]
+pub struct TeacherArgs {
+    /// Teacher model directory (model.teacher).
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+}
+
+/// The word-level KD term (KD, and SeqKD's `lmops` mode).
+#[derive(Args, Debug)]
+pub struct KdArgs {
+    /// KD divergence: fkl, sce, rkl, jsd[:β], tvd, sfkl[:λ], srkl[:λ] (kd.divergence).
+    #[arg(long)]
+    divergence: Option<Divergence>,
+    /// KD weight r (kd.ratio).
+    #[arg(long)]
+    kd_ratio: Option<f64>,
+}
+
+/// `minillm sft`.
+#[derive(Args, Debug)]
+pub struct Sft {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// `minillm kd`.
+#[derive(Args, Debug)]
+pub struct Kd {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    teacher: TeacherArgs,
+    #[command(flatten)]
+    kd: KdArgs,
+}
+
+/// `minillm seqkd`.
+#[derive(Args, Debug)]
+pub struct SeqKd {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    teacher: TeacherArgs,
+    /// `lmops` (the KD mix on the teacher's samples, as the released scripts) or `pure`
+    /// (cross-entropy only) (seqkd.mode).
+    #[arg(long)]
+    mode: Option<SeqKdMode>,
+    #[command(flatten)]
+    kd: KdArgs,
+}
+
+/// `minillm distill`.
+#[derive(Args, Debug)]
+pub struct Distill {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    teacher: TeacherArgs,
+    /// Pre-training corpus (data.corpus).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// `lmops` (released implementation, default) or `paper` (equations as printed): defaults
+    /// for every [distill] key not set explicitly.
+    #[arg(long)]
+    preset: Option<Preset>,
+    /// Teacher-mix coefficient α (distill.alpha; 0 = no teacher mixing).
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Ablation: no length normalisation.
+    #[arg(long)]
+    no_length_norm: bool,
+    /// Ablation: no single-step term.
+    #[arg(long)]
+    no_single_step: bool,
+    /// Ablation: no pre-training term.
+    #[arg(long)]
+    no_pt: bool,
+}
+
+impl RunArgs {
+    /// The config file, `--set` overrides (and the preset), then the flags.
+    fn config(&self, preset: Option<Preset>) -> Result<RunConfig> {
+        let mut cfg = RunConfig::load_with_preset(self.config.as_deref(), &self.set, preset)?;
+        let set = |slot: &mut Option<PathBuf>, v: &Option<PathBuf>| {
+            if v.is_some() {
+                slot.clone_from(v);
+            }
+        };
+        set(&mut cfg.model.student, &self.student);
+        set(&mut cfg.data.train, &self.train);
+        set(&mut cfg.data.valid, &self.valid);
+        set(&mut cfg.out, &self.out);
+        let t = &mut cfg.train;
+        t.max_steps = self.max_steps.unwrap_or(t.max_steps);
+        t.lr = self.lr.unwrap_or(t.lr);
+        t.batch_size = self.batch_size.unwrap_or(t.batch_size);
+        t.grad_accum = self.grad_accum.unwrap_or(t.grad_accum);
+        t.seed = self.seed.unwrap_or(t.seed);
+        Ok(cfg)
+    }
+}
+
+impl TeacherArgs {
+    fn apply(&self, cfg: &mut RunConfig) {
+        if self.teacher.is_some() {
+            cfg.model.teacher.clone_from(&self.teacher);
+        }
+    }
+}
+
+impl KdArgs {
+    fn apply(&self, cfg: &mut RunConfig) {
+        cfg.kd.divergence = self.divergence.unwrap_or(cfg.kd.divergence);
+        cfg.kd.ratio = self.kd_ratio.unwrap_or(cfg.kd.ratio);
+    }
+}
+
+impl Sft {
+    /// Runs `minillm sft`.
+    pub fn run(self) -> Result<()> {
+        train(Method::Sft, self.run.config(None)?)
+    }
+}
+
+impl Kd {
+    /// Runs `minillm kd`.
+    pub fn run(self) -> Result<()> {
+        let mut cfg = self.run.config(None)?;
+        self.teacher.apply(&mut cfg);
+        self.kd.apply(&mut cfg);
+        train(Method::Kd, cfg)
+    }
+}
+
+impl SeqKd {
+    /// Runs `minillm seqkd`.
+    pub fn run(self) -> Result<()> {
+        let mut cfg = self.run.config(None)?;
+        self.teacher.apply(&mut cfg);
+        self.kd.apply(&mut cfg);
+        cfg.seqkd.mode = self.mode.unwrap_or(cfg.seqkd.mode);
+        train(Method::SeqKd, cfg)
+    }
+}
+
+impl Distill {
+    /// Runs `minillm distill`.
+    pub fn run(self) -> Result<()> {
+        let mut cfg = self.run.config(self.preset)?;
+        self.teacher.apply(&mut cfg);
+        if self.corpus.is_some() {
+            cfg.data.corpus.clone_from(&self.corpus);
+        }
+        let d = &mut cfg.distill;
+        d.alpha = self.alpha.unwrap_or(d.alpha);
+        d.policy.length_norm &= !self.no_length_norm;
+        d.single_step &= !self.no_single_step;
+        d.pt &= !self.no_pt;
+        train(Method::Distill, cfg)
+    }
+}
+
+/// Runs the method, stopping cleanly on Ctrl-C, and says where the selected model is.
+fn train(method: Method, config: RunConfig) -> Result<()> {
+    let select_by = config.train.select_by;
+    let report = Recipe { method, config }.run_until(&STOP)?;
+    let o = &report.outcome;
+    match (&o.best, o.interrupted) {
+        (_, true) => {
+            eprintln!("stopped at step {}; run the same command again to resume", o.steps);
+            // Interrupted after writing a checkpoint: the conventional status for SIGINT.
+            std::process::exit(INTERRUPTED_STATUS);
+        }
+        (Some((v, step)), false) => {
+            eprintln!("done: best {select_by:?} = {v:.4} at step {step}; model in {}", report.best.display())
+        }
+        (None, false) => eprintln!("done"),
+    }
+    Ok(())
+}

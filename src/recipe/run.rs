@@ -1,0 +1,238 @@
+//! A training run from its settings: load the student once (from the run's newest checkpoint
+//! when resuming) and the teacher once, check they share a tokenizer, build the method's task,
+//! and hand both to the shared trainer.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{bail, Context, Result};
+
+use super::settings::{RunConfig, SeqKdMode};
+use crate::data::instruct::{load_instruct, InstructExample, InstructOptions};
+use crate::data::pretrain::load_corpus;
+use crate::model::compat::check_compatible;
+use crate::model::{load_model, select_device, Model};
+use crate::train::minillm::{DistillData, DistillTask};
+use crate::train::run_dir::RunDir;
+use crate::train::seqkd::{teacher_generations, GenerationSettings};
+use crate::train::supervised::{KdTerm, SupervisedTask};
+use crate::train::trainer::{train, Selection, Task, TrainOutcome};
+
+/// The training methods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Supervised fine-tuning.
+    Sft,
+    /// Word-level knowledge distillation.
+    Kd,
+    /// Sequence-level knowledge distillation.
+    SeqKd,
+    /// MiniLLM.
+    Distill,
+}
+
+impl Method {
+    /// The subcommand and default run-directory name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sft => "sft",
+            Self::Kd => "kd",
+            Self::SeqKd => "seqkd",
+            Self::Distill => "distill",
+        }
+    }
+
+    /// Whether the method needs `model.teacher`.
+    pub fn needs_teacher(self) -> bool {
+        self != Self::Sft
+    }
+}
+
+/// A method with its settings: everything needed to run (or resume) a training run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recipe {
+    /// The method.
+    pub method: Method,
+    /// Its settings.
+    pub config: RunConfig,
+}
+
+/// What a finished (or interrupted) run produced.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    /// How training ended.
+    pub outcome: TrainOutcome,
+    /// The run directory.
+    pub dir: PathBuf,
+    /// The selected model (`<dir>/best`).
+    pub best: PathBuf,
+}
+
+/// The models of a run, each loaded once.
+struct Models {
+    student: Model,
+    teacher: Option<Model>,
+}
+
+impl Recipe {
+    /// `method` with settings from the TOML file `path` (if any) and `key=value` overrides.
+    pub fn from_toml(method: Method, path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        Ok(Self { method, config: RunConfig::load(path, overrides)? })
+    }
+
+    /// The run directory: `out`, else `runs/<method>`.
+    pub fn out_dir(&self) -> PathBuf {
+        self.config.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(self.method.name()))
+    }
+
+    /// Runs (or resumes) the training run to the end.
+    pub fn run(&self) -> Result<RunReport> {
+        self.run_until(&AtomicBool::new(false))
+    }
+
+    /// Runs (or resumes) the training run until it ends or `stop` is raised; then the step in
+    /// progress is finished and checkpointed, and the report says it was interrupted.
+    pub fn run_until(&self, stop: &AtomicBool) -> Result<RunReport> {
+        let cfg = &self.config;
+        cfg.validate()?;
+        let out = self.out_dir();
+        let run = RunDir::new(&out)?;
+        let models = self.load_models(&run)?;
+        crate::atomic::write_file(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+        let mut task = self.task(&models.student, models.teacher, &out)?;
+        let outcome = train(&models.student, task.as_mut(), &cfg.train, &run, stop)?;
+        Ok(RunReport { outcome, best: run.best(), dir: out })
+    }
+
+    fn load_models(&self, run: &RunDir) -> Result<Models> {
+        let cfg = &self.config.model;
+        let device = select_device(cfg.gpu)?;
+        let dtype = cfg.dtype.dtype();
+        let student_dir = required(&cfg.student, "model.student")?;
+        // Resuming loads the student straight from its newest checkpoint.
+        let from = run.latest_checkpoint().map_or_else(|| student_dir.clone(), |(_, dir)| dir);
+        let student = load_model(&from, &device, dtype)?;
+        student.tokenizer()?;
+        if student.eos_token_ids.is_empty() {
+            bail!("{}: config.json defines no eos_token_id", student_dir.display());
+        }
+        let teacher = if self.method.needs_teacher() {
+            let t = load_model(required(&cfg.teacher, "model.teacher")?, &device, dtype)?;
+            check_compatible(&student, &t)?;
+            Some(t)
+        } else {
+            None
+        };
+        // Every sequence a method forms must fit both models' position tables.
+        let d = &self.config.data;
+        let mut lengths = vec![("data.max_len", d.max_len)];
+        if self.method == Method::Distill && self.config.distill.pt {
+            lengths.push(("data.corpus_chunk", d.corpus_chunk));
+        }
+        for (role, m) in [("student", Some(&student)), ("teacher", teacher.as_ref())] {
+            let Some(limit) = m.and_then(|m| m.lm.info().max_positions) else { continue };
+            for &(key, len) in &lengths {
+                if len > limit {
+                    bail!(
+                        "{key} = {len} exceeds the {role}'s context of {limit} positions (config.json); \
+                         set {key} to at most {limit}"
+                    );
+                }
+            }
+        }
+        Ok(Models { student, teacher })
+    }
+
+    fn instruct(&self, student: &Model, path: &Path, limit: Option<usize>) -> Result<Vec<InstructExample>> {
+        let d = &self.config.data;
+        let opts =
+            InstructOptions { max_prompt_len: d.max_prompt_len, max_len: d.max_len, skip_malformed: d.skip_malformed };
+        let (mut exs, _) = load_instruct(path, student.tokenizer()?, student.eos()?, &opts)?;
+        if let Some(n) = limit {
+            exs.truncate(n);
+        }
+        Ok(exs)
+    }
+
+    /// The method's task; the teacher moves into it.
+    fn task(&self, student: &Model, teacher: Option<Model>, out: &Path) -> Result<Box<dyn Task>> {
+        let cfg = &self.config;
+        let d = &cfg.data;
+        let valid = self.instruct(student, required(&d.valid, "data.valid")?, d.valid_limit)?;
+        let train_path = required(&d.train, "data.train")?;
+        let teacher = || teacher.context("this method needs a teacher (model.teacher)");
+        Ok(match self.method {
+            Method::Sft | Method::Kd | Method::SeqKd => {
+                let train_set = match self.method {
+                    Method::SeqKd => {
+                        let teacher = teacher()?;
+                        let path = self.teacher_generations(student, &teacher, train_path, out)?;
+                        let train_set = self.instruct(student, &path, d.train_limit)?;
+                        let kd = (cfg.seqkd.mode == SeqKdMode::Lmops).then(|| self.kd_term(teacher));
+                        return Ok(Box::new(self.supervised(train_set, valid, kd)));
+                    }
+                    _ => self.instruct(student, train_path, d.train_limit)?,
+                };
+                let kd = if self.method == Method::Kd { Some(self.kd_term(teacher()?)) } else { None };
+                Box::new(self.supervised(train_set, valid, kd))
+            }
+            Method::Distill => {
+                let prompts =
+                    self.instruct(student, train_path, d.train_limit)?.into_iter().map(|e| e.prompt).collect();
+                let corpus = if cfg.distill.pt {
+                    let path = required(&d.corpus, "data.corpus")?;
+                    load_corpus(path, student.tokenizer()?, student.eos()?, d.corpus_chunk)?
+                } else {
+                    Vec::new()
+                };
+                let mut settings = cfg.distill.clone();
+                settings.max_len = settings.max_len.min(d.max_len);
+                let data = DistillData { prompts, valid, corpus };
+                Box::new(DistillTask::new(settings, teacher()?, data, cfg.train.seed)?)
+            }
+        })
+    }
+
+    fn supervised(
+        &self,
+        train_set: Vec<InstructExample>,
+        valid: Vec<InstructExample>,
+        kd: Option<KdTerm>,
+    ) -> SupervisedTask {
+        let task = SupervisedTask::new(train_set, valid, self.config.train.seed, kd);
+        match self.config.train.select_by {
+            Selection::ValRougeL => task.with_rouge(self.config.data.max_len),
+            Selection::ValLoss => task,
+        }
+    }
+
+    fn kd_term(&self, teacher: Model) -> KdTerm {
+        KdTerm { teacher, ratio: self.config.kd.ratio, divergence: self.config.kd.divergence }
+    }
+
+    /// SeqKD's teacher samples for every training prompt: `seqkd.generations`, else
+    /// `<run>/teacher_generations.jsonl`; made once (resumably) and reused.
+    fn teacher_generations(&self, student: &Model, teacher: &Model, train_path: &Path, out: &Path) -> Result<PathBuf> {
+        let cfg = &self.config;
+        let path = cfg.seqkd.generations.clone().unwrap_or_else(|| out.join("teacher_generations.jsonl"));
+        if path.is_file() {
+            crate::progress::note(&format!("reusing teacher generations from {}", path.display()));
+            return Ok(path);
+        }
+        let prompts = self.instruct(student, train_path, cfg.data.train_limit)?;
+        let settings = GenerationSettings {
+            max_new_tokens: cfg.seqkd.max_new_tokens,
+            max_len: cfg.data.max_len,
+            batch_size: cfg.seqkd.batch_size,
+            seed: cfg.train.seed,
+        };
+        let tok = student.tokenizer()?;
+        teacher_generations(teacher, tok, &student.eos_token_ids, student.pad_id(), &prompts, &settings, &path)?;
+        crate::progress::note(&format!("wrote {} teacher generations to {}", prompts.len(), path.display()));
+        Ok(path)
+    }
+}
+
+fn required<'a>(v: &'a Option<PathBuf>, key: &str) -> Result<&'a PathBuf> {
+    v.as_ref().with_context(|| format!("`{key}` is not set (in the config file or with --set {key}=...)"))
+}
