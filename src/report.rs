@@ -40,11 +40,43 @@ pub fn load_results(dir: &Path) -> Result<RunResults> {
         .with_context(|| format!("reading {} (run `minillm eval --out {}` first)", path.display(), dir.display()))?;
     let file: ResultsFile =
         serde_json::from_str(&text).with_context(|| format!("{} is not an evaluation result", path.display()))?;
-    let label = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().trim_start_matches("eval-").to_string())
-        .unwrap_or_else(|| dir.display().to_string());
+    let dir = if dir.is_file() { dir.parent().unwrap_or(Path::new(".")) } else { dir };
+    let label = run_label(dir).trim_start_matches("eval-").to_string();
     Ok(RunResults { label, results: file.results })
+}
+
+/// A short name for a model or output directory: its last component, with the names of its
+/// parents prepended while that component is a generic one (`best`, `step-N`, `eval`,
+/// `checkpoints`), e.g. `runs/sft/best` → `sft-best`, `runs/kd/checkpoints/step-200` →
+/// `kd-step-200`.
+pub fn run_label(dir: &Path) -> String {
+    let generic = |n: &str| matches!(n, "best" | "eval" | "checkpoints" | "." | "..") || n.starts_with("step-");
+    let mut parts: Vec<String> = Vec::new();
+    for c in dir.components().rev() {
+        let name = c.as_os_str().to_string_lossy().to_string();
+        if name != "checkpoints" {
+            parts.push(name.clone());
+        }
+        if !generic(&name) {
+            break;
+        }
+    }
+    parts.reverse();
+    if parts.is_empty() {
+        "model".into()
+    } else {
+        parts.join("-")
+    }
+}
+
+/// Makes labels unique by numbering repeats (`best`, `best (2)`).
+pub fn unique_labels(labels: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(labels.len());
+    for l in labels {
+        let n = out.iter().filter(|o| **o == l || o.starts_with(&format!("{l} ("))).count();
+        out.push(if n == 0 { l } else { format!("{l} ({})", n + 1) });
+    }
+    out
 }
 
 /// Set names in display order: the paper's five first, then any others.
@@ -211,7 +243,11 @@ pub fn write_report(dirs: &[PathBuf], out: &Path) -> Result<String> {
     if dirs.is_empty() {
         bail!("give at least one evaluation directory");
     }
-    let runs: Vec<RunResults> = dirs.iter().map(|d| load_results(d)).collect::<Result<_>>()?;
+    let mut runs: Vec<RunResults> = dirs.iter().map(|d| load_results(d)).collect::<Result<_>>()?;
+    let labels = unique_labels(runs.iter().map(|r| r.label.clone()).collect());
+    for (r, l) in runs.iter_mut().zip(labels) {
+        r.label = l;
+    }
     let sets = set_order(&runs);
     let table = comparison_markdown(&runs);
     let series: Vec<BarSeries> = runs

@@ -104,7 +104,7 @@ pub fn score_jsonl(model: &Model, input: &Path, out: &mut dyn Write, batch_token
     let mut lines = Vec::new();
     for (line, parsed) in read_jsonl(input)? {
         let at = || format!("{}:{line}", input.display());
-        let v: Value = parsed.with_context(|| format!("{}: invalid JSON", at()))?;
+        let v: Value = parsed.with_context(at)?;
         let field = |k: &str| v.get(k).and_then(Value::as_str);
         let req = match (field("text"), field("prompt"), field("response")) {
             (Some(t), _, _) => {

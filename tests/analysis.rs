@@ -129,7 +129,7 @@ fn exposure_and_calibrate_commands_write_their_outputs() {
         a.as_os_str(),
         "--model".as_ref(),
         b.as_os_str(),
-        "--set".as_ref(),
+        "--prompt-set".as_ref(),
         set.as_os_str(),
         "--prompts".as_ref(),
         "3".as_ref(),

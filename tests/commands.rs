@@ -10,7 +10,7 @@ use common::*;
 use minillm::recipe::{Method, Recipe, RunConfig};
 
 fn run_method(method: Method, config: &RunConfig) -> anyhow::Result<minillm::train::trainer::TrainOutcome> {
-    Ok(Recipe { method, config: config.clone() }.run()?.outcome)
+    Ok(Recipe::new(method, config.clone()).run()?.outcome)
 }
 
 fn q(p: &Path) -> String {
@@ -157,4 +157,41 @@ fn shipped_configs_parse() {
         }
     }
     assert!(n >= 4);
+}
+
+/// SeqKD's teacher generations resume after an interruption (a partial file with whole chunks
+/// and a torn line) and end identical to an uninterrupted pass.
+#[test]
+fn seqkd_generations_resume_to_the_uninterrupted_result() {
+    use minillm::train::seqkd::{partial_path, teacher_generations, GenerationSettings};
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher = tiny_model_dir_with_std(&tmp.path().join("teacher"), "gpt2", 32, 1, 35, 0.5);
+    let teacher = minillm::model::load_model(&teacher, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let tok = teacher.tokenizer().unwrap();
+    std::fs::write(tmp.path().join("p.jsonl"), letters_jsonl(10, 36)).unwrap();
+    let opts = minillm::data::instruct::InstructOptions::default();
+    let (prompts, _) = minillm::data::instruct::load_instruct(&tmp.path().join("p.jsonl"), tok, 0, &opts).unwrap();
+    let settings = GenerationSettings { max_new_tokens: 8, max_len: 256, batch_size: 4, seed: 3 };
+    let generate = |path: &Path| teacher_generations(&teacher, tok, &[0], 0, &prompts, &settings, path).unwrap();
+    let straight = tmp.path().join("straight.jsonl");
+    generate(&straight);
+    let reference = std::fs::read_to_string(&straight).unwrap();
+    assert_eq!(reference.lines().count(), 10);
+    assert!(!partial_path(&straight).exists(), "the partial file is gone once complete");
+
+    // An interrupted pass: one whole chunk of 4, two rows of the next, and a torn line.
+    // Row 0 is marked, to see that the partial file's whole chunk is kept rather than redone.
+    let resumed = tmp.path().join("resumed.jsonl");
+    let rows: Vec<serde_json::Value> = reference.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut partial = String::new();
+    for (i, r) in rows.iter().take(6).enumerate() {
+        let output = if i == 0 { serde_json::json!("kept from the partial file") } else { r["output"].clone() };
+        partial.push_str(&format!("{}\n", serde_json::json!({"index": i, "prompt": r["prompt"], "output": output})));
+    }
+    partial.push_str("{\"index\": 6, \"prom");
+    std::fs::write(partial_path(&resumed), partial).unwrap();
+    generate(&resumed);
+    let got = std::fs::read_to_string(&resumed).unwrap();
+    assert!(got.lines().next().unwrap().contains("kept from the partial file"));
+    assert_eq!(got.lines().skip(1).collect::<Vec<_>>(), reference.lines().skip(1).collect::<Vec<_>>());
 }

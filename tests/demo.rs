@@ -52,13 +52,16 @@ fn quick_demo_trains_distills_evaluates_and_plots() {
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("| minillm |") && report.contains("held_out"));
 
-    // Running it again reuses every stage (nothing retrained, same table).
+    // Running it again reuses every stage (nothing retrained, same table), and a file the user
+    // put into the demo's directory is left alone.
+    std::fs::write(out.join("my-notes.txt"), "mine").unwrap();
     let again =
         Command::new(env!("CARGO_BIN_EXE_minillm")).args(["demo", "--quick", "--out"]).arg(&out).output().unwrap();
     assert!(again.status.success());
     assert!(!String::from_utf8_lossy(&again.stderr).contains("== teacher"), "the second run retrained the teacher");
     let table = |s: &str| s.lines().filter(|l| l.starts_with("| ")).map(str::to_string).collect::<Vec<_>>();
     assert_eq!(table(&String::from_utf8_lossy(&again.stdout)), table(&stdout));
+    assert_eq!(std::fs::read_to_string(out.join("my-notes.txt")).unwrap(), "mine");
 }
 
 fn collect_numbers(v: &Value, out: &mut Vec<f64>) {

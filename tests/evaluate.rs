@@ -40,6 +40,7 @@ fn opts(set: &Path, out: &Path, batch: usize) -> EvalOptions {
         max_len: 512,
         batch_size: batch,
         max_examples: None,
+        overwrite: false,
     }
 }
 

@@ -31,7 +31,7 @@ fn data(dir: &Path, n: usize, seed: u64) -> Vec<minillm::data::instruct::Instruc
 fn cfg(steps: usize) -> TrainConfig {
     TrainConfig {
         lr: 3e-3,
-        schedule: Schedule::Cosine { warmup: 2, total: steps, min_lr: 3e-4 },
+        schedule: Schedule::Cosine { warmup: 2, total: None, min_lr: 3e-4 },
         max_steps: steps,
         batch_size: 8,
         grad_accum: 2,

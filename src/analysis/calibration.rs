@@ -104,7 +104,7 @@ pub fn load_classification(path: &Path, template: &ClassifyTemplate) -> Result<V
     let mut out = Vec::new();
     for (line, parsed) in read_jsonl(path)? {
         let at = || format!("{}:{line}", path.display());
-        let v = parsed.with_context(|| format!("{}: invalid JSON", at()))?;
+        let v = parsed.with_context(at)?;
         let prompt = template.fill(&v).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
         let label = template.label(&v).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
         out.push(ClassifyExample { prompt, label });
@@ -179,6 +179,9 @@ pub fn calibration(
     examples: &[ClassifyExample],
     bins: usize,
 ) -> Result<Calibration> {
+    if bins == 0 {
+        bail!("the number of confidence bins must be at least 1");
+    }
     let probs = label_probabilities(model, template, examples)?;
     let (mut confs, mut correct) = (Vec::new(), Vec::new());
     for (p, e) in probs.iter().zip(examples) {

@@ -7,6 +7,7 @@ use clap::Args;
 use minillm::analysis::calibration::{calibration, load_classification, ClassifyTemplate};
 use minillm::analysis::exposure::{write_exposure, ExposureSettings};
 use minillm::eval::sets::load_set;
+use minillm::report::{run_label, unique_labels};
 use serde_json::json;
 
 use super::{LoadArgs, ModelArgs};
@@ -65,9 +66,9 @@ pub struct Exposure {
     /// Student model directories (repeat for several curves).
     #[arg(long = "model", required = true)]
     models: Vec<PathBuf>,
-    /// Prompt set: a built-in name or a jsonl path.
+    /// Prompt set: a built-in name (dolly, self-inst, vicuna, sinst, uinst) or a jsonl path.
     #[arg(long, default_value = "dolly")]
-    set: String,
+    prompt_set: String,
     /// Where the built-in sets are.
     #[arg(long, default_value = minillm::eval::sets::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
@@ -86,6 +87,10 @@ pub struct Exposure {
     /// Output directory.
     #[arg(long, default_value = "runs/exposure")]
     out: PathBuf,
+    /// Write into an --out that holds other files (only exposure.json and exposure.svg are
+    /// replaced).
+    #[arg(long)]
+    overwrite: bool,
     #[command(flatten)]
     load: LoadArgs,
 }
@@ -93,16 +98,14 @@ pub struct Exposure {
 impl Exposure {
     /// Writes `exposure.json` and `exposure.svg` (ExAccErr(l) of every student).
     pub fn run(self) -> Result<()> {
+        super::claim_output(&self.out, "exposure", &["exposure.json", "exposure.svg"], self.overwrite)?;
         let teacher = self.load.load(&self.teacher)?;
-        let set = load_set(&self.set, &self.data_dir)?;
+        let set = load_set(&self.prompt_set, &self.data_dir)?;
         let tok = teacher.tokenizer()?;
         let prompts: Vec<Vec<u32>> =
             set.examples.iter().take(self.prompts).map(|e| tok.encode(&e.prompt)).collect::<anyhow::Result<_>>()?;
-        let students: Vec<(String, PathBuf)> = self
-            .models
-            .iter()
-            .map(|d| (d.file_name().map_or("student".into(), |n| n.to_string_lossy().to_string()), d.clone()))
-            .collect();
+        let labels = unique_labels(self.models.iter().map(|d| run_label(d)).collect());
+        let students: Vec<(String, PathBuf)> = labels.into_iter().zip(self.models.iter().cloned()).collect();
         let settings =
             ExposureSettings { samples: self.samples, max_new_tokens: self.max_new_tokens, seed: self.seed, batch: 16 };
         write_exposure(&teacher, &students, |d| self.load.load(d), &set.name, &prompts, &settings, &self.out)?;

@@ -14,14 +14,18 @@ use super::ModelArgs;
 pub struct Convert {
     #[command(flatten)]
     model: ModelArgs,
-    /// Output directory.
+    /// Output directory (must not hold other files unless --overwrite).
     #[arg(long)]
     out: PathBuf,
+    /// Replace the model files of an existing --out (other files in it are kept).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 impl Convert {
     /// Loads the model and saves it to `--out` atomically.
     pub fn run(self) -> Result<()> {
+        super::refuse_foreign_dir(&self.out, self.overwrite)?;
         let model = self.model.load()?;
         save_model(&model, &self.out, self.model.load.dtype.dtype())?;
         eprintln!(

@@ -28,7 +28,8 @@ pub struct Eval {
     /// Where the built-in sets are.
     #[arg(long, default_value = minillm::eval::sets::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
-    /// Output directory (default runs/eval-<model>), or the scored file with --predictions.
+    /// Output directory (default runs/eval-<model>, e.g. runs/eval-sft-best for runs/sft/best),
+    /// or the scored file with --predictions.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Block repeated n-grams of this size (6 as the released test script; 0 = off).
@@ -46,6 +47,10 @@ pub struct Eval {
     /// Score this jsonl of {"prediction", "output"} lines instead of generating.
     #[arg(long)]
     predictions: Option<PathBuf>,
+    /// Start afresh in an --out that holds other files or another model's generations
+    /// (only the files an evaluation writes are removed).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 impl Eval {
@@ -62,7 +67,7 @@ impl Eval {
             return Ok(());
         }
         let Some(dir) = &self.model else { anyhow::bail!("give --model DIR or --predictions FILE") };
-        let name = dir.file_name().map_or("model".into(), |n| n.to_string_lossy().to_string());
+        let name = minillm::report::run_label(dir);
         let opts = EvalOptions {
             sets: self.sets.iter().map(|s| s.trim().to_string()).collect(),
             data_dir: self.data_dir.clone(),
@@ -76,6 +81,7 @@ impl Eval {
             max_len: 512,
             batch_size: self.batch_size,
             max_examples: self.max_examples,
+            overwrite: self.overwrite,
         };
         opts.validate()?;
         let model = self.load.load(dir)?;
@@ -95,11 +101,15 @@ pub struct Report {
     /// Where report.md and rouge_l.svg go.
     #[arg(long, default_value = "runs/report")]
     out: PathBuf,
+    /// Write into an --out that holds other files (only report.md and rouge_l.svg are replaced).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 impl Report {
     /// Writes the report and prints its table.
     pub fn run(self) -> Result<()> {
+        super::claim_output(&self.out, "report", &["report.md", "rouge_l.svg"], self.overwrite)?;
         print!("{}", minillm::report::write_report(&self.runs, &self.out)?);
         eprintln!("report.md and rouge_l.svg in {}", self.out.display());
         Ok(())

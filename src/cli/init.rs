@@ -52,6 +52,20 @@ impl Init {
         } else {
             Tokenizer::from_file(&self.tokenizer)?
         };
+        let arch = minillm::model::config::ArchConfig::parse(&config, &self.config.display().to_string())?;
+        // Random initialisation builds every tensor in f32 first: refuse what cannot fit.
+        let needed = arch.approx_parameters() * 4.0;
+        if let Some(available) = available_memory() {
+            if needed > available as f64 {
+                bail!(
+                    "{} describes about {:.1e} parameters ({:.1} GB in f32), more than the {:.1} GB of memory available",
+                    self.config.display(),
+                    needed / 4.0,
+                    needed / 1e9,
+                    available as f64 / 1e9
+                );
+            }
+        }
         let mut model = Model::random(config, self.seed, &Device::Cpu, self.dtype.dtype())
             .with_context(|| format!("building a model from {}", self.config.display()))?;
         if tokenizer.vocab_size() > model.lm.info().vocab_size {
@@ -67,4 +81,12 @@ impl Init {
         eprintln!("initialised {} parameters in {}", model.lm.params().num_elements(), self.out.display());
         Ok(())
     }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (Linux), if readable.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

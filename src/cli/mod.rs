@@ -53,6 +53,22 @@ impl ModelArgs {
     }
 }
 
+/// Claims an output directory for a command whose outputs (`files`) are recomputed in full
+/// each time: refused when it holds anything else than an earlier output of the same command,
+/// unless `overwrite` (then only `files` are replaced).
+pub fn claim_output(dir: &std::path::Path, kind: &str, files: &[&str], overwrite: bool) -> Result<()> {
+    let reset = |d: &std::path::Path, _ours: bool| minillm::outdir::remove_entries(d, files);
+    let out = minillm::outdir::OutDir {
+        path: dir,
+        kind,
+        reset: &reset,
+        has_results: &|_| false,
+        overwrite_flag: Some("--overwrite"),
+    };
+    out.claim(&serde_json::Value::Null, &[], overwrite)?;
+    Ok(())
+}
+
 /// Refuses an output directory that exists and holds anything, unless `overwrite` is given.
 pub fn refuse_foreign_dir(dir: &std::path::Path, overwrite: bool) -> Result<()> {
     let occupied = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());

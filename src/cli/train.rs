@@ -8,7 +8,7 @@ use clap::Args;
 use minillm::loss::Divergence;
 use minillm::recipe::{Method, Preset, Recipe, RunConfig, SeqKdMode};
 
-use super::signals::{INTERRUPTED_STATUS, STOP};
+use super::signals::{interrupted_status, STOP};
 
 /// Options every training command has.
 #[derive(Args, Debug)]
@@ -47,6 +47,10 @@ pub struct RunArgs {
     /// The flags above win over --set and the config file.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Start afresh in an --out that holds other files, another method's run, or a run made
+    /// with other settings or inputs (only the files a training run writes are removed).
+    #[arg(long)]
+    overwrite: bool,
 }
 
 /// The teacher of a distillation command.
@@ -170,7 +174,7 @@ impl KdArgs {
 impl Sft {
     /// Runs `minillm sft`.
     pub fn run(self) -> Result<()> {
-        train(Method::Sft, self.run.config(None)?)
+        train(Method::Sft, self.run.config(None)?, self.run.overwrite)
     }
 }
 
@@ -180,7 +184,7 @@ impl Kd {
         let mut cfg = self.run.config(None)?;
         self.teacher.apply(&mut cfg);
         self.kd.apply(&mut cfg);
-        train(Method::Kd, cfg)
+        train(Method::Kd, cfg, self.run.overwrite)
     }
 }
 
@@ -191,7 +195,7 @@ impl SeqKd {
         self.teacher.apply(&mut cfg);
         self.kd.apply(&mut cfg);
         cfg.seqkd.mode = self.mode.unwrap_or(cfg.seqkd.mode);
-        train(Method::SeqKd, cfg)
+        train(Method::SeqKd, cfg, self.run.overwrite)
     }
 }
 
@@ -208,20 +212,20 @@ impl Distill {
         d.policy.length_norm &= !self.no_length_norm;
         d.single_step &= !self.no_single_step;
         d.pt &= !self.no_pt;
-        train(Method::Distill, cfg)
+        train(Method::Distill, cfg, self.run.overwrite)
     }
 }
 
 /// Runs the method, stopping cleanly on Ctrl-C, and says where the selected model is.
-fn train(method: Method, config: RunConfig) -> Result<()> {
+fn train(method: Method, config: RunConfig, overwrite: bool) -> Result<()> {
     let select_by = config.train.select_by;
-    let report = Recipe { method, config }.run_until(&STOP)?;
+    let report = Recipe { method, config, overwrite }.run_until(&STOP)?;
     let o = &report.outcome;
     match (&o.best, o.interrupted) {
         (_, true) => {
             eprintln!("stopped at step {}; run the same command again to resume", o.steps);
-            // Interrupted after writing a checkpoint: the conventional status for SIGINT.
-            std::process::exit(INTERRUPTED_STATUS);
+            // Interrupted after writing a checkpoint: the conventional status of the signal.
+            std::process::exit(interrupted_status());
         }
         (Some((v, step)), false) => {
             eprintln!("done: best {select_by:?} = {v:.4} at step {step}; model in {}", report.best.display())

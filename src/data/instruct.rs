@@ -89,7 +89,7 @@ pub fn load_instruct(
     let mut out = Vec::new();
     let mut report = LoadReport::default();
     for (line, parsed) in read_jsonl(path)? {
-        let parsed = parsed.map_err(anyhow::Error::from).and_then(|v| record_prompt_output(&v));
+        let parsed = parsed.and_then(|v| record_prompt_output(&v));
         let (prompt, references) = match parsed {
             Ok(x) => x,
             Err(e) if opts.skip_malformed => {

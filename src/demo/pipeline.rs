@@ -28,6 +28,7 @@ use crate::data::jsonl::read_jsonl;
 use crate::eval::evaluate::{evaluate_model, EvalOptions};
 use crate::generate::SamplingConfig;
 use crate::model::{load_model, save_model, Model};
+use crate::outdir::OutDir;
 use crate::progress::note;
 use crate::recipe::{Method, Recipe, RunConfig};
 use crate::report::{line_chart_svg, write_report, LineSeries};
@@ -103,24 +104,51 @@ fn gpt2_config(vocab: usize, layers: usize, width: usize, heads: usize) -> Value
            "n_head": heads, "eos_token_id": 0, "bos_token_id": 0, "pad_token_id": 0, "initializer_range": 0.02})
 }
 
-/// Clears a directory left by a different recipe, seed or size; records the current one.
+/// What the demo writes at the top of its output directory (stage directories, data, models,
+/// evaluations, report and plots); the stage directories are wholly the demo's.
+const DEMO_OUTPUTS: &[&str] = &[
+    "data",
+    "init",
+    "teacher",
+    "sft",
+    "kd",
+    "seqkd",
+    "minillm",
+    "minillm-no-length-norm",
+    "minillm-no-teacher-mix",
+    "minillm-no-single-step",
+    "eval",
+    "report.md",
+    "rouge_l.svg",
+    "summary.md",
+    "summary.json",
+    "reverse_kl.svg",
+    "response_length.svg",
+    "toy_gaussian.svg",
+    "demo.json",
+    crate::outdir::MARKER,
+];
+
+/// Claims the output directory for the demo: new, or a demo made with these settings (to
+/// resume it), or a demo made with other settings (its outputs are removed and it starts
+/// afresh). A directory holding anything the demo did not write is refused and left as it is.
 fn prepare_out(opts: &DemoOptions) -> Result<()> {
-    let stamp = json!({"recipe": RECIPE, "seed": opts.seed, "quick": opts.quick});
-    let path = opts.out.join("demo.json");
-    let previous: Option<Value> = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok());
-    if previous.as_ref() != Some(&stamp) && opts.out.exists() {
-        note(&format!("{} holds a demo with other settings: starting afresh", opts.out.display()));
-        for entry in std::fs::read_dir(&opts.out)? {
-            let p = entry?.path();
-            if p.is_dir() {
-                std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
-            } else {
-                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-            }
+    let identity = json!({"recipe": RECIPE, "seed": opts.seed, "quick": opts.quick});
+    let reset = |dir: &Path, _ours: bool| {
+        note(&format!("{} holds a demo with other settings: starting afresh", dir.display()));
+        crate::outdir::remove_entries(dir, DEMO_OUTPUTS)
+    };
+    // A demo written before output directories carried markers has only its `demo.json`.
+    let legacy = opts.out.join("demo.json");
+    if !opts.out.join(crate::outdir::MARKER).exists() && legacy.is_file() {
+        let stamp: Option<Value> = std::fs::read_to_string(&legacy).ok().and_then(|t| serde_json::from_str(&t).ok());
+        if stamp.is_some_and(|s| s.get("recipe").is_some()) {
+            reset(&opts.out, true)?;
         }
     }
-    std::fs::create_dir_all(&opts.out)?;
-    crate::atomic::write_file(&path, format!("{stamp}\n").as_bytes())
+    let dir = OutDir { path: &opts.out, kind: "demo", reset: &reset, has_results: &|_| false, overwrite_flag: None };
+    dir.claim(&identity, &[], false)?;
+    Ok(())
 }
 
 /// Writes a randomly initialised model with the task's tokenizer (once).
@@ -152,7 +180,7 @@ fn supervised(cfg: &mut RunConfig, steps: usize, lr: f64, seed: u64) {
     t.lr = lr;
     t.max_steps = steps;
     t.batch_size = 32;
-    t.schedule = Schedule::Cosine { warmup: steps / 20, total: steps, min_lr: lr / 10.0 };
+    t.schedule = Schedule::Cosine { warmup: steps / 20, total: None, min_lr: lr / 10.0 };
     t.optimizer.weight_decay = 0.01;
     t.eval_interval = (steps / 5).max(1);
     t.save_interval = t.eval_interval;
@@ -169,7 +197,7 @@ fn stage(name: &str, method: Method, cfg: &RunConfig, stop: &AtomicBool) -> Resu
     if !out.join("done").is_file() {
         note(&format!("== {name} =="));
         let t0 = Instant::now();
-        let report = Recipe { method, config: cfg.clone() }.run_until(stop)?;
+        let report = Recipe::new(method, cfg.clone()).run_until(stop)?;
         if report.outcome.interrupted {
             bail!("interrupted during {name}; run the demo again to resume");
         }
@@ -276,6 +304,7 @@ fn evaluate_all(models: &[(String, PathBuf)], data: &Path, out: &Path, max_examp
                 max_len: 96,
                 batch_size: 64,
                 max_examples: Some(max_examples),
+                overwrite: false,
             };
             evaluate_model(&model, &opts)?;
         }

@@ -45,6 +45,9 @@ pub struct EvalOptions {
     pub batch_size: usize,
     /// Evaluate only the first N examples of each set.
     pub max_examples: Option<usize>,
+    /// Start afresh in an output directory that holds other files or another model's (or
+    /// other settings') generations, removing only what an evaluation writes.
+    pub overwrite: bool,
 }
 
 /// Results of one set.
@@ -228,9 +231,19 @@ pub fn evaluate_model(model: &Model, opts: &EvalOptions) -> Result<Vec<SetResult
     opts.validate()?;
     let sets: Vec<EvalSet> = opts.sets.iter().map(|s| load_set(s, &opts.data_dir)).collect::<Result<_>>()?;
     let tok = model.tokenizer()?;
+    claim_output(model, opts)?;
     let mut results = Vec::new();
     for set in &sets {
         let prep = prepare(model, set, opts)?;
+        if prep.dropped > 0 {
+            crate::progress::note(&format!(
+                "{}: {} examples evaluated, {} dropped for a prompt over {} tokens (or no room to generate)",
+                set.name,
+                prep.indices.len(),
+                prep.dropped,
+                opts.max_prompt_len
+            ));
+        }
         let progress = Progress::new(&format!("{:>10}", set.name), (prep.indices.len() * opts.seeds.len()) as u64);
         let started = std::time::Instant::now();
         let mut generated = 0usize;
@@ -290,7 +303,7 @@ pub fn evaluate_model(model: &Model, opts: &EvalOptions) -> Result<Vec<SetResult
 
 /// The results as a markdown table (Rouge-L mean ± std over seeds, Dist-4, LM loss).
 pub fn markdown_table(results: &[SetResult]) -> String {
-    let mut s = String::from("| set | examples | Rouge-L | Dist-4 | LM loss |\n|---|---|---|---|---|\n");
+    let mut s = String::from("| set | examples | Rouge-L (×100) | Dist-4 | LM loss |\n|---|---|---|---|---|\n");
     for r in results {
         s.push_str(&format!(
             "| {} | {} | {:.2} ± {:.2} | {:.4} | {:.4} |\n",
@@ -301,6 +314,43 @@ pub fn markdown_table(results: &[SetResult]) -> String {
         }
     }
     s
+}
+
+/// Claims the output directory: the generations in it are reused only when they come from this
+/// model (its weights, not its path) with these decoding settings and length limits.
+fn claim_output(model: &Model, opts: &EvalOptions) -> Result<()> {
+    let identity = json!({
+        "model": crate::fingerprint::model(model)?,
+        "sampling": opts.sampling,
+        "max_prompt_len": opts.max_prompt_len,
+        "max_len": opts.max_len,
+    });
+    let reset = |dir: &Path, ours: bool| -> Result<()> {
+        crate::outdir::remove_entries(dir, &["results.json", "results.md", crate::outdir::MARKER])?;
+        if ours {
+            return crate::outdir::remove_entries(dir, &["eval"]);
+        }
+        // Someone else's directory: only the generation files an evaluation writes.
+        for set in std::fs::read_dir(dir.join("eval")).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(set.path()).into_iter().flatten().flatten() {
+                let name = f.file_name().to_string_lossy().to_string();
+                if name.starts_with("seed-") && name.ends_with(".jsonl") {
+                    std::fs::remove_file(f.path()).with_context(|| format!("removing {}", f.path().display()))?;
+                }
+            }
+        }
+        Ok(())
+    };
+    let has_results = |dir: &Path| dir.join("eval").exists() || dir.join("results.json").exists();
+    let out = crate::outdir::OutDir {
+        path: &opts.out,
+        kind: "eval",
+        reset: &reset,
+        has_results: &has_results,
+        overwrite_flag: Some("--overwrite"),
+    };
+    out.claim(&identity, &[], opts.overwrite)?;
+    crate::atomic::clean_stale(&opts.out)
 }
 
 fn write_reports(out: &Path, model: &Model, results: &[SetResult]) -> Result<()> {
@@ -318,13 +368,18 @@ pub fn score_predictions(input: &Path, out: &Path) -> Result<BTreeMap<u64, f64>>
     let mut per_seed: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
     for (line, parsed) in read_jsonl(input)? {
         let at = || format!("{}:{line}", input.display());
-        let mut v = parsed.with_context(|| format!("{}: invalid JSON", at()))?;
+        let mut v = parsed.with_context(at)?;
         let pred =
             v.get("prediction").and_then(Value::as_str).with_context(|| format!("{}: no string `prediction`", at()))?;
         let key = if v.get("output").is_none() && v.get("references").is_some() { "references" } else { "output" };
         let refs = references(&v, key).map_err(|e| anyhow::anyhow!("{}: no references: {e}", at()))?;
         let score = 100.0 * rouge_l_max(pred, &refs.iter().map(String::as_str).collect::<Vec<_>>());
-        let seed = v.get("seed").and_then(Value::as_u64).unwrap_or(0);
+        let seed = match v.get("seed") {
+            None | Some(Value::Null) => 0,
+            Some(s) => {
+                s.as_u64().with_context(|| format!("{}: `seed` must be a non-negative integer, got {s}", at()))?
+            }
+        };
         per_seed.entry(seed).or_default().push(score);
         v["rougeL"] = json!(score);
         text.push_str(&format!("{v}\n"));

@@ -70,7 +70,7 @@ pub fn load_set(name: &str, data_dir: &Path) -> Result<EvalSet> {
     }
     let mut examples = Vec::new();
     for (line, parsed) in read_jsonl(&path)? {
-        let v = parsed.map_err(|e| anyhow::anyhow!("{}:{line}: invalid JSON: {e}", path.display()))?;
+        let v = parsed.map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?;
         let (prompt, references) =
             record_prompt_output(&v).map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?;
         examples.push(EvalExample { prompt, references });

@@ -167,6 +167,9 @@ pub(crate) fn decode(
                 continue;
             }
             let per_model: Vec<&[f32]> = logits.iter().map(|l| l[row].as_slice()).collect();
+            if per_model.iter().any(|l| l.iter().any(|x| x.is_nan())) {
+                bail!("the model produced NaN logits at generation step {step} (prompt {row} of the batch)");
+            }
             let c = choose(row, &per_model, &history[row])?;
             next[row] = c.token;
             responses[row].push(c.token);

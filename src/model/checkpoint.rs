@@ -156,6 +156,13 @@ pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
     }
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
+        if dir.join("best").join("config.json").is_file() {
+            bail!(
+                "{} is a training run directory, not a model; its selected model is {}",
+                dir.display(),
+                dir.join("best").display()
+            );
+        }
         bail!("{} has no config.json", dir.display());
     }
     let config = read_json(&config_path)?;
@@ -223,8 +230,7 @@ pub fn save_model(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
 /// to write non-finite weights.
 pub fn write_model_files(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
     for (name, var) in model.lm.params().iter() {
-        let bad = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().any(|x| !x.is_finite());
-        if bad {
+        if !super::params::all_finite(var.as_tensor())? {
             bail!("parameter `{name}` holds NaN or infinite values; refusing to write a checkpoint");
         }
     }

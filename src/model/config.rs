@@ -7,6 +7,12 @@ use serde_json::Value;
 
 use super::Family;
 
+/// A `config.json` field's name and value.
+type Named<T> = (&'static str, T);
+
+/// More values than any tensor of a real model holds (2^40): sizes implying more are refused.
+const MAX_ELEMENTS: f64 = 1_099_511_627_776.0;
+
 /// The parsed architecture configuration.
 #[derive(Clone, Debug)]
 pub enum ArchConfig {
@@ -48,6 +54,58 @@ impl ArchConfig {
     }
 
     fn validate(&self, source: &str) -> Result<()> {
+        let (sizes, floats): (Vec<Named<usize>>, Vec<Named<f64>>) = match self {
+            Self::Gpt2(c) => (
+                vec![
+                    ("vocab_size", c.vocab_size),
+                    ("n_positions", c.n_positions),
+                    ("n_embd", c.n_embd),
+                    ("n_layer", c.n_layer),
+                    ("n_head", c.n_head),
+                    ("n_inner", c.n_inner.unwrap_or(1)),
+                ],
+                vec![("layer_norm_epsilon", c.layer_norm_epsilon)],
+            ),
+            Self::Opt(c) => (
+                vec![
+                    ("vocab_size", c.vocab_size),
+                    ("max_position_embeddings", c.max_position_embeddings),
+                    ("hidden_size", c.hidden_size),
+                    ("num_hidden_layers", c.num_hidden_layers),
+                    ("num_attention_heads", c.num_attention_heads),
+                    ("ffn_dim", c.ffn_dim),
+                    ("word_embed_proj_dim", c.word_embed_proj_dim.unwrap_or(1)),
+                ],
+                vec![],
+            ),
+            Self::Llama(c) => (
+                vec![
+                    ("vocab_size", c.vocab_size),
+                    ("max_position_embeddings", c.max_position_embeddings),
+                    ("hidden_size", c.hidden_size),
+                    ("intermediate_size", c.intermediate_size),
+                    ("num_hidden_layers", c.num_hidden_layers),
+                    ("num_attention_heads", c.num_attention_heads),
+                    ("num_key_value_heads", c.num_key_value_heads.unwrap_or(1)),
+                    ("head_dim", c.head_dim.unwrap_or(2)),
+                ],
+                vec![("rms_norm_eps", c.rms_norm_eps), ("rope_theta", c.rope.theta)],
+            ),
+        };
+        for (key, v) in &sizes {
+            if *v == 0 {
+                bail!("{source}: `{key}` must be at least 1, got 0");
+            }
+        }
+        for (key, v) in &floats {
+            if !(v.is_finite() && *v > 0.0) {
+                bail!("{source}: `{key}` must be a positive finite number, got {v}");
+            }
+        }
+        let init = self.initializer_range();
+        if !(init.is_finite() && init >= 0.0) {
+            bail!("{source}: the initializer range must be a finite number ≥ 0, got {init}");
+        }
         match self {
             Self::Gpt2(c) => {
                 if c.add_cross_attention {
@@ -74,6 +132,16 @@ impl ArchConfig {
                         c.num_attention_heads
                     );
                 }
+                if c.head_dim.is_none() && c.hidden_size % c.num_attention_heads != 0 {
+                    bail!(
+                        "{source}: hidden_size {} is not divisible by num_attention_heads {} (and no head_dim is given)",
+                        c.hidden_size,
+                        c.num_attention_heads
+                    );
+                }
+                if c.head_dim() % 2 != 0 {
+                    bail!("{source}: the head width {} must be even for rotary embeddings", c.head_dim());
+                }
                 if c.partial_rotary_factor.is_some_and(|f| f != 1.0) {
                     bail!("{source}: partial_rotary_factor != 1 is not supported");
                 }
@@ -85,9 +153,71 @@ impl ArchConfig {
                         bail!("{source}: layer_types other than full_attention are not supported");
                     }
                 }
+                if let RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. } = c.rope.scaling {
+                    if !(factor.is_finite() && factor > 0.0) {
+                        bail!("{source}: the rope scaling factor must be a positive finite number, got {factor}");
+                    }
+                }
             }
         }
+        // Sizes whose tensors could not exist: refuse before anything is allocated.
+        let tensors = self.main_tensors();
+        let largest = tensors.into_iter().fold(0.0, f64::max);
+        if largest > MAX_ELEMENTS {
+            bail!("{source}: these sizes imply a tensor of {largest:.3e} values, more than any real model has ({MAX_ELEMENTS:.3e})");
+        }
+        let (key, layers) = match self {
+            Self::Gpt2(c) => ("n_layer", c.n_layer),
+            Self::Opt(c) => ("num_hidden_layers", c.num_hidden_layers),
+            Self::Llama(c) => ("num_hidden_layers", c.num_hidden_layers),
+        };
+        let total = self.approx_parameters();
+        if total > MAX_ELEMENTS {
+            bail!("{source}: `{key}` = {layers} with these widths implies {total:.3e} parameters, more than any real model has");
+        }
         Ok(())
+    }
+
+    /// Sizes of the largest tensors: the embedding, the position table (or rotary tables), one
+    /// MLP matrix and one layer's attention projections.
+    fn main_tensors(&self) -> [f64; 4] {
+        let f = |x: usize| x as f64;
+        match self {
+            Self::Gpt2(c) => {
+                let inner = c.n_inner.map_or(4.0 * f(c.n_embd), f);
+                [
+                    f(c.vocab_size) * f(c.n_embd),
+                    f(c.n_positions) * f(c.n_embd),
+                    inner * f(c.n_embd),
+                    3.0 * f(c.n_embd).powi(2),
+                ]
+            }
+            Self::Opt(c) => [
+                f(c.vocab_size) * f(c.word_embed_proj_dim.unwrap_or(c.hidden_size)),
+                (f(c.max_position_embeddings) + 2.0) * f(c.hidden_size),
+                f(c.ffn_dim) * f(c.hidden_size),
+                f(c.hidden_size).powi(2),
+            ],
+            // Rotary tables hold positions × head width values.
+            Self::Llama(c) => [
+                f(c.vocab_size) * f(c.hidden_size),
+                f(c.max_position_embeddings) * f(c.head_dim()),
+                f(c.intermediate_size) * f(c.hidden_size),
+                f(c.num_attention_heads) * f(c.head_dim()) * f(c.hidden_size),
+            ],
+        }
+    }
+
+    /// A rough parameter count (embeddings, positions, and per layer its attention
+    /// projections and two MLP matrices), for refusing configurations too large to build.
+    pub fn approx_parameters(&self) -> f64 {
+        let [embed, positions, mlp, attention] = self.main_tensors();
+        let layers = match self {
+            Self::Gpt2(c) => c.n_layer,
+            Self::Opt(c) => c.num_hidden_layers,
+            Self::Llama(c) => c.num_hidden_layers,
+        };
+        layers as f64 * (attention * 4.0 / 3.0 + 2.0 * mlp) + embed + positions
     }
 
     /// The model family.

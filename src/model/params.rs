@@ -181,6 +181,9 @@ impl ParamBuilder {
                         shape
                     );
                 }
+                if !all_finite(&t)? {
+                    bail!("tensor `{key}` in {} holds NaN or infinite values", show_paths(files));
+                }
                 self.used.insert(key);
                 Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
             }
@@ -235,4 +238,19 @@ pub fn save_safetensors(params: &Params, skip: &[&str], dtype: DType, path: &Pat
     map.retain(|k, _| !skip.contains(&k.as_str()));
     candle_core::safetensors::save(&map, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Whether every value of a floating-point tensor is finite (integer tensors always are).
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let t = match t.dtype() {
+        DType::F32 => t.clone(),
+        DType::F16 | DType::BF16 | DType::F64 => t.to_dtype(DType::F32)?,
+        _ => return Ok(true),
+    };
+    let (storage, layout) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+        return Ok(cpu.as_slice::<f32>()?[start..end].iter().all(|x| x.is_finite()));
+    }
+    drop(storage);
+    Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite()))
 }

@@ -6,17 +6,20 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
 
 use super::settings::{RunConfig, SeqKdMode};
 use crate::data::instruct::{load_instruct, InstructExample, InstructOptions};
 use crate::data::pretrain::load_corpus;
+use crate::fingerprint;
 use crate::model::compat::check_compatible;
 use crate::model::{load_model, select_device, Model};
+use crate::outdir::OutDir;
 use crate::train::minillm::{DistillData, DistillTask};
 use crate::train::run_dir::RunDir;
 use crate::train::seqkd::{teacher_generations, GenerationSettings};
 use crate::train::supervised::{KdTerm, SupervisedTask};
-use crate::train::trainer::{train, Selection, Task, TrainOutcome};
+use crate::train::trainer::{train, Selection, Stats, Task, TrainOutcome};
 
 /// The training methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,7 +58,23 @@ pub struct Recipe {
     pub method: Method,
     /// Its settings.
     pub config: RunConfig,
+    /// Start afresh in a run directory that holds other files, another method's run or a run
+    /// made from other settings or inputs, removing only what a training run writes.
+    pub overwrite: bool,
 }
+
+/// Settings that may change between invocations of one run (each change is noted); any other
+/// difference from the run's recorded settings and inputs is refused.
+const MAY_CHANGE: &[&str] = &[
+    "settings.out",
+    "settings.model.gpu",
+    "settings.train.max_steps",
+    "settings.train.eval_interval",
+    "settings.train.save_interval",
+    "settings.train.keep_checkpoints",
+    "settings.train.max_bad_steps",
+    "settings.train.stop_after",
+];
 
 /// What a finished (or interrupted) run produced.
 #[derive(Clone, Debug)]
@@ -75,9 +94,14 @@ struct Models {
 }
 
 impl Recipe {
+    /// `method` with `config`.
+    pub fn new(method: Method, config: RunConfig) -> Self {
+        Self { method, config, overwrite: false }
+    }
+
     /// `method` with settings from the TOML file `path` (if any) and `key=value` overrides.
     pub fn from_toml(method: Method, path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        Ok(Self { method, config: RunConfig::load(path, overrides)? })
+        Ok(Self::new(method, RunConfig::load(path, overrides)?))
     }
 
     /// The run directory: `out`, else `runs/<method>`.
@@ -96,12 +120,42 @@ impl Recipe {
         let cfg = &self.config;
         cfg.validate()?;
         let out = self.out_dir();
+        let identity = self.identity()?;
+        let dir = OutDir {
+            path: &out,
+            kind: self.method.name(),
+            reset: &RunDir::reset,
+            has_results: &RunDir::has_results,
+            overwrite_flag: Some("--overwrite"),
+        };
+        dir.claim(&identity, MAY_CHANGE, self.overwrite)?;
         let run = RunDir::new(&out)?;
-        let models = self.load_models(&run)?;
+        let Models { student, teacher } = self.load_models(&run)?;
+        let mut task = self.task(&student, teacher, &out)?;
         crate::atomic::write_file(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-        let mut task = self.task(&models.student, models.teacher, &out)?;
-        let outcome = train(&models.student, task.as_mut(), &cfg.train, &run, stop)?;
+        let outcome = train(&student, task.as_mut(), &cfg.train, &run, stop)?;
         Ok(RunReport { outcome, best: run.best(), dir: out })
+    }
+
+    /// What the run's results depend on: the method, every setting, and the fingerprints of
+    /// the models and data files it reads.
+    fn identity(&self) -> Result<Value> {
+        let (m, d) = (&self.config.model, &self.config.data);
+        let mut inputs = serde_json::Map::new();
+        let mut add = |key: &str, v: Result<String>| -> Result<()> {
+            inputs.insert(key.into(), Value::String(v.with_context(|| format!("fingerprinting {key}"))?));
+            Ok(())
+        };
+        add("student", fingerprint::model_dir(required(&m.student, "model.student")?))?;
+        if self.method.needs_teacher() {
+            add("teacher", fingerprint::model_dir(required(&m.teacher, "model.teacher")?))?;
+        }
+        add("train", fingerprint::path(required(&d.train, "data.train")?))?;
+        add("valid", fingerprint::path(required(&d.valid, "data.valid")?))?;
+        if self.method == Method::Distill && self.config.distill.pt {
+            add("corpus", fingerprint::path(required(&d.corpus, "data.corpus")?))?;
+        }
+        Ok(json!({"method": self.method.name(), "settings": serde_json::to_value(&self.config)?, "inputs": inputs}))
     }
 
     fn load_models(&self, run: &RunDir) -> Result<Models> {
@@ -143,13 +197,43 @@ impl Recipe {
         Ok(Models { student, teacher })
     }
 
-    fn instruct(&self, student: &Model, path: &Path, limit: Option<usize>) -> Result<Vec<InstructExample>> {
+    /// Loads an instruction file (`role`: train or valid), noting and recording in `stats`
+    /// how many examples were kept and how many lines were skipped, dropped or truncated.
+    fn instruct(
+        &self,
+        student: &Model,
+        path: &Path,
+        limit: Option<usize>,
+        role: &str,
+        stats: &mut Stats,
+    ) -> Result<Vec<InstructExample>> {
         let d = &self.config.data;
         let opts =
             InstructOptions { max_prompt_len: d.max_prompt_len, max_len: d.max_len, skip_malformed: d.skip_malformed };
-        let (mut exs, _) = load_instruct(path, student.tokenizer()?, student.eos()?, &opts)?;
+        let (mut exs, report) = load_instruct(path, student.tokenizer()?, student.eos()?, &opts)?;
         if let Some(n) = limit {
             exs.truncate(n);
+        }
+        if report.malformed + report.long_prompts + report.truncated > 0 {
+            crate::progress::note(&format!(
+                "{}: {} examples used; {} malformed lines skipped, {} prompts over {} tokens dropped, {} responses \
+                 truncated to {} tokens in all",
+                path.display(),
+                exs.len(),
+                report.malformed,
+                report.long_prompts,
+                d.max_prompt_len,
+                report.truncated,
+                d.max_len
+            ));
+        }
+        for (k, v) in [
+            ("examples", exs.len()),
+            ("malformed", report.malformed),
+            ("long_prompts", report.long_prompts),
+            ("truncated", report.truncated),
+        ] {
+            stats.insert(format!("{role}_{k}"), v as f64);
         }
         Ok(exs)
     }
@@ -158,27 +242,25 @@ impl Recipe {
     fn task(&self, student: &Model, teacher: Option<Model>, out: &Path) -> Result<Box<dyn Task>> {
         let cfg = &self.config;
         let d = &cfg.data;
-        let valid = self.instruct(student, required(&d.valid, "data.valid")?, d.valid_limit)?;
+        let mut stats = Stats::new();
+        let valid = self.instruct(student, required(&d.valid, "data.valid")?, d.valid_limit, "valid", &mut stats)?;
         let train_path = required(&d.train, "data.train")?;
         let teacher = || teacher.context("this method needs a teacher (model.teacher)");
-        Ok(match self.method {
-            Method::Sft | Method::Kd | Method::SeqKd => {
-                let train_set = match self.method {
-                    Method::SeqKd => {
-                        let teacher = teacher()?;
-                        let path = self.teacher_generations(student, &teacher, train_path, out)?;
-                        let train_set = self.instruct(student, &path, d.train_limit)?;
-                        let kd = (cfg.seqkd.mode == SeqKdMode::Lmops).then(|| self.kd_term(teacher));
-                        return Ok(Box::new(self.supervised(train_set, valid, kd)));
-                    }
-                    _ => self.instruct(student, train_path, d.train_limit)?,
-                };
-                let kd = if self.method == Method::Kd { Some(self.kd_term(teacher()?)) } else { None };
-                Box::new(self.supervised(train_set, valid, kd))
+        let (train_set, kd) = match self.method {
+            Method::Sft => (self.instruct(student, train_path, d.train_limit, "train", &mut stats)?, None),
+            Method::Kd => {
+                let train_set = self.instruct(student, train_path, d.train_limit, "train", &mut stats)?;
+                (train_set, Some(self.kd_term(teacher()?)))
+            }
+            Method::SeqKd => {
+                let teacher = teacher()?;
+                let path = self.teacher_generations(student, &teacher, train_path, out)?;
+                let train_set = self.instruct(student, &path, d.train_limit, "train", &mut stats)?;
+                (train_set, (cfg.seqkd.mode == SeqKdMode::Lmops).then(|| self.kd_term(teacher)))
             }
             Method::Distill => {
-                let prompts =
-                    self.instruct(student, train_path, d.train_limit)?.into_iter().map(|e| e.prompt).collect();
+                let train_set = self.instruct(student, train_path, d.train_limit, "train", &mut stats)?;
+                let prompts = train_set.into_iter().map(|e| e.prompt).collect();
                 let corpus = if cfg.distill.pt {
                     let path = required(&d.corpus, "data.corpus")?;
                     load_corpus(path, student.tokenizer()?, student.eos()?, d.corpus_chunk)?
@@ -188,22 +270,15 @@ impl Recipe {
                 let mut settings = cfg.distill.clone();
                 settings.max_len = settings.max_len.min(d.max_len);
                 let data = DistillData { prompts, valid, corpus };
-                Box::new(DistillTask::new(settings, teacher()?, data, cfg.train.seed)?)
+                let task = DistillTask::new(settings, teacher()?, data, cfg.train.seed)?;
+                return Ok(Box::new(task.with_data_stats(stats)));
             }
-        })
-    }
-
-    fn supervised(
-        &self,
-        train_set: Vec<InstructExample>,
-        valid: Vec<InstructExample>,
-        kd: Option<KdTerm>,
-    ) -> SupervisedTask {
-        let task = SupervisedTask::new(train_set, valid, self.config.train.seed, kd);
-        match self.config.train.select_by {
-            Selection::ValRougeL => task.with_rouge(self.config.data.max_len),
+        };
+        let task = SupervisedTask::new(train_set, valid, cfg.train.seed, kd).with_data_stats(stats);
+        Ok(Box::new(match cfg.train.select_by {
+            Selection::ValRougeL => task.with_rouge(d.max_len),
             Selection::ValLoss => task,
-        }
+        }))
     }
 
     fn kd_term(&self, teacher: Model) -> KdTerm {
@@ -219,7 +294,7 @@ impl Recipe {
             crate::progress::note(&format!("reusing teacher generations from {}", path.display()));
             return Ok(path);
         }
-        let prompts = self.instruct(student, train_path, cfg.data.train_limit)?;
+        let prompts = self.instruct(student, train_path, cfg.data.train_limit, "prompts", &mut Stats::new())?;
         let settings = GenerationSettings {
             max_new_tokens: cfg.seqkd.max_new_tokens,
             max_len: cfg.data.max_len,

@@ -10,7 +10,7 @@ use crate::ops::adamw::{adamw_in_place, AdamStep};
 
 /// AdamW hyper-parameters.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdamWConfig {
     /// β1.
     pub beta1: f64,
@@ -62,8 +62,9 @@ pub enum Schedule {
     Cosine {
         /// Warm-up steps.
         warmup: usize,
-        /// Total steps.
-        total: usize,
+        /// Steps of the whole schedule (default: the run's `max_steps`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        total: Option<usize>,
         /// Floor.
         min_lr: f64,
     },
@@ -80,12 +81,13 @@ impl Schedule {
         Ok(())
     }
 
-    /// The learning rate at step `k` for peak rate `lr`.
-    pub fn lr(&self, lr: f64, k: usize) -> f64 {
+    /// The learning rate at step `k` for peak rate `lr`, in a run of `max_steps` steps.
+    pub fn lr(&self, lr: f64, k: usize, max_steps: usize) -> f64 {
         let warm = |w: usize| if k < w { Some(lr * k as f64 / w.max(1) as f64) } else { None };
         match *self {
             Self::Constant { warmup } => warm(warmup).unwrap_or(lr),
             Self::Cosine { warmup, total, min_lr } => warm(warmup).unwrap_or_else(|| {
+                let total = total.unwrap_or(max_steps);
                 let progress = (k - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
                 let c = (0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos())).max(0.0);
                 min_lr + (lr - min_lr) * c

@@ -14,10 +14,45 @@ pub struct RunDir {
 }
 
 impl RunDir {
-    /// `root` (created if missing).
+    /// `root` (created if missing), cleaned of the temporaries a killed process left.
     pub fn new(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root).with_context(|| format!("creating run directory {}", root.display()))?;
+        crate::atomic::clean_stale(root)?;
+        crate::atomic::clean_stale(&root.join("checkpoints"))?;
         Ok(Self { root: root.to_path_buf() })
+    }
+
+    /// Whether a run has results: metrics or a checkpoint.
+    pub fn has_results(root: &Path) -> bool {
+        root.join("metrics.jsonl").is_file() || root.join("checkpoints").is_dir()
+    }
+
+    /// Removes what a training run writes into `root`: its config, metrics, marker, teacher
+    /// generations and `checkpoints/step-N` directories, and `best/` when the directory was
+    /// a minillm run (`ours`; otherwise `best/` is rewritten file by file at the first
+    /// validation, keeping anything else in it). Nothing else is touched.
+    pub fn reset(root: &Path, ours: bool) -> Result<()> {
+        let mut names = vec![
+            "config.toml",
+            "metrics.jsonl",
+            "teacher_generations.jsonl",
+            "teacher_generations.jsonl.partial",
+            crate::outdir::MARKER,
+        ];
+        if ours {
+            names.push("best");
+        }
+        crate::outdir::remove_entries(root, &names)?;
+        let run = Self { root: root.to_path_buf() };
+        for step in run.checkpoint_steps() {
+            let dir = run.checkpoint(step);
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        let checkpoints = root.join("checkpoints");
+        if std::fs::read_dir(&checkpoints).is_ok_and(|mut e| e.next().is_none()) {
+            std::fs::remove_dir(&checkpoints).with_context(|| format!("removing {}", checkpoints.display()))?;
+        }
+        Ok(())
     }
 
     /// The run's root.

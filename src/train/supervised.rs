@@ -41,13 +41,24 @@ pub struct SupervisedTask {
     rouge_max_len: Option<usize>,
     window: Vec<LmBatch>,
     window_tokens: usize,
+    data_stats: Stats,
 }
 
 impl SupervisedTask {
     /// A task over `train` (shuffled from `seed`), validated on `valid`.
     pub fn new(train: Vec<InstructExample>, valid: Vec<InstructExample>, seed: u64, kd: Option<KdTerm>) -> Self {
         let order = DataOrder::new(train.len(), seed);
-        Self { train, valid, seed, order, kd, rouge_max_len: None, window: Vec::new(), window_tokens: 0 }
+        Self {
+            train,
+            valid,
+            seed,
+            order,
+            kd,
+            rouge_max_len: None,
+            window: Vec::new(),
+            window_tokens: 0,
+            data_stats: Stats::new(),
+        }
     }
 
     /// Also report `val_rougeL` (and `val_len`) from one response per validation example,
@@ -58,7 +69,19 @@ impl SupervisedTask {
     }
 }
 
+impl SupervisedTask {
+    /// Records the counts describing the data (see [`Task::data_stats`]).
+    pub fn with_data_stats(mut self, stats: Stats) -> Self {
+        self.data_stats = stats;
+        self
+    }
+}
+
 impl Task for SupervisedTask {
+    fn data_stats(&self) -> Stats {
+        self.data_stats.clone()
+    }
+
     fn begin_step(&mut self, student: &Model, _step: usize, window: Window) -> Result<()> {
         self.window.clear();
         for _ in 0..window.grad_accum {

@@ -51,6 +51,11 @@ pub trait Task {
     fn state(&self) -> Result<TaskState>;
     /// Restores [`Task::state`].
     fn load_state(&mut self, state: TaskState) -> Result<()>;
+    /// Counts describing the task's data (examples kept, lines skipped, prompts dropped,
+    /// responses truncated), logged with the first validation of a run.
+    fn data_stats(&self) -> Stats {
+        Stats::new()
+    }
 }
 
 /// A task's resumable state: small values as JSON, bulk data (a rollout buffer) as tensors.
@@ -230,13 +235,14 @@ pub fn train(
     // The starting model is validated too: its curves start at the initial point, and it stays
     // the selected model if training never improves on it (as the released trainer does).
     if fresh && cfg.max_steps > 0 {
-        validate_and_select(task, student, cfg, run, &mut state, &mut metrics, &mut outcome)?;
+        let data = task.data_stats();
+        validate_and_select(task, student, cfg, run, &mut state, &mut metrics, &mut outcome, Some(&data))?;
     }
 
     while state.step < cfg.max_steps {
         let step = state.step;
         let t0 = Instant::now();
-        let lr = cfg.schedule.lr(cfg.lr, step);
+        let lr = cfg.schedule.lr(cfg.lr, step, cfg.max_steps);
         task.begin_step(student, step, cfg.window())?;
         match accumulate(task, student, &vars)? {
             Err(problem) => {
@@ -273,7 +279,7 @@ pub fn train(
 
         let last = state.step == cfg.max_steps;
         if state.step.is_multiple_of(cfg.eval_interval) || last {
-            validate_and_select(task, student, cfg, run, &mut state, &mut metrics, &mut outcome)?;
+            validate_and_select(task, student, cfg, run, &mut state, &mut metrics, &mut outcome, None)?;
         }
         let stopping = stop.load(Ordering::SeqCst) || cfg.stop_after == Some(state.step);
         if state.step.is_multiple_of(cfg.save_interval) || last || stopping {
@@ -354,8 +360,9 @@ fn open_metrics(run: &RunDir, fresh: bool) -> Result<std::fs::File> {
         .with_context(|| format!("opening {}", path.display()))
 }
 
-/// Validates `model`, logs the statistics, and writes it as the best model when the selection
-/// metric improved.
+/// Validates `model`, logs the statistics (with `data`, the task's data counts, at the start),
+/// and writes it as the best model when the selection metric improved.
+#[allow(clippy::too_many_arguments)] // the loop's state, passed explicitly
 fn validate_and_select(
     task: &mut dyn Task,
     model: &Model,
@@ -364,11 +371,16 @@ fn validate_and_select(
     state: &mut LoopState,
     metrics: &mut std::fs::File,
     outcome: &mut TrainOutcome,
+    data: Option<&Stats>,
 ) -> Result<()> {
     let eval = task.validate(model, cfg.batch_size)?;
     let key = cfg.select_by.key();
     let value = *eval.get(key).with_context(|| format!("validation produced no `{key}`"))?;
-    writeln!(metrics, "{}", json!({"step": state.step, "eval": eval}))?;
+    let mut row = json!({"step": state.step, "eval": eval});
+    if let Some(d) = data.filter(|d| !d.is_empty()) {
+        row["data"] = json!(d);
+    }
+    writeln!(metrics, "{row}")?;
     if state.best.is_none_or(|(b, _)| cfg.select_by.better(value, b)) {
         state.best = Some((value, state.step));
         crate::atomic::write_dir(&run.best(), |tmp| write_model_files(model, tmp, CHECKPOINT_DTYPE))?;

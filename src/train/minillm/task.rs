@@ -55,6 +55,7 @@ pub struct DistillTask {
     window_tokens: usize,
     window_pt_tokens: usize,
     rollout_stats: Stats,
+    data_stats: Stats,
 }
 
 impl DistillTask {
@@ -86,7 +87,14 @@ impl DistillTask {
             window_tokens: 0,
             window_pt_tokens: 0,
             rollout_stats: Stats::new(),
+            data_stats: Stats::new(),
         })
+    }
+
+    /// Records the counts describing the data (see [`Task::data_stats`]).
+    pub fn with_data_stats(mut self, stats: Stats) -> Self {
+        self.data_stats = stats;
+        self
     }
 
     fn sampling(&self, alpha: f32, keep_teacher_hidden: bool) -> MixedSampling {
@@ -146,6 +154,12 @@ impl DistillTask {
 }
 
 impl Task for DistillTask {
+    fn data_stats(&self) -> Stats {
+        let mut s = self.data_stats.clone();
+        s.insert("corpus_chunks".into(), self.data.corpus.len() as f64);
+        s
+    }
+
     fn begin_step(&mut self, student: &Model, _step: usize, window: Window) -> Result<()> {
         let Window { batch_size, grad_accum } = window;
         if self.cfg.num_rollouts < batch_size {
