@@ -25,6 +25,8 @@ enum Command {
     Convert(cli::convert::Convert),
     /// Make a randomly initialised model from a config.json and a tokenizer.
     Init(cli::init::Init),
+    /// Language modelling on a plain-text corpus (pre-training a model made from scratch).
+    Pretrain(cli::train::Pretrain),
     /// Supervised fine-tuning (cross-entropy on response tokens); MiniLLM's phase 1.
     Sft(cli::train::Sft),
     /// Word-level knowledge distillation: (1 − r)·CE + r·divergence(teacher ‖ student).
@@ -61,6 +63,7 @@ fn main() {
         Command::Score(c) => c.run(),
         Command::Convert(c) => c.run(),
         Command::Init(c) => c.run(),
+        Command::Pretrain(c) => c.run(),
         Command::Sft(c) => c.run(),
         Command::Kd(c) => c.run(),
         Command::Seqkd(c) => c.run(),

@@ -17,7 +17,7 @@ use crate::model::{CausalLm, Model};
 use crate::report::line_chart_svg;
 
 /// The curves, indexed by generation length l = 1..=max_new_tokens.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ExposureCurve {
     /// R(l).
     pub regret: Vec<f64>,

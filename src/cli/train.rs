@@ -1,4 +1,4 @@
-//! `minillm sft | kd | seqkd | distill`: a run configuration from the config file, `--set`
+//! `minillm pretrain | sft | kd | seqkd | distill`: a run configuration from the config file, `--set`
 //! overrides and the typed flags (which win), run as a [`Recipe`].
 
 use std::path::PathBuf;
@@ -16,15 +16,9 @@ pub struct RunArgs {
     /// Run configuration (TOML); see configs/.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Student model directory (model.student).
+    /// Student model directory (model.student): the model trained.
     #[arg(long)]
     student: Option<PathBuf>,
-    /// Training jsonl (data.train).
-    #[arg(long)]
-    train: Option<PathBuf>,
-    /// Validation jsonl (data.valid).
-    #[arg(long)]
-    valid: Option<PathBuf>,
     /// Run directory (out).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -53,6 +47,17 @@ pub struct RunArgs {
     overwrite: bool,
 }
 
+/// The instruction data of the instruction-tuning commands.
+#[derive(Args, Debug)]
+pub struct InstructArgs {
+    /// Training jsonl (data.train).
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Validation jsonl (data.valid).
+    #[arg(long)]
+    valid: Option<PathBuf>,
+}
+
 /// The teacher of a distillation command.
 #[derive(Args, Debug)]
 pub struct TeacherArgs {
@@ -72,11 +77,26 @@ pub struct KdArgs {
     kd_ratio: Option<f64>,
 }
 
+/// `minillm pretrain`.
+#[derive(Args, Debug)]
+pub struct Pretrain {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Training text: one document per line, or a directory of .txt files (data.corpus).
+    #[arg(long)]
+    corpus: Option<PathBuf>,
+    /// Validation text, in the same form (data.valid).
+    #[arg(long)]
+    valid: Option<PathBuf>,
+}
+
 /// `minillm sft`.
 #[derive(Args, Debug)]
 pub struct Sft {
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    data: InstructArgs,
 }
 
 /// `minillm kd`.
@@ -84,6 +104,8 @@ pub struct Sft {
 pub struct Kd {
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    data: InstructArgs,
     #[command(flatten)]
     teacher: TeacherArgs,
     #[command(flatten)]
@@ -95,6 +117,8 @@ pub struct Kd {
 pub struct SeqKd {
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    data: InstructArgs,
     #[command(flatten)]
     teacher: TeacherArgs,
     /// `lmops` (the KD mix on the teacher's samples, as the released scripts) or `pure`
@@ -110,6 +134,8 @@ pub struct SeqKd {
 pub struct Distill {
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    data: InstructArgs,
     #[command(flatten)]
     teacher: TeacherArgs,
     /// Pre-training corpus (data.corpus).
@@ -137,14 +163,7 @@ impl RunArgs {
     /// The config file, `--set` overrides (and the preset), then the flags.
     fn config(&self, preset: Option<Preset>) -> Result<RunConfig> {
         let mut cfg = RunConfig::load_with_preset(self.config.as_deref(), &self.set, preset)?;
-        let set = |slot: &mut Option<PathBuf>, v: &Option<PathBuf>| {
-            if v.is_some() {
-                slot.clone_from(v);
-            }
-        };
         set(&mut cfg.model.student, &self.student);
-        set(&mut cfg.data.train, &self.train);
-        set(&mut cfg.data.valid, &self.valid);
         set(&mut cfg.out, &self.out);
         let t = &mut cfg.train;
         t.max_steps = self.max_steps.unwrap_or(t.max_steps);
@@ -156,11 +175,23 @@ impl RunArgs {
     }
 }
 
+/// Sets `slot` when the flag was given.
+fn set(slot: &mut Option<PathBuf>, v: &Option<PathBuf>) {
+    if v.is_some() {
+        slot.clone_from(v);
+    }
+}
+
+impl InstructArgs {
+    fn apply(&self, cfg: &mut RunConfig) {
+        set(&mut cfg.data.train, &self.train);
+        set(&mut cfg.data.valid, &self.valid);
+    }
+}
+
 impl TeacherArgs {
     fn apply(&self, cfg: &mut RunConfig) {
-        if self.teacher.is_some() {
-            cfg.model.teacher.clone_from(&self.teacher);
-        }
+        set(&mut cfg.model.teacher, &self.teacher);
     }
 }
 
@@ -171,10 +202,22 @@ impl KdArgs {
     }
 }
 
+impl Pretrain {
+    /// Runs `minillm pretrain`.
+    pub fn run(self) -> Result<()> {
+        let mut cfg = self.run.config(None)?;
+        set(&mut cfg.data.corpus, &self.corpus);
+        set(&mut cfg.data.valid, &self.valid);
+        train(Method::Pretrain, cfg, self.run.overwrite)
+    }
+}
+
 impl Sft {
     /// Runs `minillm sft`.
     pub fn run(self) -> Result<()> {
-        train(Method::Sft, self.run.config(None)?, self.run.overwrite)
+        let mut cfg = self.run.config(None)?;
+        self.data.apply(&mut cfg);
+        train(Method::Sft, cfg, self.run.overwrite)
     }
 }
 
@@ -182,6 +225,7 @@ impl Kd {
     /// Runs `minillm kd`.
     pub fn run(self) -> Result<()> {
         let mut cfg = self.run.config(None)?;
+        self.data.apply(&mut cfg);
         self.teacher.apply(&mut cfg);
         self.kd.apply(&mut cfg);
         train(Method::Kd, cfg, self.run.overwrite)
@@ -192,6 +236,7 @@ impl SeqKd {
     /// Runs `minillm seqkd`.
     pub fn run(self) -> Result<()> {
         let mut cfg = self.run.config(None)?;
+        self.data.apply(&mut cfg);
         self.teacher.apply(&mut cfg);
         self.kd.apply(&mut cfg);
         cfg.seqkd.mode = self.mode.unwrap_or(cfg.seqkd.mode);
@@ -203,10 +248,9 @@ impl Distill {
     /// Runs `minillm distill`.
     pub fn run(self) -> Result<()> {
         let mut cfg = self.run.config(self.preset)?;
+        self.data.apply(&mut cfg);
         self.teacher.apply(&mut cfg);
-        if self.corpus.is_some() {
-            cfg.data.corpus.clone_from(&self.corpus);
-        }
+        set(&mut cfg.data.corpus, &self.corpus);
         let d = &mut cfg.distill;
         d.alpha = self.alpha.unwrap_or(d.alpha);
         d.policy.length_norm &= !self.no_length_norm;

@@ -16,6 +16,7 @@ use crate::model::compat::check_compatible;
 use crate::model::{load_model, select_device, Model};
 use crate::outdir::OutDir;
 use crate::train::minillm::{DistillData, DistillTask};
+use crate::train::pretrain::PretrainTask;
 use crate::train::run_dir::RunDir;
 use crate::train::seqkd::{teacher_generations, GenerationSettings};
 use crate::train::supervised::{KdTerm, SupervisedTask};
@@ -24,6 +25,8 @@ use crate::train::trainer::{train, Selection, Stats, Task, TrainOutcome};
 /// The training methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
+    /// Language modelling on a plain-text corpus (`data.corpus`, validated on `data.valid`).
+    Pretrain,
     /// Supervised fine-tuning.
     Sft,
     /// Word-level knowledge distillation.
@@ -38,6 +41,7 @@ impl Method {
     /// The subcommand and default run-directory name.
     pub fn name(self) -> &'static str {
         match self {
+            Self::Pretrain => "pretrain",
             Self::Sft => "sft",
             Self::Kd => "kd",
             Self::SeqKd => "seqkd",
@@ -47,7 +51,7 @@ impl Method {
 
     /// Whether the method needs `model.teacher`.
     pub fn needs_teacher(self) -> bool {
-        self != Self::Sft
+        !matches!(self, Self::Pretrain | Self::Sft)
     }
 }
 
@@ -64,9 +68,17 @@ pub struct Recipe {
 }
 
 /// Settings that may change between invocations of one run (each change is noted); any other
-/// difference from the run's recorded settings and inputs is refused.
+/// difference from the run's recorded settings and inputs is refused. The paths of models and
+/// data may change (a moved directory keeps working) because their contents are fingerprinted
+/// under `inputs`.
 const MAY_CHANGE: &[&str] = &[
     "settings.out",
+    "settings.model.student",
+    "settings.model.teacher",
+    "settings.data.train",
+    "settings.data.valid",
+    "settings.data.corpus",
+    "settings.seqkd.generations",
     "settings.model.gpu",
     "settings.train.max_steps",
     "settings.train.eval_interval",
@@ -137,6 +149,24 @@ impl Recipe {
         Ok(RunReport { outcome, best: run.best(), dir: out })
     }
 
+    /// Whether the run directory holds this run (same method, settings and inputs) finished:
+    /// its newest checkpoint is at `train.max_steps`.
+    pub fn is_complete(&self) -> Result<bool> {
+        let out = self.out_dir();
+        let Ok(text) = std::fs::read_to_string(out.join(crate::outdir::MARKER)) else { return Ok(false) };
+        let marker: Value = serde_json::from_str(&text)?;
+        if marker.get("kind").and_then(Value::as_str) != Some(self.method.name()) {
+            return Ok(false);
+        }
+        let recorded = marker.get("identity").cloned().unwrap_or(Value::Null);
+        let changed = crate::outdir::differences(&recorded, &self.identity()?);
+        if changed.iter().any(|(k, _, _)| !MAY_CHANGE.contains(&k.as_str())) {
+            return Ok(false);
+        }
+        let run = RunDir::new(&out)?;
+        Ok(run.latest_checkpoint().is_some_and(|(step, _)| step >= self.config.train.max_steps))
+    }
+
     /// What the run's results depend on: the method, every setting, and the fingerprints of
     /// the models and data files it reads.
     fn identity(&self) -> Result<Value> {
@@ -150,9 +180,11 @@ impl Recipe {
         if self.method.needs_teacher() {
             add("teacher", fingerprint::model_dir(required(&m.teacher, "model.teacher")?))?;
         }
-        add("train", fingerprint::path(required(&d.train, "data.train")?))?;
+        if self.method != Method::Pretrain {
+            add("train", fingerprint::path(required(&d.train, "data.train")?))?;
+        }
         add("valid", fingerprint::path(required(&d.valid, "data.valid")?))?;
-        if self.method == Method::Distill && self.config.distill.pt {
+        if self.uses_corpus() {
             add("corpus", fingerprint::path(required(&d.corpus, "data.corpus")?))?;
         }
         Ok(json!({"method": self.method.name(), "settings": serde_json::to_value(&self.config)?, "inputs": inputs}))
@@ -179,8 +211,11 @@ impl Recipe {
         };
         // Every sequence a method forms must fit both models' position tables.
         let d = &self.config.data;
-        let mut lengths = vec![("data.max_len", d.max_len)];
-        if self.method == Method::Distill && self.config.distill.pt {
+        let mut lengths = vec![];
+        if self.method != Method::Pretrain {
+            lengths.push(("data.max_len", d.max_len));
+        }
+        if self.uses_corpus() {
             lengths.push(("data.corpus_chunk", d.corpus_chunk));
         }
         for (role, m) in [("student", Some(&student)), ("teacher", teacher.as_ref())] {
@@ -195,6 +230,11 @@ impl Recipe {
             }
         }
         Ok(Models { student, teacher })
+    }
+
+    /// Whether the method reads `data.corpus`.
+    fn uses_corpus(&self) -> bool {
+        self.method == Method::Pretrain || (self.method == Method::Distill && self.config.distill.pt)
     }
 
     /// Loads an instruction file (`role`: train or valid), noting and recording in `stats`
@@ -242,12 +282,27 @@ impl Recipe {
     fn task(&self, student: &Model, teacher: Option<Model>, out: &Path) -> Result<Box<dyn Task>> {
         let cfg = &self.config;
         let d = &cfg.data;
+        if self.method == Method::Pretrain {
+            if cfg.train.select_by != Selection::ValLoss {
+                bail!("pretrain selects by validation loss only (train.select_by = \"val_loss\")");
+            }
+            let chunks = |path: &Path, limit: Option<usize>| -> Result<Vec<Vec<u32>>> {
+                let mut c = load_corpus(path, student.tokenizer()?, student.eos()?, d.corpus_chunk)?;
+                c.truncate(limit.unwrap_or(usize::MAX));
+                Ok(c)
+            };
+            let train = chunks(required(&d.corpus, "data.corpus")?, d.train_limit)?;
+            let valid = chunks(required(&d.valid, "data.valid")?, d.valid_limit)?;
+            return Ok(Box::new(PretrainTask::new(train, valid, cfg.train.seed)?));
+        }
         let mut stats = Stats::new();
         let valid = self.instruct(student, required(&d.valid, "data.valid")?, d.valid_limit, "valid", &mut stats)?;
         let train_path = required(&d.train, "data.train")?;
         let teacher = || teacher.context("this method needs a teacher (model.teacher)");
         let (train_set, kd) = match self.method {
-            Method::Sft => (self.instruct(student, train_path, d.train_limit, "train", &mut stats)?, None),
+            Method::Pretrain | Method::Sft => {
+                (self.instruct(student, train_path, d.train_limit, "train", &mut stats)?, None)
+            }
             Method::Kd => {
                 let train_set = self.instruct(student, train_path, d.train_limit, "train", &mut stats)?;
                 (train_set, Some(self.kd_term(teacher()?)))

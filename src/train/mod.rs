@@ -1,12 +1,13 @@
 //! Training: the shared loop ([`trainer`]), its run directory, the optimizer and schedules,
 //! the supervised objective and validation every method uses, and the methods' tasks —
-//! [`supervised`] (SFT, KD, SeqKD's training phase), [`seqkd`] (teacher generations) and
+//! [`pretrain`] (language modelling on a corpus), [`supervised`] (SFT, KD, SeqKD's training phase), [`seqkd`] (teacher generations) and
 //! [`minillm`] (on-policy reverse-KL distillation).
 
 pub mod data_order;
 pub mod minillm;
 pub mod objective;
 pub mod optim;
+pub mod pretrain;
 pub mod run_dir;
 pub mod seqkd;
 pub mod supervised;

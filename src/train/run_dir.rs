@@ -40,7 +40,7 @@ impl RunDir {
             crate::outdir::MARKER,
         ];
         if ours {
-            names.push("best");
+            names.extend(["best", "best-val_loss", "best-val_rougeL"]);
         }
         crate::outdir::remove_entries(root, &names)?;
         let run = Self { root: root.to_path_buf() };

@@ -85,7 +85,8 @@ pub enum Selection {
 }
 
 impl Selection {
-    fn key(self) -> &'static str {
+    /// The statistic it reads (`val_loss`, `val_rougeL`).
+    pub fn key(self) -> &'static str {
         match self {
             Self::ValLoss => "val_loss",
             Self::ValRougeL => "val_rougeL",
@@ -126,6 +127,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Checkpoint selection criterion.
     pub select_by: Selection,
+    /// Also keep the best checkpoint by this second criterion, in `best-<metric>/` (e.g. SFT
+    /// selected by validation Rouge-L, with `best-val_loss/` as MiniLLM's starting point).
+    pub also_keep: Option<Selection>,
     /// Seed of data order and sampling.
     pub seed: u64,
     /// Stop after this many consecutive steps with a non-finite loss or gradient.
@@ -148,6 +152,7 @@ impl Default for TrainConfig {
             save_interval: 100,
             keep_checkpoints: 2,
             select_by: Selection::ValLoss,
+            also_keep: None,
             seed: 10,
             max_bad_steps: 5,
             stop_after: None,
@@ -208,6 +213,8 @@ struct LoopState {
     step: usize,
     optimizer_steps: usize,
     best: Option<(f64, usize)>,
+    #[serde(default)]
+    best_also: Option<(f64, usize)>,
     bad_in_a_row: usize,
     task: Value,
 }
@@ -384,6 +391,15 @@ fn validate_and_select(
     if state.best.is_none_or(|(b, _)| cfg.select_by.better(value, b)) {
         state.best = Some((value, state.step));
         crate::atomic::write_dir(&run.best(), |tmp| write_model_files(model, tmp, CHECKPOINT_DTYPE))?;
+    }
+    if let Some(sel) = cfg.also_keep {
+        let key = sel.key();
+        let value = *eval.get(key).with_context(|| format!("validation produced no `{key}` (train.also_keep)"))?;
+        if state.best_also.is_none_or(|(b, _)| sel.better(value, b)) {
+            state.best_also = Some((value, state.step));
+            let dir = run.root().join(format!("best-{key}"));
+            crate::atomic::write_dir(&dir, |tmp| write_model_files(model, tmp, CHECKPOINT_DTYPE))?;
+        }
     }
     outcome.evals.push((state.step, eval));
     Ok(())

@@ -42,6 +42,19 @@ pub fn reference_loss(
     Ok(ReferenceLoss { ce: ce / n, kd: kd / n })
 }
 
+/// The student's mean cross-entropy per token over corpus chunks (every token after the
+/// first of each chunk), in batches of `batch_size`.
+pub fn chunks_loss(student: &Model, chunks: &[Vec<u32>], batch_size: usize) -> Result<f64> {
+    let (mut ce, mut tokens) = (0f64, 0usize);
+    for part in chunks.chunks(batch_size.max(1)) {
+        let refs: Vec<&Vec<u32>> = part.iter().collect();
+        let b = LmBatch::from_chunks(&refs, student.pad_id(), &student.device())?;
+        ce += batch_head_loss(student, None, &b, &vec![1.0; b.num_targets()])?.target;
+        tokens += b.num_targets();
+    }
+    Ok(ce / tokens.max(1) as f64)
+}
+
 /// Rouge-L ×100 of texts against their references, averaged (the protocol's reported number).
 pub fn mean_rouge_l(predictions: &[String], references: &[Vec<String>]) -> f64 {
     let n = predictions.len().max(1) as f64;
