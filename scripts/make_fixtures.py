@@ -3,6 +3,10 @@
 
     python scripts/make_fixtures.py build            # writes tests/fixtures/{models,logits}
     python scripts/make_fixtures.py check-saved DIR  # transformers loads a minillm-saved model
+    python scripts/make_fixtures.py processors       # writes tests/fixtures/logits/processors.safetensors
+    python scripts/make_fixtures.py grads            # writes tests/fixtures/logits/grads.safetensors
+    python scripts/make_fixtures.py rope-linear      # writes models/ and logits/llama_rope_linear
+    python scripts/make_fixtures.py bf16             # writes tests/fixtures/logits/bf16.safetensors
 
 `build` creates randomly initialised tiny models of every supported family, saves them with
 `save_pretrained(safe_serialization=True)`, and stores input batches (right padding, left
@@ -10,15 +14,22 @@ padding, no padding), transformers' logits for them, and the tokens of greedy
 `generate(do_sample=False)` from left-padded prompts. The Rust tests read these files; they
 need no Python.
 
+`processors` runs transformers' own logits processors (temperature, top-k, top-p,
+no-repeat-n-gram, and all four chained in `generate`'s order) on random logits with random
+token histories, and `generate(do_sample=False, no_repeat_ngram_size=2)` of the `opt` fixture
+model on unpadded prompts, token for token.
+
 Requires PyPI `torch`, `transformers`, `tokenizers`, `safetensors`.
 """
 import json
 import os
+import shutil
 import sys
 
 import torch
+import torch.nn.functional as F
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -166,12 +177,21 @@ def build():
 
 def check_saved(saved_dir, name):
     """Loads a minillm-saved model with transformers and compares its logits with the
-    original fixture model's on every fixture batch."""
-    from safetensors.torch import load_file
+    original fixture model's on every fixture batch. A model saved in bf16 or f16 is compared
+    with the fixture model rounded to that dtype by torch (both then computed in float32), so
+    the check is exact for the rounding as well."""
+    from safetensors import safe_open
+    with safe_open(os.path.join(saved_dir, "model.safetensors"), "pt") as f:
+        saved_dtype = f.get_tensor(next(iter(f.keys()))).dtype
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.join(FIX, "models", name), attn_implementation="eager").eval()
+    if saved_dtype != torch.float32:
+        # Round the parameters only: `.to(dtype)` would round the rope frequencies too.
+        with torch.no_grad():
+            for p in ref.parameters():
+                p.copy_(p.to(saved_dtype).float())
     got = transformers.AutoModelForCausalLM.from_pretrained(
-        saved_dir, attn_implementation="eager").eval()
+        saved_dir, attn_implementation="eager", dtype=torch.float32).eval()
     data = load_file(os.path.join(FIX, "logits", f"{name}.safetensors"))
     worst = 0.0
     with torch.no_grad():
@@ -182,13 +202,112 @@ def check_saved(saved_dir, name):
             c = got(input_ids=ids, attention_mask=mask, **kw).logits
             m = mask.bool()
             worst = max(worst, (a[m] - c[m]).abs().max().item())
-    print(f"{name}: transformers loads {saved_dir}; max |logit difference| = {worst:.3g}")
+    print(f"{name}: transformers loads {saved_dir} ({saved_dtype}); max |logit difference| = {worst:.3g}")
     return worst
+
+
+def rope_linear():
+    """The llama fixture's weights with linear rope scaling, and transformers' logits."""
+    src = os.path.join(FIX, "models", "llama")
+    cfg = transformers.AutoConfig.from_pretrained(src)
+    cfg.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, config=cfg, attn_implementation="eager").eval()
+    d = os.path.join(FIX, "models", "llama_rope_linear")
+    model.save_pretrained(d, safe_serialization=True)
+    shutil.copy(os.path.join(src, "tokenizer.json"), d)
+    data = load_file(os.path.join(FIX, "logits", "llama.safetensors"))
+    tensors = {}
+    with torch.no_grad():
+        for b in ["right", "left", "full"]:
+            ids, mask = data[f"{b}.input_ids"], data[f"{b}.attention_mask"]
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+            tensors[f"{b}.input_ids"], tensors[f"{b}.attention_mask"] = ids, mask
+            tensors[f"{b}.logits"] = logits.float().contiguous()
+    save_file(tensors, os.path.join(FIX, "logits", "llama_rope_linear.safetensors"))
+    print("wrote", d)
+
+
+def bf16():
+    """transformers' bf16 logits of every fixture model on the unpadded batch."""
+    tensors = {}
+    for name in ["gpt2", "opt", "opt_postln", "llama", "qwen2", "mistral"]:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.join(FIX, "models", name), attn_implementation="eager", dtype=torch.bfloat16).eval()
+        ids = load_file(os.path.join(FIX, "logits", f"{name}.safetensors"))["full.input_ids"]
+        with torch.no_grad():
+            tensors[f"{name}.logits"] = model(input_ids=ids).logits.float().contiguous()
+    save_file(tensors, os.path.join(FIX, "logits", "bf16.safetensors"))
+    print("wrote bf16 logits")
+
+
+def grads():
+    """Whole-model gradients of the mean next-token cross-entropy, every family, float64."""
+    tensors = {}
+    for name in ["gpt2", "opt", "opt_postln", "llama", "qwen2", "mistral"]:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.join(FIX, "models", name), attn_implementation="eager").double()
+        ids = load_file(os.path.join(FIX, "logits", f"{name}.safetensors"))["full.input_ids"]
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        tensors[f"{name}.loss"] = loss.detach().float().reshape(1)
+        for pname, param in model.named_parameters():
+            tensors[f"{name}.grad.{pname}"] = param.grad.float().contiguous()
+        print(f"{name}: loss {loss.item():.6f}")
+    save_file(tensors, os.path.join(FIX, "logits", "grads.safetensors"))
+
+
+def processors():
+    """transformers' logits processors on random logits (no ties) and histories drawn from 6
+    tokens (so n-grams repeat), and greedy generation with n-gram blocking."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, NoRepeatNGramLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+        TopPLogitsWarper)
+
+    g = torch.Generator().manual_seed(7)
+    rows, vocab = 8, 384
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    history = torch.randint(0, 6, (rows, 24), generator=g)
+    cases = {
+        "temperature": LogitsProcessorList([TemperatureLogitsWarper(0.7)]),
+        "top_k": LogitsProcessorList([TopKLogitsWarper(5)]),
+        "top_p": LogitsProcessorList([TopPLogitsWarper(0.9)]),
+        "no_repeat": LogitsProcessorList([NoRepeatNGramLogitsProcessor(3)]),
+        # generate's order: processors, then temperature, top-k, top-p.
+        "all": LogitsProcessorList([NoRepeatNGramLogitsProcessor(2), TemperatureLogitsWarper(0.7),
+                                    TopKLogitsWarper(20), TopPLogitsWarper(0.8)]),
+    }
+    tensors = {"logits": logits, "history": history.int()}
+    for name, procs in cases.items():
+        tensors[f"{name}.out"] = procs(history, logits.clone())
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(FIX, "models", "opt")).eval()
+    model.generation_config.eos_token_id = None  # 30 tokens, no stopping (Rust: no EOS ids)
+    prompts = [torch.randint(1, vocab, (n,), generator=g) for n in (4, 7, 3)]
+    outs = []
+    for p in prompts:
+        with torch.no_grad():
+            out = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                                 max_new_tokens=30, no_repeat_ngram_size=2, pad_token_id=0)
+        outs.append(out[0, len(p):])
+    tensors["generate.prompts"] = torch.cat(prompts).int()
+    tensors["generate.prompt_lens"] = torch.tensor([len(p) for p in prompts]).int()
+    tensors["generate.output"] = torch.stack(outs).int()
+    path = os.path.join(FIX, "logits", "processors.safetensors")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    print("wrote", path)
 
 
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "build":
         build()
+    elif len(sys.argv) == 2 and sys.argv[1] == "processors":
+        processors()
+    elif len(sys.argv) == 2 and sys.argv[1] == "grads":
+        grads()
+    elif len(sys.argv) == 2 and sys.argv[1] == "rope-linear":
+        rope_linear()
+    elif len(sys.argv) == 2 and sys.argv[1] == "bf16":
+        bf16()
     elif len(sys.argv) == 4 and sys.argv[1] == "check-saved":
         sys.exit(0 if check_saved(sys.argv[2], sys.argv[3]) < 1e-5 else 1)
     else:

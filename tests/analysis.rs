@@ -163,3 +163,106 @@ fn exposure_and_calibrate_commands_write_their_outputs() {
     assert!(!calibrate(&[]).status.success(), "a template is required");
     assert!(!calibrate(&["--instruction", "x", "--input", "{text}", "--labels", "only"]).status.success());
 }
+
+/// Exact per-prompt quantities of a two-token horizon: the step-1 KL(p‖q), and the step-2
+/// KL(p‖q) after every first token (0 after EOS, where a row has finished), with the first
+/// token's probabilities under the student (q) and the teacher (p).
+struct TwoSteps {
+    kl1: f64,
+    kl2: Vec<f64>,
+    q1: Vec<f64>,
+    p1: Vec<f64>,
+}
+
+fn log_probs(logits: &[f32]) -> Vec<f64> {
+    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = m + logits.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+    logits.iter().map(|&x| x as f64 - lse).collect()
+}
+
+fn kl(lp: &[f64], lq: &[f64]) -> f64 {
+    lp.iter().zip(lq).map(|(p, q)| p.exp() * (p - q)).sum()
+}
+
+fn two_steps(student: &minillm::model::Model, teacher: &minillm::model::Model, prompt: &[u32], eos: u32) -> TwoSteps {
+    let last = |m: &minillm::model::Model, rows: &[Vec<u32>]| -> Vec<Vec<f64>> {
+        let (b, t) = (rows.len(), rows[0].len());
+        let ids = Tensor::new(rows.concat(), &Device::Cpu).unwrap().reshape((b, t)).unwrap();
+        let mask = minillm::model::AttentionMask::full(b, t);
+        let l = m.lm.forward_last(&ids, &mask, None).unwrap().to_vec2::<f32>().unwrap();
+        l.iter().map(|r| log_probs(r)).collect()
+    };
+    let (lq1, lp1) = (last(student, &[prompt.to_vec()])[0].clone(), last(teacher, &[prompt.to_vec()])[0].clone());
+    let rows: Vec<Vec<u32>> = (0..lq1.len() as u32).map(|v| [prompt, &[v]].concat()).collect();
+    let (lq2, lp2) = (last(student, &rows), last(teacher, &rows));
+    let kl2 = (0..rows.len()).map(|v| if v as u32 == eos { 0.0 } else { kl(&lp2[v], &lq2[v]) }).collect();
+    TwoSteps {
+        kl1: kl(&lp1, &lq1),
+        kl2,
+        q1: lq1.iter().map(|x| x.exp()).collect(),
+        p1: lp1.iter().map(|x| x.exp()).collect(),
+    }
+}
+
+/// R(l) and l·ε(l) at l = 1, 2 against an independent exact computation by enumerating every
+/// first token (full forward passes, f64): R(1) = l·ε(1) = KL(p₁‖q₁) exactly; R(2) adds
+/// E_{y₁∼q}[KL(p₂‖q₂)] and l·ε(2) adds E_{y₁∼p}[…], each matched within 5 standard errors
+/// (the exact variance of the sampled mean). Prefixes from the wrong model, or the wrong KL
+/// direction, miss by many standard errors.
+#[test]
+fn exposure_curves_equal_their_exact_expectation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher =
+        load_model(&tiny_model_dir_with_std(&tmp.path().join("t"), "gpt2", 32, 1, 64, 0.4), &Device::Cpu, DType::F32)
+            .unwrap();
+    let student =
+        load_model(&tiny_model_dir_with_std(&tmp.path().join("s"), "gpt2", 32, 1, 65, 0.4), &Device::Cpu, DType::F32)
+            .unwrap();
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| vec![10 + i, 20 + i, 30 + i]).collect();
+    let samples = 1024;
+    let got = ex_acc_err(student.lm.as_ref(), teacher.lm.as_ref(), &prompts, samples, 2, &[0], 0, 7, 512).unwrap();
+    let exact: Vec<TwoSteps> = prompts.iter().map(|p| two_steps(&student, &teacher, p, 0)).collect();
+    let k = prompts.len() as f64;
+    let step1 = exact.iter().map(|e| e.kl1).sum::<f64>() / k;
+    // Mean and standard error of the sampled average of the step-2 KL with y₁ ~ `first`.
+    let second = |first: &dyn Fn(&TwoSteps) -> &Vec<f64>| -> (f64, f64) {
+        let (mut mean, mut var) = (0.0, 0.0);
+        for e in &exact {
+            let w = first(e);
+            let m: f64 = w.iter().zip(&e.kl2).map(|(a, b)| a * b).sum();
+            let m2: f64 = w.iter().zip(&e.kl2).map(|(a, b)| a * b * b).sum();
+            mean += m / k;
+            var += (m2 - m * m) / samples as f64 / (k * k);
+        }
+        (mean, var.sqrt())
+    };
+    let (r2, r2_se) = second(&|e| &e.q1);
+    let (o2, o2_se) = second(&|e| &e.p1);
+    eprintln!(
+        "exact R(2) {:.5} ± {r2_se:.5}, l·ε(2) {:.5} ± {o2_se:.5}; sampled {:.5}, {:.5}",
+        step1 + r2,
+        step1 + o2,
+        got.regret[1],
+        got.oracle[1]
+    );
+    for (name, v) in [("R(1)", got.regret[0]), ("l·ε(1)", got.oracle[0])] {
+        assert!((v - step1).abs() < 1e-5 * step1.max(1.0), "{name} = {v}, exact {step1}");
+    }
+    assert!(
+        (got.regret[1] - step1 - r2).abs() < 5.0 * r2_se,
+        "R(2) = {}, exact {} ± {r2_se}",
+        got.regret[1],
+        step1 + r2
+    );
+    assert!(
+        (got.oracle[1] - step1 - o2).abs() < 5.0 * o2_se,
+        "l·ε(2) = {}, exact {} ± {o2_se}",
+        got.oracle[1],
+        step1 + o2
+    );
+    assert!((r2 - o2).abs() > 10.0 * (r2_se + o2_se), "the two prefix distributions must be told apart");
+    let want = 100.0 * (r2 - o2) / (step1 + o2);
+    let e = got.ex_acc_err[1].unwrap();
+    eprintln!("ExAccErr(2) = {e:.2}% (exact {want:.2}%)");
+    assert!((e - want).abs() < 100.0 * 5.0 * (r2_se + o2_se) / (step1 + o2), "ExAccErr(2) {e} vs exact {want}");
+}

@@ -143,3 +143,22 @@ fn distill_resumes_bit_identically_from_the_middle_of_a_buffer() {
     assert_eq!(a.0, 10);
     assert!(params(&a.1) == params(&b.1), "parameters differ after resuming mid-buffer");
 }
+
+/// Two minibatches of 4 rollouts (and of 4 PT chunks) make the same update as one of 8: the
+/// window's token counts normalise every term.
+#[test]
+fn distill_gradient_accumulation_equals_one_large_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (student, teacher) = setup(tmp.path());
+    let after = |batch_size: usize, grad_accum: usize| {
+        let t = TrainConfig { batch_size, grad_accum, save_interval: 1, ..train_cfg(1) };
+        let run = RunDir::new(&tmp.path().join(format!("run-{batch_size}x{grad_accum}"))).unwrap();
+        train(&student, &mut task(tmp.path(), &teacher, small(), &t), &t, &run).unwrap();
+        params_of(&run.checkpoint(1))
+    };
+    let (one, two) = (after(8, 1), after(4, 2));
+    let moved = max_param_diff(&one, &params_of(&student));
+    let diff = max_param_diff(&one, &two);
+    assert!(moved > 1e-3, "the step moved the parameters by only {moved}");
+    assert!(diff < 1e-6, "2 × 4 differs from 1 × 8 by {diff}");
+}

@@ -40,6 +40,28 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
+/// The largest per-row relative error ‖Δ_r‖₂ / ‖g_r‖₂ over rows of `width` entries; a row
+/// whose reference gradient is zero (a masked row) must be exactly zero. Over a 50,257-token
+/// vocabulary most entries are below 1e-6, where an absolute tolerance would pass anything.
+fn max_row_rel_diff(got: &[f32], want: &[f32], width: usize) -> f64 {
+    got.chunks(width)
+        .zip(want.chunks(width))
+        .map(|(a, b)| {
+            let norm = b.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let diff = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum::<f64>().sqrt();
+            if norm == 0.0 {
+                if diff == 0.0 {
+                    0.0
+                } else {
+                    f64::INFINITY
+                }
+            } else {
+                diff / norm
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
 #[test]
 fn fused_and_reference_paths_equal_pytorch() {
     let fx = fixture();
@@ -56,13 +78,18 @@ fn fused_and_reference_paths_equal_pytorch() {
             for chunk in [1, 3, 1000] {
                 let reference = loss_and_grad(|z, t, w| divergence_reference(z, t, w, kind, chunk), z, t, &w);
                 // The fused path forms each term from its log-ratio (f32 lanes for the KL kinds,
-                // f64 for the rest); the reference composition sums 50,257 f32
-                // terms per row, so it gets a looser gradient tolerance.
-                for (path, (loss, grad), grad_tol) in [("fused", &fused, 2e-6), ("reference", &reference, 1e-4)] {
+                // f64 for the rest): row-relative errors ≤ 2.4e-5 measured. The reference
+                // composition works in f32 tensors throughout (50,257 terms per row): up to
+                // 1.7e-3 for TVD and the skew reverse KL, so it gets a looser tolerance.
+                let width = z.dim(1).unwrap();
+                for (path, (loss, grad), grad_tol) in [("fused", &fused, 1e-4), ("reference", &reference, 5e-3)] {
                     let tol = 2e-5 * want_loss.abs().max(1.0);
                     assert!((loss - want_loss).abs() < tol, "{case}/{name}/{path}: loss {loss} vs {want_loss}");
-                    let d = max_abs_diff(grad, &want_grad);
-                    assert!(d < grad_tol, "{case}/{name}/{path}/chunk {chunk}: max |Δgrad| = {d}");
+                    let d = max_row_rel_diff(grad, &want_grad, width);
+                    if std::env::var("SHOW").is_ok() {
+                        eprintln!("{case}/{name}/{path}/chunk {chunk}: row-relative gradient error {d:.2e}");
+                    }
+                    assert!(d < grad_tol, "{case}/{name}/{path}/chunk {chunk}: row-relative gradient error {d}");
                 }
             }
         }

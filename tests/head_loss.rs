@@ -137,6 +137,8 @@ fn fused_head_loss_matches_materialised_path() {
         Some(Divergence::ForwardKl),
         Some(Divergence::SoftCrossEntropy),
         Some(Divergence::Jsd { beta: 0.3 }),
+        Some(Divergence::Tvd),
+        Some(Divergence::SkewForwardKl { lambda: 0.1 }),
         Some(Divergence::SkewReverseKl { lambda: 0.1 }),
     ];
     for case in &cases {
@@ -178,7 +180,7 @@ fn peak_growth(f: impl FnOnce()) -> usize {
 }
 
 #[test]
-fn fused_head_loss_peak_memory_is_under_a_quarter() {
+fn fused_head_loss_peak_memory_is_under_a_seventh() {
     // 512 rows of a 50,257-token vocabulary with a teacher (reverse KL + CE, as the
     // single-step and PT terms use): the materialised path holds both models' logits and
     // the logit gradient, 3 × 103 MB.
@@ -208,5 +210,6 @@ fn fused_head_loss_peak_memory_is_under_a_quarter() {
     let (materialised, fused) = (run(false), run(true));
     eprintln!("peak heap growth: materialised {} MB, fused {} MB", materialised >> 20, fused >> 20);
     assert!(materialised > 3 * rows * vocab * 4, "the materialised path should hold three logit tensors");
-    assert!(fused * 4 <= materialised, "fused {fused} bytes vs materialised {materialised}");
+    // Measured 12% (BENCHMARKS.md); the README says "an eighth".
+    assert!(fused * 7 <= materialised, "fused {fused} bytes vs materialised {materialised}");
 }

@@ -111,3 +111,193 @@ fn paper_returns_are_the_mean_of_future_rewards() {
     let a = advantages(&[vec![1.0, 1.0]], &released);
     assert!((a[0][0] - (1.0 + 0.95) / 2.0).abs() < 1e-6 && (a[0][1] - 1.0).abs() < 1e-6);
 }
+
+/// Splits a flat i32 tensor into consecutive pieces of the given lengths.
+fn split(flat: &Tensor, lens: &Tensor) -> Vec<Vec<u32>> {
+    let flat = flat.to_vec1::<i32>().unwrap();
+    let mut at = 0;
+    lens.to_vec1::<i32>()
+        .unwrap()
+        .iter()
+        .map(|&n| {
+            let piece = flat[at..at + n as usize].iter().map(|&x| x as u32).collect();
+            at += n as usize;
+            piece
+        })
+        .collect()
+}
+
+/// One `distill` update on real tiny models (gpt2 student, llama teacher with 64 rows beyond
+/// the shared vocabulary) equals PyTorch (scripts/make_distill_fixture.py), under the released
+/// defaults and the `paper` preset (weighted single-step term, plain LM loss as PT term): the
+/// re-scored buffer (log q_old, log p, importance weights, rewards), the trainer's micro-batch
+/// loss — pg + single + pt with the window weights, the advantage slicing, the response
+/// positions and the kept teacher hidden states — and its gradient for every student
+/// parameter.
+#[test]
+fn one_distill_update_equals_pytorch_on_real_models() {
+    use minillm::train::minillm::rollout::{rescore_rollouts, Rollout};
+    use minillm::train::minillm::{DistillConfig, DistillData, DistillTask};
+    use minillm::train::trainer::{Task, Window};
+    let fx = candle_core::safetensors::load(common::fixtures().join("losses/distill_step.safetensors"), &Device::Cpu)
+        .unwrap();
+    let prompts = split(&fx["prompts"], &fx["prompt_lens"]);
+    let responses = split(&fx["responses"], &fx["response_lens"]);
+    let chunks: Vec<Vec<u32>> =
+        fx["chunks"].to_vec2::<i32>().unwrap().iter().map(|c| c.iter().map(|&x| x as u32).collect()).collect();
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = prompts.iter().cloned().zip(responses.iter().cloned()).collect();
+    for (prefix, preset) in [("", DistillConfig::default()), ("paper.", DistillConfig::paper())] {
+        let key = |k: &str| format!("{prefix}{k}");
+        let scalar = |k: &str| fx[&key(k)].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0];
+        let (student, teacher) = (common::load("gpt2"), common::load("llama"));
+        let cfg = DistillConfig { num_rollouts: 8, rollout_batch: 8, inner_epochs: 1, max_len: 64, ..preset };
+        let buffer = rescore_rollouts(&student, &teacher, &pairs, &cfg).unwrap();
+        let flat = |f: &dyn Fn(&Rollout) -> &Vec<f32>| -> Vec<f32> {
+            buffer.iter().flat_map(|r| f(r).iter().copied()).collect()
+        };
+        for (name, got) in [
+            ("logq_old", flat(&|r| &r.logq_old)),
+            ("logp", flat(&|r| &r.logp)),
+            ("importance", flat(&|r| &r.importance)),
+            ("rewards", flat(&|r| &r.rewards)),
+        ] {
+            let want = fx[&key(name)].to_vec1::<f32>().unwrap();
+            assert_eq!(got.len(), want.len(), "{prefix}{name}");
+            for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+                close(*a, *b, 1e-4, &format!("{prefix}{name}[{k}]"));
+            }
+        }
+        let data = DistillData { prompts: prompts.clone(), valid: Vec::new(), corpus: chunks.clone() };
+        let mut task = DistillTask::new(cfg, teacher, data, 0).unwrap();
+        task.replace_buffer(buffer, 8);
+        task.begin_step(&student, 0, Window { batch_size: 8, grad_accum: 1 }).unwrap();
+        let (loss, stats) = task.micro_loss(&student, 0).unwrap();
+        for name in ["pg", "single", "pt"] {
+            close(stats[name] as f32, scalar(name), 1e-4, &key(name));
+        }
+        close(loss.to_scalar::<f32>().unwrap(), scalar("loss"), 1e-4, &key("loss"));
+        let grads = loss.backward().unwrap();
+        let params = student.lm.params();
+        let mut compared = 0;
+        for (name, var) in params.iter() {
+            let got = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = fx[&key(&format!("grad.{name}"))].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // Per tensor: the largest error against the tensor's largest gradient entry.
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(scale > 0.0 && err <= 1e-4 * scale, "{prefix}∂loss/∂{name}: max |Δ| {err} vs max |g| {scale}");
+            compared += 1;
+        }
+        let expected = fx.keys().filter(|k| k.starts_with(&key("grad."))).count();
+        assert_eq!(compared, expected, "every parameter compared");
+    }
+}
+
+/// What teacher-mixed sampling keeps (log q, log p, the teacher's final hidden states at each
+/// response position) equals a fresh full forward pass of each model over the finished
+/// rollouts (`rescore_rollouts`): the KV-cached decoding, the kept states and the training
+/// layout agree.
+#[test]
+fn kept_teacher_states_equal_a_fresh_teacher_forward() {
+    use minillm::generate::{generate_mixed, row_rngs, MixedSampling};
+    use minillm::train::minillm::rollout::rescore_rollouts;
+    use minillm::train::minillm::DistillConfig;
+    let (student, teacher) = (common::load("gpt2"), common::load("llama"));
+    let prompts: Vec<Vec<u32>> = vec![vec![17, 42, 99], vec![5, 6], vec![200, 201, 202, 203, 204]];
+    let sampling = MixedSampling {
+        alpha: 0.2,
+        max_new_tokens: 10,
+        max_length: None,
+        keep_teacher_hidden: true,
+        record_forward_kl: false,
+    };
+    let r =
+        generate_mixed(student.lm.as_ref(), teacher.lm.as_ref(), &prompts, &[0], 0, &sampling, &mut row_rngs(8, 0..3))
+            .unwrap();
+    let kept = r.teacher_hidden.expect("teacher states kept");
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> =
+        prompts.iter().cloned().zip(r.generation.responses.iter().cloned()).collect();
+    let cfg = DistillConfig { rollout_batch: 2, ..DistillConfig::default() };
+    let fresh = rescore_rollouts(&student, &teacher, &pairs, &cfg).unwrap();
+    for (row, f) in fresh.iter().enumerate() {
+        let n = f.response.len();
+        assert!(n > 1, "row {row}: a longer response is needed");
+        let want = f.teacher_hidden.as_ref().unwrap().to_vec2::<f32>().unwrap();
+        let got = kept.get(row).unwrap().narrow(0, 0, n).unwrap().to_vec2::<f32>().unwrap();
+        for (t, (a, b)) in got.iter().zip(&want).enumerate() {
+            let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(d < 1e-4, "row {row} position {t}: kept teacher state differs by {d}");
+        }
+        for (t, ((q, p), (fq, fp))) in
+            r.logq[row].iter().zip(&r.logp[row]).zip(f.logq_old.iter().zip(&f.logp)).enumerate()
+        {
+            close(*q, *fq, 1e-4, &format!("row {row} log q[{t}]"));
+            close(*p, *fp, 1e-4, &format!("row {row} log p[{t}]"));
+        }
+    }
+}
+
+/// The released `Loss.ppo_loss`, called as released on a minibatch collated by the released
+/// storage (scripts/make_released_loss_fixture.py): four rollouts from two generation batches
+/// stored at widths 7 and 6, whitened over the padded [4, 7] table. `distill.released_padding`
+/// reproduces its pg and single-step terms and gradient; the default (whitening over the
+/// minibatch's longest response, 3 tokens here) differs from it.
+#[test]
+fn released_padding_reproduces_the_released_loss() {
+    use minillm::train::minillm::rollout::rescore_rollouts;
+    use minillm::train::minillm::{DistillConfig, DistillData, DistillTask};
+    use minillm::train::trainer::{Task, Window};
+    let fx = candle_core::safetensors::load(common::fixtures().join("losses/released_loss.safetensors"), &Device::Cpu)
+        .unwrap();
+    let scalar = |k: &str| fx[k].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0];
+    let prompts = split(&fx["prompts"], &fx["prompt_lens"]);
+    let responses = split(&fx["responses"], &fx["response_lens"]);
+    let widths = fx["generation_widths"].to_vec1::<i32>().unwrap();
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = prompts.iter().cloned().zip(responses.iter().cloned()).collect();
+    let step = |released_padding: bool| {
+        let (student, teacher) = (common::load("gpt2"), common::load("llama"));
+        let cfg = DistillConfig {
+            num_rollouts: 4,
+            rollout_batch: 4,
+            inner_epochs: 1,
+            max_len: 64,
+            pt: false,
+            released_padding,
+            ..DistillConfig::default()
+        };
+        let mut buffer = rescore_rollouts(&student, &teacher, &pairs, &cfg).unwrap();
+        for (r, &w) in buffer.iter_mut().zip(&widths) {
+            r.generation_width = w as usize;
+        }
+        let data = DistillData { prompts: prompts.clone(), valid: Vec::new(), corpus: Vec::new() };
+        let mut task = DistillTask::new(cfg, teacher, data, 0).unwrap();
+        task.replace_buffer(buffer, 4);
+        task.begin_step(&student, 0, Window { batch_size: 4, grad_accum: 1 }).unwrap();
+        let (loss, stats) = task.micro_loss(&student, 0).unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<(String, Vec<f32>)> = student
+            .lm
+            .params()
+            .iter()
+            .map(|(n, v)| (n.to_string(), grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap()))
+            .collect();
+        (stats, loss.to_scalar::<f32>().unwrap(), g)
+    };
+    let (stats, loss, grads) = step(true);
+    close(stats["pg"] as f32, scalar("pg"), 1e-4, "released pg");
+    close(stats["single"] as f32, scalar("single"), 1e-4, "released single");
+    close(loss, scalar("loss"), 1e-4, "released loss");
+    for (name, got) in &grads {
+        let want = fx[&format!("grad.{name}")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(scale > 0.0 && err <= 1e-4 * scale, "∂loss/∂{name}: max |Δ| {err} vs max |g| {scale}");
+    }
+    let (default, _, _) = step(false);
+    assert!(
+        (default["pg"] - stats["pg"]).abs() > 1e-2 * stats["pg"].abs(),
+        "the padding width should change the whitened pg term ({} vs {})",
+        default["pg"],
+        stats["pg"]
+    );
+}

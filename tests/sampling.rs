@@ -111,9 +111,9 @@ fn mixed_rollout_log_probs_equal_rescoring_by_each_model() {
         .zip(&r.generation.responses)
         .map(|(p, y)| ScoreRequest { ids: [p.clone(), y.clone()].concat(), score_from: p.len() })
         .collect();
-    // The shared vocabulary is the student's 384 ids; the teacher's padded rows are excluded,
-    // so its log p is renormalised over them. Rescore the student directly; for the teacher,
-    // compare after the same renormalisation.
+    // Rescore the student with the scorer, and the teacher with its own full forward pass: its
+    // logits at the position before each response token, renormalised over the shared id range
+    // (the student's 384 ids; the teacher's padded rows are outside the mixture).
     let sq = score(student.lm.as_ref(), &reqs, 1 << 14).unwrap();
     for (s, lq) in sq.iter().zip(&r.logq) {
         assert_eq!(s.logprobs.len(), lq.len());
@@ -121,6 +121,24 @@ fn mixed_rollout_log_probs_equal_rescoring_by_each_model() {
             assert!((a - b).abs() < 1e-4, "log q {a} vs {b}");
         }
     }
+    let shared = student.lm.info().vocab_size.min(teacher.lm.info().vocab_size);
+    assert!(teacher.lm.info().vocab_size > shared, "the test needs a teacher with extra rows");
+    let mut checked = 0;
+    for (row, (req, lp)) in reqs.iter().zip(&r.logp).enumerate() {
+        let ids = candle_core::Tensor::new(&req.ids[..], &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let mask = minillm::model::AttentionMask::full(1, req.ids.len());
+        let logits = teacher.lm.forward(&ids, &mask, None).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(lp.len(), req.ids.len() - req.score_from, "row {row}");
+        for (j, &got) in lp.iter().enumerate() {
+            let at = &logits[req.score_from + j - 1][..shared];
+            let max = at.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + at.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+            let want = at[req.ids[req.score_from + j] as usize] - lse;
+            assert!((got - want).abs() < 1e-4, "row {row} token {j}: log p {got} vs teacher forward {want}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 16, "only {checked} teacher log-probs compared");
     let same = generate_mixed(
         student.lm.as_ref(),
         student.lm.as_ref(),
@@ -163,34 +181,15 @@ fn mixed_rollout_log_probs_equal_rescoring_by_each_model() {
     );
 }
 
-/// The first sampled token follows (1 − α)·q + α·p (probabilities, not logits): 20,000 rows,
-/// every frequent token within 5 standard errors, and far from what mixing logits would give.
+/// The first sampled token follows (1 − α)·q + α·p (probabilities, not logits), drawn by the
+/// real sampler at α = 0.2 and 0.8 (where swapping α changes the distribution): 20,000 rows,
+/// every frequent token within 5 standard errors, and far from the swapped mixture and from
+/// mixing logits.
 #[test]
 fn mixed_sampling_draws_from_the_probability_mixture() {
     let (student, teacher) = (load("gpt2"), load("qwen2"));
-    let alpha = 0.5f32;
     let n = 20_000;
     let prompt = vec![vec![17u32, 42, 99]; n];
-    let r = generate_mixed(
-        student.lm.as_ref(),
-        teacher.lm.as_ref(),
-        &prompt,
-        &[],
-        0,
-        &MixedSampling {
-            alpha,
-            max_new_tokens: 1,
-            max_length: None,
-            keep_teacher_hidden: false,
-            record_forward_kl: false,
-        },
-        &mut row_rngs(11, 0..n as u64),
-    )
-    .unwrap();
-    let mut counts = vec![0usize; 384];
-    for y in &r.generation.responses {
-        counts[y[0] as usize] += 1;
-    }
     let ids = candle_core::Tensor::new(&prompt[0][..], &candle_core::Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let mask = minillm::model::AttentionMask::full(1, 3);
     let last = |m: &minillm::model::Model| {
@@ -200,27 +199,55 @@ fn mixed_sampling_draws_from_the_probability_mixture() {
         lp
     };
     let (q, p) = (last(&student), last(&teacher));
-    let mix: Vec<f64> = q.iter().zip(&p).map(|(&a, &b)| (mix_log_prob(a, b, alpha) as f64).exp()).collect();
-    let logit_mix: Vec<f64> = {
-        let l: Vec<f32> = q.iter().zip(&p).map(|(&a, &b)| (1.0 - alpha) * a + alpha * b).collect();
-        let mut lp = Vec::new();
-        log_softmax_into(&l, &mut lp);
-        lp.iter().map(|&x| (x as f64).exp()).collect()
+    // The mixture in probabilities, written out here rather than through the library's helper.
+    let prob_mix = |a: f64| -> Vec<f64> {
+        q.iter().zip(&p).map(|(&lq, &lp)| (1.0 - a) * (lq as f64).exp() + a * (lp as f64).exp()).collect()
     };
-    let mut chi_prob = 0f64;
-    let mut chi_logit = 0f64;
-    for v in 0..384 {
-        let f = counts[v] as f64 / n as f64;
-        if mix[v] > 0.005 {
-            let se = (mix[v] * (1.0 - mix[v]) / n as f64).sqrt();
-            assert!((f - mix[v]).abs() < 5.0 * se, "token {v}: frequency {f} vs mixture {}", mix[v]);
+    let chi = |counts: &[usize], want: &[f64]| -> f64 {
+        (0..384).map(|v| (counts[v] as f64 - n as f64 * want[v]).powi(2) / (n as f64 * want[v]).max(1e-9)).sum()
+    };
+    for alpha in [0.2f32, 0.8] {
+        let r = generate_mixed(
+            student.lm.as_ref(),
+            teacher.lm.as_ref(),
+            &prompt,
+            &[],
+            0,
+            &MixedSampling {
+                alpha,
+                max_new_tokens: 1,
+                max_length: None,
+                keep_teacher_hidden: false,
+                record_forward_kl: false,
+            },
+            &mut row_rngs(11, 0..n as u64),
+        )
+        .unwrap();
+        let mut counts = vec![0usize; 384];
+        for y in &r.generation.responses {
+            counts[y[0] as usize] += 1;
         }
-        chi_prob += (counts[v] as f64 - n as f64 * mix[v]).powi(2) / (n as f64 * mix[v]).max(1e-9);
-        chi_logit += (counts[v] as f64 - n as f64 * logit_mix[v]).powi(2) / (n as f64 * logit_mix[v]).max(1e-9);
+        let mix = prob_mix(alpha as f64);
+        let swapped = prob_mix(1.0 - alpha as f64);
+        let logit_mix: Vec<f64> = {
+            let l: Vec<f32> = q.iter().zip(&p).map(|(&a, &b)| (1.0 - alpha) * a + alpha * b).collect();
+            let mut lp = Vec::new();
+            log_softmax_into(&l, &mut lp);
+            lp.iter().map(|&x| (x as f64).exp()).collect()
+        };
+        for v in 0..384 {
+            let f = counts[v] as f64 / n as f64;
+            if mix[v] > 0.005 {
+                let se = (mix[v] * (1.0 - mix[v]) / n as f64).sqrt();
+                assert!((f - mix[v]).abs() < 5.0 * se, "α {alpha} token {v}: frequency {f} vs mixture {}", mix[v]);
+            }
+        }
+        // 383 degrees of freedom: the right mixture scores near 383, the others far above.
+        let (c_mix, c_swapped, c_logit) = (chi(&counts, &mix), chi(&counts, &swapped), chi(&counts, &logit_mix));
+        assert!(c_mix < 520.0, "α {alpha}: χ² against the probability mixture = {c_mix}");
+        assert!(c_swapped > 2.0 * c_mix, "α {alpha}: χ² mixture {c_mix} vs swapped α {c_swapped}");
+        assert!(c_logit > 2.0 * c_mix, "α {alpha}: χ² mixture {c_mix} vs logit mix {c_logit}");
     }
-    // 383 degrees of freedom: the right mixture scores near 383, the logit mixture far above.
-    assert!(chi_prob < 520.0, "χ² against the probability mixture = {chi_prob}");
-    assert!(chi_logit > 2.0 * chi_prob, "χ² probability mix {chi_prob} vs logit mix {chi_logit}");
 }
 
 #[test]
@@ -286,4 +313,70 @@ fn prompts_beyond_the_position_limit_are_refused() {
     let near = vec![vec![5u32; 60]];
     let out = generate(model.lm.as_ref(), &near, &[], 0, &SamplingConfig::greedy(10), &mut row_rngs(0, 0..1)).unwrap();
     assert_eq!(out.responses[0].len(), 4, "decoding stops at the position limit");
+}
+
+/// transformers' own processors (scripts/make_fixtures.py processors) on random logits with
+/// histories that repeat n-grams: temperature, top-k, top-p, no-repeat-n-gram and the four
+/// chained in `generate`'s order give the same kept tokens and values.
+#[test]
+fn logits_processors_equal_transformers() {
+    let fx =
+        candle_core::safetensors::load(fixtures().join("logits/processors.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let logits = fx["logits"].to_vec2::<f32>().unwrap();
+    let history: Vec<Vec<u32>> =
+        fx["history"].to_vec2::<i32>().unwrap().iter().map(|h| h.iter().map(|&t| t as u32).collect()).collect();
+    let base = SamplingConfig::sampling(1);
+    let cases = [
+        ("temperature", SamplingConfig { temperature: 0.7, ..base.clone() }),
+        ("top_k", SamplingConfig { top_k: 5, ..base.clone() }),
+        ("top_p", SamplingConfig { top_p: 0.9, ..base.clone() }),
+        ("no_repeat", SamplingConfig { no_repeat_ngram_size: 3, ..base.clone() }),
+        ("all", SamplingConfig { no_repeat_ngram_size: 2, temperature: 0.7, top_k: 20, top_p: 0.8, ..base.clone() }),
+    ];
+    for (name, cfg) in cases {
+        let want = fx[&format!("{name}.out")].to_vec2::<f32>().unwrap();
+        let mut banned = 0;
+        for (r, (row, h)) in logits.iter().zip(&history).enumerate() {
+            let mut got = row.clone();
+            process_logits(&mut got, h, &cfg);
+            for (v, (a, b)) in got.iter().zip(&want[r]).enumerate() {
+                let same = if b.is_finite() { (a - b).abs() <= 1e-5 * b.abs().max(1.0) } else { *a == *b };
+                assert!(same, "{name} row {r} token {v}: {a} vs transformers {b}");
+            }
+            banned += want[r].iter().filter(|x| !x.is_finite()).count();
+        }
+        assert!(name == "temperature" || banned > 0, "{name}: the case removes nothing");
+    }
+}
+
+/// `generate(do_sample=False, no_repeat_ngram_size=2)` of transformers, token for token.
+#[test]
+fn greedy_generation_with_ngram_blocking_equals_transformers() {
+    let fx =
+        candle_core::safetensors::load(fixtures().join("logits/processors.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let flat = fx["generate.prompts"].to_vec1::<i32>().unwrap();
+    let mut at = 0;
+    let prompts: Vec<Vec<u32>> = fx["generate.prompt_lens"]
+        .to_vec1::<i32>()
+        .unwrap()
+        .iter()
+        .map(|&n| {
+            let p = flat[at..at + n as usize].iter().map(|&t| t as u32).collect();
+            at += n as usize;
+            p
+        })
+        .collect();
+    let want = fx["generate.output"].to_vec2::<i32>().unwrap();
+    let model = load("opt");
+    let cfg = SamplingConfig { no_repeat_ngram_size: 2, ..SamplingConfig::greedy(30) };
+    let got = generate(model.lm.as_ref(), &prompts, &[], 0, &cfg, &mut row_rngs(0, 0..3)).unwrap();
+    for (row, (g, w)) in got.responses.iter().zip(&want).enumerate() {
+        let w: Vec<u32> = w.iter().map(|&t| t as u32).collect();
+        assert_eq!(g, &w, "row {row}");
+    }
+    let plain =
+        generate(model.lm.as_ref(), &prompts, &[], 0, &SamplingConfig::greedy(30), &mut row_rngs(0, 0..3)).unwrap();
+    assert_ne!(plain.responses, got.responses, "the blocking must change the output for the test to mean anything");
 }

@@ -59,14 +59,6 @@ fn run(
     train(&student(dir), task, c, out, &std::sync::atomic::AtomicBool::new(false))
 }
 
-fn params_of(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let m = load_model(dir, &Device::Cpu, DType::F32).unwrap();
-    m.lm.params()
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
-        .collect()
-}
-
 #[test]
 fn sft_lowers_validation_loss_and_selects_the_best_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
@@ -144,8 +136,8 @@ fn kd_lowers_the_divergence_to_the_teacher() {
     assert!(after < 0.5 * before, "forward KL to the teacher {before} → {after}");
 }
 
-/// A task whose loss is NaN from step 3 on.
-struct Poisoned(SupervisedTask, usize);
+/// A task whose loss is NaN at the steps in the range (its third field).
+struct Poisoned(SupervisedTask, usize, std::ops::Range<usize>);
 
 impl Task for Poisoned {
     fn begin_step(&mut self, s: &Model, step: usize, window: Window) -> anyhow::Result<()> {
@@ -157,7 +149,7 @@ impl Task for Poisoned {
     }
     fn micro_loss(&mut self, s: &Model, i: usize) -> anyhow::Result<(Tensor, Stats)> {
         let (loss, stats) = self.0.micro_loss(s, i)?;
-        Ok((if self.1 >= 3 { (loss * f64::NAN)? } else { loss }, stats))
+        Ok((if self.2.contains(&self.1) { (loss * f64::NAN)? } else { loss }, stats))
     }
     fn validate(&mut self, s: &Model, batch_size: usize) -> anyhow::Result<Stats> {
         self.0.validate(s, batch_size)
@@ -175,12 +167,31 @@ fn non_finite_steps_are_skipped_and_stop_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let student = tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 7);
     let c = TrainConfig { max_bad_steps: 3, ..cfg(20) };
-    let mut task = Poisoned(sft_task(tmp.path(), &c, None), 0);
+    let mut task = Poisoned(sft_task(tmp.path(), &c, None), 0, 3..usize::MAX);
     let out = RunDir::new(&tmp.path().join("run")).unwrap();
     let e = run(&student, &mut task, &c, &out).unwrap_err().to_string();
     assert!(e.contains("stopping at step 5") && e.contains("3 consecutive"), "{e}");
     let skipped = std::fs::read_to_string(out.metrics()).unwrap().matches("skipped").count();
     assert_eq!(skipped, 3);
+}
+
+/// A single non-finite step changes nothing: the checkpoint after it holds the weights from
+/// before it (the update and the optimizer moments are skipped, nothing non-finite is saved),
+/// and training goes on.
+#[test]
+fn a_non_finite_step_is_never_applied_or_checkpointed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let student = tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 8);
+    let c = TrainConfig { save_interval: 1, keep_checkpoints: 10, ..cfg(6) };
+    let mut task = Poisoned(sft_task(tmp.path(), &c, None), 0, 3..4);
+    let out = RunDir::new(&tmp.path().join("run")).unwrap();
+    run(&student, &mut task, &c, &out).unwrap();
+    let at = |s| params_of(&out.checkpoint(s));
+    assert!(at(4) == at(3), "the skipped step 3 changed the weights");
+    assert!(max_param_diff(&at(5), &at(4)) > 0.0, "training stopped after the skipped step");
+    assert!(at(6).iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
+    let skipped = std::fs::read_to_string(out.metrics()).unwrap().matches("skipped").count();
+    assert_eq!(skipped, 1);
 }
 
 #[test]
@@ -223,4 +234,103 @@ fn corpus_is_chunked_and_unreadable_corpora_are_reported() {
         .unwrap_err()
         .to_string()
         .contains("fewer than"));
+}
+
+/// A task whose validation statistics are scripted (one entry per validation: step 0, 1, …),
+/// training as SFT does.
+struct Scripted {
+    inner: SupervisedTask,
+    rouge: Vec<f64>,
+    loss: Vec<f64>,
+    calls: usize,
+}
+
+impl Task for Scripted {
+    fn begin_step(&mut self, s: &Model, step: usize, window: Window) -> anyhow::Result<()> {
+        self.inner.begin_step(s, step, window)
+    }
+    fn micro_batches(&self) -> usize {
+        self.inner.micro_batches()
+    }
+    fn micro_loss(&mut self, s: &Model, i: usize) -> anyhow::Result<(Tensor, Stats)> {
+        self.inner.micro_loss(s, i)
+    }
+    fn validate(&mut self, _: &Model, _: usize) -> anyhow::Result<Stats> {
+        let i = self.calls;
+        self.calls += 1;
+        Ok(Stats::from([("val_rougeL".to_string(), self.rouge[i]), ("val_loss".to_string(), self.loss[i])]))
+    }
+    fn state(&self) -> anyhow::Result<TaskState> {
+        self.inner.state()
+    }
+    fn load_state(&mut self, v: TaskState) -> anyhow::Result<()> {
+        self.inner.load_state(v)
+    }
+}
+
+/// Validation Rouge-L 5, 10, 30, 20 at steps 0–3: `best/` holds exactly the step-2 weights
+/// (not step 1's or 3's); validation loss 3, 2, 2.5, 1 puts step 3's in `best-val_loss/`.
+#[test]
+fn selection_by_rouge_keeps_the_weights_of_the_best_validation() {
+    use minillm::train::trainer::Selection;
+    let tmp = tempfile::tempdir().unwrap();
+    let student = tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 9);
+    let c = TrainConfig {
+        eval_interval: 1,
+        save_interval: 1,
+        keep_checkpoints: 10,
+        select_by: Selection::ValRougeL,
+        also_keep: Some(Selection::ValLoss),
+        ..cfg(3)
+    };
+    let mut task = Scripted {
+        inner: sft_task(tmp.path(), &c, None),
+        rouge: vec![5.0, 10.0, 30.0, 20.0],
+        loss: vec![3.0, 2.0, 2.5, 1.0],
+        calls: 0,
+    };
+    let run = RunDir::new(&tmp.path().join("run")).unwrap();
+    let out = self::run(&student, &mut task, &c, &run).unwrap();
+    assert_eq!(out.best, Some((30.0, 2)));
+    let best = params_of(&run.best());
+    let at = |s| params_of(&run.checkpoint(s));
+    assert!(best == at(2), "best/ holds the step-2 model");
+    assert!(best != at(1) && best != at(3), "the steps differ, so the comparison means something");
+    assert!(params_of(&run.root().join("best-val_loss")) == at(3), "best-val_loss/ holds the step-3 model");
+}
+
+/// Two micro-batches of 4 make the same optimizer step as one batch of 8 (the window's token
+/// count normalises both), for SFT and for KD; one step moves the parameters far more than
+/// the tolerance.
+#[test]
+fn gradient_accumulation_equals_one_large_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let student = tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 13);
+    let teacher_dir = tiny_model_dir(&tmp.path().join("teacher"), "llama", 64, 2, 14);
+    for kd in [false, true] {
+        let after = |batch_size: usize, grad_accum: usize| {
+            let c = TrainConfig {
+                schedule: Schedule::Constant { warmup: 0 },
+                batch_size,
+                grad_accum,
+                eval_interval: 1,
+                save_interval: 1,
+                ..cfg(1)
+            };
+            let name = format!("run-{kd}-{batch_size}x{grad_accum}");
+            let kd = kd.then(|| KdTerm {
+                teacher: load_model(&teacher_dir, &Device::Cpu, DType::F32).unwrap(),
+                ratio: 0.5,
+                divergence: Divergence::ForwardKl,
+            });
+            let run = RunDir::new(&tmp.path().join(name)).unwrap();
+            self::run(&student, &mut sft_task(tmp.path(), &c, kd), &c, &run).unwrap();
+            params_of(&run.checkpoint(1))
+        };
+        let (one, two) = (after(8, 1), after(4, 2));
+        let moved = max_param_diff(&one, &params_of(&student));
+        let diff = max_param_diff(&one, &two);
+        assert!(moved > 1e-3, "kd {kd}: the step moved the parameters by only {moved}");
+        assert!(diff < 1e-6, "kd {kd}: 2 × 4 differs from 1 × 8 by {diff}");
+    }
 }

@@ -11,5 +11,6 @@ pub use chunks::{consecutive_rows, Sample, Sampler};
 pub use decode::{generate, row_rngs, Generation, SamplingConfig};
 pub use mixed::{generate_mixed, mix_log_prob, MixedRollout, MixedSampling};
 pub use processors::{
-    argmax, banned_ngram_tokens, log_softmax_into, sample_from_logits, sample_from_weights, top_k_filter, top_p_filter,
+    argmax, banned_ngram_tokens, log_softmax_into, process_logits, sample_from_logits, sample_from_weights,
+    top_k_filter, top_p_filter,
 };

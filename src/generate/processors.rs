@@ -18,13 +18,23 @@ pub fn log_softmax_into(x: &[f32], out: &mut Vec<f32>) {
 /// Applies the logits processors in `transformers`' order (n-gram ban, temperature, top-k,
 /// top-p) and picks a token: arg-max at temperature 0, otherwise a draw from `rng`.
 pub(crate) fn choose_token(logits: &mut [f32], history: &[u32], cfg: &SamplingConfig, rng: &mut ChaCha8Rng) -> u32 {
+    process_logits(logits, history, cfg);
+    if cfg.temperature == 0.0 {
+        return argmax(logits) as u32;
+    }
+    sample_from_logits(logits, rng.random())
+}
+
+/// The logits processors of `cfg` in `transformers`' order, in place: tokens completing an
+/// n-gram of `history` get −∞, then (unless greedy) temperature, top-k and top-p.
+pub fn process_logits(logits: &mut [f32], history: &[u32], cfg: &SamplingConfig) {
     for t in banned_ngram_tokens(history, cfg.no_repeat_ngram_size) {
         if let Some(l) = logits.get_mut(t as usize) {
             *l = f32::NEG_INFINITY;
         }
     }
     if cfg.temperature == 0.0 {
-        return argmax(logits) as u32;
+        return;
     }
     if cfg.temperature != 1.0 {
         logits.iter_mut().for_each(|l| *l /= cfg.temperature);
@@ -35,7 +45,6 @@ pub(crate) fn choose_token(logits: &mut [f32], history: &[u32], cfg: &SamplingCo
     if cfg.top_p < 1.0 {
         top_p_filter(logits, cfg.top_p);
     }
-    sample_from_logits(logits, rng.random())
 }
 
 /// Index of the largest value; the first one on ties (as `torch.argmax`).

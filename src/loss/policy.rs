@@ -87,7 +87,13 @@ pub fn rewards(logp: &[f32], logq: &[f32], cfg: &PolicyConfig) -> Vec<f32> {
 /// Advantages of a minibatch of responses, `[rows][width]` with zeros beyond each response
 /// (width = the longest response). Returns, length normalisation and whitening per `cfg`.
 pub fn advantages(rewards: &[Vec<f32>], cfg: &PolicyConfig) -> Vec<Vec<f32>> {
-    let width = rewards.iter().map(Vec::len).max().unwrap_or(0);
+    advantages_padded(rewards, rewards.iter().map(Vec::len).max().unwrap_or(0), cfg)
+}
+
+/// [`advantages`] over a `[rows][width]` table at least as wide as the longest response: the
+/// whitening statistics count the zeros of the padding too.
+pub fn advantages_padded(rewards: &[Vec<f32>], width: usize, cfg: &PolicyConfig) -> Vec<Vec<f32>> {
+    let width = width.max(rewards.iter().map(Vec::len).max().unwrap_or(0));
     let mut out: Vec<Vec<f64>> = rewards
         .iter()
         .map(|r| {

@@ -130,3 +130,24 @@ pub fn spread_var(shape: &[usize], seed: u64, std: f32) -> candle_core::Var {
         .collect();
     candle_core::Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
 }
+
+/// The parameters of the model saved in `dir`, by name, as flat vectors.
+pub fn params_of(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let m = load_model(dir, &Device::Cpu, DType::F32).unwrap();
+    m.lm.params()
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+        .collect()
+}
+
+/// Largest absolute difference between two models' parameters (same names, same order).
+pub fn max_param_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|((na, va), (nb, vb))| {
+            assert_eq!(na, nb);
+            va.iter().zip(vb).map(|(x, y)| (x - y).abs())
+        })
+        .fold(0.0, f32::max)
+}

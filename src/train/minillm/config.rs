@@ -36,6 +36,12 @@ pub struct DistillConfig {
     pub pt_coef: f64,
     /// Validation prompts sampled (pure student) for the reverse-KL estimate and Rouge-L.
     pub valid_rollouts: usize,
+    /// Whiten advantages over each rollout's generation-batch width, as the released storage
+    /// pads them (`true`), or over the minibatch's longest response (`false`, default: the
+    /// statistics of a minibatch do not depend on which rollouts were decoded together).
+    /// Not written when off, so runs made before the switch existed keep their identity.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub released_padding: bool,
 }
 
 impl Default for DistillConfig {
@@ -54,6 +60,7 @@ impl Default for DistillConfig {
             pt_kd_ratio: 0.5,
             pt_coef: 1.0,
             valid_rollouts: 64,
+            released_padding: false,
         }
     }
 }

@@ -2,12 +2,15 @@
 //! time (log q_old, log p, importance weights w_t, rewards, the teacher's final hidden states),
 //! the plan of minibatches over the buffer's inner epochs, and the buffer's statistics.
 
-use candle_core::Tensor;
+use anyhow::Result;
+use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::config::DistillConfig;
+use crate::data::batch::LmBatch;
 use crate::generate::{mix_log_prob, Sample};
 use crate::loss::policy::{k3_estimate, rewards};
+use crate::model::Model;
 use crate::train::data_order::DataOrder;
 use crate::train::trainer::Stats;
 
@@ -26,14 +29,19 @@ pub struct Rollout {
     pub importance: Vec<f32>,
     /// Per-token rewards `r_t`.
     pub rewards: Vec<f32>,
+    /// The longest response of the generation batch it was decoded (or scored) with: the
+    /// width the released implementation stores it at (`distill.released_padding`).
+    #[serde(default)]
+    pub generation_width: usize,
     /// Teacher final hidden states `[len, hidden]` (single-step term only).
     #[serde(skip)]
     pub teacher_hidden: Option<Tensor>,
 }
 
 impl Rollout {
-    /// A rollout from a teacher-mixed sample drawn with mixing coefficient `alpha`.
-    pub fn from_sample(s: Sample, cfg: &DistillConfig) -> Self {
+    /// A rollout from a teacher-mixed sample drawn with mixing coefficient `alpha`, decoded
+    /// in a generation batch whose longest response has `generation_width` tokens.
+    pub fn from_sample(s: Sample, generation_width: usize, cfg: &DistillConfig) -> Self {
         let importance = s.logq.iter().zip(&s.logp).map(|(&q, &p)| (q - mix_log_prob(q, p, cfg.alpha)).exp()).collect();
         Self {
             rewards: rewards(&s.logp, &s.logq, &cfg.policy),
@@ -42,9 +50,78 @@ impl Rollout {
             logq_old: s.logq,
             logp: s.logp,
             importance,
+            generation_width,
             teacher_hidden: s.teacher_hidden,
         }
     }
+}
+
+/// Rollouts from given (prompt, response) pairs, scored now by full forward passes of the
+/// student and the teacher: what collection records at sampling time (log q over the shared
+/// vocabulary, log p, importance weights for `cfg.alpha`, rewards, and the teacher's hidden
+/// states when the single-step term is on), for replaying stored responses. Pairs are scored
+/// `cfg.rollout_batch` at a time, their logits `rows × vocab` a slice at a time.
+pub fn rescore_rollouts(
+    student: &Model,
+    teacher: &Model,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    cfg: &DistillConfig,
+) -> Result<Vec<Rollout>> {
+    let vocab = student.lm.info().vocab_size.min(teacher.lm.info().vocab_size);
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(cfg.rollout_batch.max(1)) {
+        let width = chunk.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+        let refs: Vec<(&[u32], &[u32])> = chunk.iter().map(|(p, r)| (p.as_slice(), r.as_slice())).collect();
+        let batch = LmBatch::from_rollouts(&refs, student.pad_id(), &student.device())?;
+        let hidden = |m: &Model| -> Result<Tensor> {
+            batch.gather(&m.lm.forward_hidden(&batch.input_ids, &batch.mask, None)?.detach())
+        };
+        let (hq, hp) = (hidden(student)?, hidden(teacher)?);
+        let logq = target_log_probs(student, &hq, &batch.targets, vocab)?;
+        let logp = target_log_probs(teacher, &hp, &batch.targets, vocab)?;
+        let mut at = 0;
+        for (prompt, response) in chunk {
+            let n = response.len();
+            let sample = Sample {
+                prompt: prompt.clone(),
+                response: response.clone(),
+                ended_with_eos: false,
+                logq: logq[at..at + n].to_vec(),
+                logp: logp[at..at + n].to_vec(),
+                teacher_hidden: if cfg.single_step { Some(hp.narrow(0, at, n)?) } else { None },
+                forward_kl: Vec::new(),
+            };
+            out.push(Rollout::from_sample(sample, width, cfg));
+            at += n;
+        }
+    }
+    Ok(out)
+}
+
+/// `log softmax(h·Wᵀ)[..vocab]` at each row's target, 256 rows at a time.
+fn target_log_probs(model: &Model, hidden: &Tensor, targets: &[u32], vocab: usize) -> Result<Vec<f32>> {
+    let head = model.lm.lm_head_weight().narrow(0, 0, vocab)?;
+    let mut out = Vec::with_capacity(targets.len());
+    for start in (0..targets.len()).step_by(256) {
+        let n = 256.min(targets.len() - start);
+        let logits = hidden.narrow(0, start, n)?.matmul(&head.t()?)?;
+        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let idx = Tensor::from_slice(&targets[start..start + n], (n, 1), hidden.device())?;
+        out.extend(lp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+/// Rollouts from samples decoded `chunk` at a time (their generation batches, in order).
+pub fn rollouts_from_samples(samples: Vec<Sample>, chunk: usize, cfg: &DistillConfig) -> Vec<Rollout> {
+    let mut out = Vec::with_capacity(samples.len());
+    let mut samples = samples.into_iter().peekable();
+    while samples.peek().is_some() {
+        let batch: Vec<Sample> = samples.by_ref().take(chunk.max(1)).collect();
+        let width = batch.iter().map(|s| s.response.len()).max().unwrap_or(0);
+        out.extend(batch.into_iter().map(|s| Rollout::from_sample(s, width, cfg)));
+    }
+    out
 }
 
 /// Minibatches of `batch` rollout indices for each inner epoch (a fresh permutation per epoch,

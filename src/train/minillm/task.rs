@@ -12,11 +12,11 @@ use candle_core::Tensor;
 use serde_json::json;
 
 use super::config::DistillConfig;
-use super::rollout::{hidden_tensors, plan_minibatches, restore_hidden, rollout_stats, Rollout};
+use super::rollout::{hidden_tensors, plan_minibatches, restore_hidden, rollout_stats, rollouts_from_samples, Rollout};
 use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
 use crate::generate::{consecutive_rows, MixedSampling, Sampler};
-use crate::loss::policy::{advantages, k3_estimate};
+use crate::loss::policy::{advantages_padded, k3_estimate};
 use crate::loss::{head_loss, Divergence, PolicyTokens, TargetTerm, TeacherHead};
 use crate::model::Model;
 use crate::train::data_order::DataOrder;
@@ -51,6 +51,8 @@ pub struct DistillTask {
     schedule: Vec<Vec<usize>>,
     next_minibatch: usize,
     window: Vec<Vec<usize>>,
+    /// Advantages of each micro-batch's response tokens, computed over the whole window.
+    window_advantages: Vec<Vec<f32>>,
     pt_window: Vec<LmBatch>,
     window_tokens: usize,
     window_pt_tokens: usize,
@@ -83,6 +85,7 @@ impl DistillTask {
             schedule: Vec::new(),
             next_minibatch: 0,
             window: Vec::new(),
+            window_advantages: Vec::new(),
             pt_window: Vec::new(),
             window_tokens: 0,
             window_pt_tokens: 0,
@@ -107,6 +110,17 @@ impl DistillTask {
         }
     }
 
+    /// Replaces the rollout buffer with `buffer` (e.g. stored responses re-scored with
+    /// [`rescore_rollouts`](super::rollout::rescore_rollouts)) and plans its minibatches of
+    /// `batch_size`, as a collection would; the next steps train on it.
+    pub fn replace_buffer(&mut self, buffer: Vec<Rollout>, batch_size: usize) {
+        self.rollout_stats = rollout_stats(&buffer, &self.cfg);
+        self.schedule = plan_minibatches(buffer.len(), batch_size, self.cfg.inner_epochs, self.seed, self.iteration);
+        self.buffer = buffer;
+        self.next_minibatch = 0;
+        self.iteration += 1;
+    }
+
     /// Collects a new buffer of rollouts with the current student and plans its minibatches.
     fn collect(&mut self, student: &Model, batch_size: usize) -> Result<()> {
         let n = self.cfg.num_rollouts;
@@ -125,12 +139,8 @@ impl DistillTask {
             chunk,
             |_, _| Ok(()),
         )?;
-        let buffer: Vec<Rollout> = samples.into_iter().map(|s| Rollout::from_sample(s, &self.cfg)).collect();
-        self.rollout_stats = rollout_stats(&buffer, &self.cfg);
-        self.buffer = buffer;
-        self.schedule = plan_minibatches(n, batch_size, self.cfg.inner_epochs, self.seed, self.iteration);
-        self.next_minibatch = 0;
-        self.iteration += 1;
+        let buffer = rollouts_from_samples(samples, chunk, &self.cfg);
+        self.replace_buffer(buffer, batch_size);
         Ok(())
     }
 
@@ -178,6 +188,27 @@ impl Task for DistillTask {
         self.window = self.schedule[self.next_minibatch..self.next_minibatch + grad_accum].to_vec();
         self.next_minibatch += grad_accum;
         self.window_tokens = self.window.iter().flatten().map(|&i| self.buffer[i].response.len()).sum();
+        // Returns and whitening see the whole window (the optimizer step's minibatch), so that
+        // train.grad_accum changes memory, not the update. The released trainer whitens each
+        // device's micro-batch; with grad_accum = 1 the two agree. Whitening covers the padded
+        // [rows × width] table: width = the longest response, or (released padding) the widest
+        // generation batch among the rows.
+        let rows = || self.window.iter().flatten().map(|&i| &self.buffer[i]);
+        let rewards: Vec<Vec<f32>> = rows().map(|r| r.rewards.clone()).collect();
+        let width = rows()
+            .map(
+                |r| if self.cfg.released_padding { r.generation_width.max(r.response.len()) } else { r.response.len() },
+            )
+            .max()
+            .unwrap_or(0);
+        let mut adv = advantages_padded(&rewards, width, &self.cfg.policy).into_iter();
+        self.window_advantages = self
+            .window
+            .iter()
+            .map(|rows| {
+                rows.iter().zip(adv.by_ref()).flat_map(|(&i, a)| a[..self.buffer[i].response.len()].to_vec()).collect()
+            })
+            .collect();
         self.pt_window.clear();
         if self.cfg.pt {
             for _ in 0..grad_accum {
@@ -200,13 +231,12 @@ impl Task for DistillTask {
         let batch = LmBatch::from_rollouts(&pairs, student.pad_id(), &student.device())?;
         let hidden = batch.gather(&student.lm.forward_hidden(&batch.input_ids, &batch.mask, None)?)?;
         let n = batch.num_targets();
-        let adv = advantages(&rows.iter().map(|r| r.rewards.clone()).collect::<Vec<_>>(), &self.cfg.policy);
         let flat = |f: &dyn Fn(&Rollout) -> &Vec<f32>| -> Vec<f32> {
             rows.iter().flat_map(|r| f(r).iter().copied()).collect()
         };
         let old = flat(&|r| &r.logq_old);
         let importance = flat(&|r| &r.importance);
-        let adv: Vec<f32> = rows.iter().zip(&adv).flat_map(|(r, a)| a[..r.response.len()].iter().copied()).collect();
+        let adv = &self.window_advantages[i];
         // Each term normalises itself over the window (its own token count).
         let weight = 1.0 / self.window_tokens.max(1) as f32;
         let weights = vec![weight; n];
@@ -216,7 +246,7 @@ impl Task for DistillTask {
         let policy = PolicyTokens {
             logq_old: &old,
             importance: &importance,
-            advantages: &adv,
+            advantages: adv,
             weights: &weights,
             clip: self.cfg.policy.clip_ratio,
         };
