@@ -228,14 +228,15 @@ def rope_linear():
 
 
 def bf16():
-    """transformers' bf16 logits of every fixture model on the unpadded batch."""
+    """transformers' bf16 and f16 logits of every fixture model on the unpadded batch."""
     tensors = {}
     for name in ["gpt2", "opt", "opt_postln", "llama", "qwen2", "mistral"]:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.join(FIX, "models", name), attn_implementation="eager", dtype=torch.bfloat16).eval()
-        ids = load_file(os.path.join(FIX, "logits", f"{name}.safetensors"))["full.input_ids"]
-        with torch.no_grad():
-            tensors[f"{name}.logits"] = model(input_ids=ids).logits.float().contiguous()
+        for key, dtype in [("logits", torch.bfloat16), ("f16_logits", torch.float16)]:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                os.path.join(FIX, "models", name), attn_implementation="eager", dtype=dtype).eval()
+            ids = load_file(os.path.join(FIX, "logits", f"{name}.safetensors"))["full.input_ids"]
+            with torch.no_grad():
+                tensors[f"{name}.{key}"] = model(input_ids=ids).logits.float().contiguous()
     save_file(tensors, os.path.join(FIX, "logits", "bf16.safetensors"))
     print("wrote bf16 logits")
 

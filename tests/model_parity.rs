@@ -166,30 +166,32 @@ fn unsupported_attention_variants_are_refused() {
     }
 }
 
-/// Loaded in bf16 and computed in bf16, every family stays as close to the float32 logits as
-/// transformers' own bf16 computation does (`make_fixtures.py bf16`): bf16 rounds differently
-/// in every implementation, so the two bf16 results are compared by their error against
-/// float32 (mean absolute, at most 1.5× transformers'; measured 0.97–1.23×), not with each
-/// other; a missing bias or a wrong norm would be off by far more.
+/// Loaded and computed in bf16 (and in f16), every family stays as close to the float32
+/// logits as transformers' own computation in that dtype does (`make_fixtures.py bf16`):
+/// rounding differs in every implementation, so the two results are compared by their error
+/// against float32 (mean absolute, at most 1.5× transformers'; measured 0.97–1.23× in bf16),
+/// not with each other; a missing bias or a wrong norm would be off by far more.
 #[test]
-fn bf16_models_are_as_accurate_as_transformers_in_bf16() {
+fn half_precision_models_are_as_accurate_as_transformers() {
     let fx =
         candle_core::safetensors::load(fixtures().join("logits/bf16.safetensors"), &candle_core::Device::Cpu).unwrap();
     let mean_abs = |a: &Tensor, b: &Tensor| -> f32 {
         (a - b).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap()
     };
-    for name in FAMILIES {
-        let dir = fixtures().join(format!("models/{name}"));
-        let model = minillm::model::load_model(&dir, &candle_core::Device::Cpu, DType::BF16).unwrap();
-        let r = reference(name);
-        let ids = ids_u32(&r["full.input_ids"]);
-        let mask = mask_of(&r["full.attention_mask"]);
-        let got = model.lm.forward(&ids, &mask, None).unwrap();
-        assert_eq!(got.dtype(), DType::BF16, "{name}: computed in bf16");
-        let got = got.to_dtype(DType::F32).unwrap();
-        let f32_logits = &r["full.logits"];
-        let (ours, theirs) = (mean_abs(&got, f32_logits), mean_abs(&fx[&format!("{name}.logits")], f32_logits));
-        assert!(ours > 0.0, "{name}: bf16 logits equal the f32 ones — not computed in bf16");
-        assert!(ours <= 1.5 * theirs, "{name}: mean |bf16 − f32| = {ours}, transformers' bf16 {theirs}");
+    for (dtype, key) in [(DType::BF16, "logits"), (DType::F16, "f16_logits")] {
+        for name in FAMILIES {
+            let dir = fixtures().join(format!("models/{name}"));
+            let model = minillm::model::load_model(&dir, &candle_core::Device::Cpu, dtype).unwrap();
+            let r = reference(name);
+            let ids = ids_u32(&r["full.input_ids"]);
+            let mask = mask_of(&r["full.attention_mask"]);
+            let got = model.lm.forward(&ids, &mask, None).unwrap();
+            assert_eq!(got.dtype(), dtype, "{name}: computed in {dtype:?}");
+            let got = got.to_dtype(DType::F32).unwrap();
+            let f32_logits = &r["full.logits"];
+            let (ours, theirs) = (mean_abs(&got, f32_logits), mean_abs(&fx[&format!("{name}.{key}")], f32_logits));
+            assert!(ours > 0.0, "{name}: {dtype:?} logits equal the f32 ones — not computed in {dtype:?}");
+            assert!(ours <= 1.5 * theirs, "{name}: mean |{dtype:?} − f32| = {ours}, transformers' {theirs}");
+        }
     }
 }
