@@ -35,6 +35,8 @@ enum Command {
     Seqkd(cli::train::SeqKd),
     /// MiniLLM: on-policy reverse-KL distillation (phase 2; start from an `sft` checkpoint).
     Distill(cli::train::Distill),
+    /// Generalized KD (TRL GKDConfig meanings): on-policy with probability λ, generalised JSD.
+    Gkd(cli::train::Gkd),
     /// Evaluate a model on the paper's sets × seeds (Rouge-L, Dist-4, LM loss), or score
     /// predictions made elsewhere.
     Eval(cli::eval::Eval),
@@ -68,6 +70,7 @@ fn main() {
         Command::Kd(c) => c.run(),
         Command::Seqkd(c) => c.run(),
         Command::Distill(c) => c.run(),
+        Command::Gkd(c) => c.run(),
         Command::Eval(c) => c.run(),
         Command::Report(c) => c.run(),
         Command::Calibrate(c) => c.run(),

@@ -1,6 +1,6 @@
 //! The training commands end to end through the configuration layer: SFT → distill from the
 //! SFT checkpoint (paper preset, ablation switches), SeqKD (generations written then reused),
-//! KD; configuration and tokenizer-mismatch errors; every shipped config parses.
+//! KD, GKD; configuration and tokenizer-mismatch errors; every shipped config parses.
 
 mod common;
 
@@ -93,6 +93,7 @@ fn sft_then_distill_then_seqkd_and_kd_run_from_configuration() {
     assert_eq!(std::fs::read_to_string(&gens).unwrap(), first);
 
     let kd_out = tmp.path().join("runs/kd");
+    let b_gkd = b.clone();
     let k = with(
         b,
         &[format!("out={}", q(&kd_out)), "kd.divergence=\"jsd:0.3\"".into(), "train.select_by=\"val_rouge_l\"".into()],
@@ -104,6 +105,18 @@ fn sft_then_distill_then_seqkd_and_kd_run_from_configuration() {
     assert!(rouge.iter().all(|r| (0.0..=100.0).contains(r)));
     let best = rouge.iter().copied().fold(f64::MIN, f64::max);
     assert_eq!(out.best.unwrap().0, best, "selection by the highest validation Rouge-L");
+
+    // GKD, fully on-policy with the reverse KL, and the run's config.toml reproducing it.
+    let gkd_out = tmp.path().join("runs/gkd");
+    let gk = with(
+        b_gkd,
+        &[format!("out={}", q(&gkd_out)), "gkd.lmbda=1.0".into(), "gkd.beta=1.0".into(), "gkd.max_new_tokens=6".into()],
+    );
+    let cfg = RunConfig::load(None, &gk).unwrap();
+    run_method(Method::Gkd, &cfg).unwrap();
+    let text = std::fs::read_to_string(gkd_out.join("metrics.jsonl")).unwrap();
+    assert_eq!(text.matches("\"on_policy\":1.0").count(), 4, "λ = 1: every step on-policy");
+    assert_eq!(RunConfig::load(Some(&gkd_out.join("config.toml")), &[]).unwrap(), cfg);
 }
 
 fn eval_values(run: &Path, key: &str) -> Vec<f64> {

@@ -127,7 +127,7 @@ fn kd_lowers_the_divergence_to_the_teacher() {
     let teacher_dir = tiny_model_dir(&tmp.path().join("teacher"), "llama", 64, 2, 6);
     let teacher = load_model(&teacher_dir, &Device::Cpu, DType::F32).unwrap();
     let c = cfg(30);
-    let kd = KdTerm { teacher, ratio: 1.0, divergence: Divergence::ForwardKl };
+    let kd = KdTerm::new(teacher, 1.0, Divergence::ForwardKl);
     let mut task = sft_task(tmp.path(), &c, Some(kd));
     let before =
         task.validate(&load_model(&student, &Device::Cpu, DType::F32).unwrap(), c.batch_size).unwrap()["val_kd"];
@@ -318,10 +318,8 @@ fn gradient_accumulation_equals_one_large_batch() {
                 ..cfg(1)
             };
             let name = format!("run-{kd}-{batch_size}x{grad_accum}");
-            let kd = kd.then(|| KdTerm {
-                teacher: load_model(&teacher_dir, &Device::Cpu, DType::F32).unwrap(),
-                ratio: 0.5,
-                divergence: Divergence::ForwardKl,
+            let kd = kd.then(|| {
+                KdTerm::new(load_model(&teacher_dir, &Device::Cpu, DType::F32).unwrap(), 0.5, Divergence::ForwardKl)
             });
             let run = RunDir::new(&tmp.path().join(name)).unwrap();
             self::run(&student, &mut sft_task(tmp.path(), &c, kd), &c, &run).unwrap();

@@ -1,4 +1,4 @@
-//! `minillm pretrain | sft | kd | seqkd | distill`: a run configuration from the config file, `--set`
+//! `minillm pretrain | sft | kd | seqkd | distill | gkd`: a run configuration from the config file, `--set`
 //! overrides and the typed flags (which win), run as a [`Recipe`].
 
 use std::path::PathBuf;
@@ -159,6 +159,29 @@ pub struct Distill {
     no_pt: bool,
 }
 
+/// `minillm gkd`.
+#[derive(Args, Debug)]
+pub struct Gkd {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    data: InstructArgs,
+    #[command(flatten)]
+    teacher: TeacherArgs,
+    /// Probability λ of an on-policy step (gkd.lmbda).
+    #[arg(long)]
+    lmbda: Option<f64>,
+    /// JSD interpolation β: 0 forward KL, 1 reverse KL (gkd.beta).
+    #[arg(long)]
+    beta: Option<f64>,
+    /// Temperature τ of sampling and of the loss (gkd.temperature).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Off-policy steps on teacher samples instead of the data's responses (gkd.seq_kd).
+    #[arg(long)]
+    seq_kd: bool,
+}
+
 impl RunArgs {
     /// The config file, `--set` overrides (and the preset), then the flags.
     fn config(&self, preset: Option<Preset>) -> Result<RunConfig> {
@@ -257,6 +280,21 @@ impl Distill {
         d.single_step &= !self.no_single_step;
         d.pt &= !self.no_pt;
         train(Method::Distill, cfg, self.run.overwrite)
+    }
+}
+
+impl Gkd {
+    /// Runs `minillm gkd`.
+    pub fn run(self) -> Result<()> {
+        let mut cfg = self.run.config(None)?;
+        self.data.apply(&mut cfg);
+        self.teacher.apply(&mut cfg);
+        let g = &mut cfg.gkd;
+        g.lmbda = self.lmbda.unwrap_or(g.lmbda);
+        g.beta = self.beta.unwrap_or(g.beta);
+        g.temperature = self.temperature.unwrap_or(g.temperature);
+        g.seq_kd |= self.seq_kd;
+        train(Method::Gkd, cfg, self.run.overwrite)
     }
 }
 

@@ -15,6 +15,7 @@ use crate::fingerprint;
 use crate::model::compat::check_compatible;
 use crate::model::{load_model, select_device, Model};
 use crate::outdir::OutDir;
+use crate::train::gkd::ResponseSchedule;
 use crate::train::minillm::{DistillData, DistillTask};
 use crate::train::pretrain::PretrainTask;
 use crate::train::run_dir::RunDir;
@@ -35,6 +36,8 @@ pub enum Method {
     SeqKd,
     /// MiniLLM.
     Distill,
+    /// Generalized KD (on-policy with probability λ, generalised JSD).
+    Gkd,
 }
 
 impl Method {
@@ -46,6 +49,7 @@ impl Method {
             Self::Kd => "kd",
             Self::SeqKd => "seqkd",
             Self::Distill => "distill",
+            Self::Gkd => "gkd",
         }
     }
 
@@ -87,6 +91,10 @@ const MAY_CHANGE: &[&str] = &[
     "settings.train.max_bad_steps",
     "settings.train.stop_after",
 ];
+
+/// Settings sections only one method reads: left out of the other methods' identities, so a
+/// run made before a section existed keeps its identity.
+const OWN_SECTIONS: &[(Method, &str)] = &[(Method::Gkd, "gkd")];
 
 /// What a finished (or interrupted) run produced.
 #[derive(Clone, Debug)]
@@ -187,7 +195,15 @@ impl Recipe {
         if self.uses_corpus() {
             add("corpus", fingerprint::path(required(&d.corpus, "data.corpus")?))?;
         }
-        Ok(json!({"method": self.method.name(), "settings": serde_json::to_value(&self.config)?, "inputs": inputs}))
+        let mut settings = serde_json::to_value(&self.config)?;
+        if let Some(map) = settings.as_object_mut() {
+            for (method, section) in OWN_SECTIONS {
+                if *method != self.method {
+                    map.remove(*section);
+                }
+            }
+        }
+        Ok(json!({"method": self.method.name(), "settings": settings, "inputs": inputs}))
     }
 
     fn load_models(&self, run: &RunDir) -> Result<Models> {
@@ -299,6 +315,7 @@ impl Recipe {
         let valid = self.instruct(student, required(&d.valid, "data.valid")?, d.valid_limit, "valid", &mut stats)?;
         let train_path = required(&d.train, "data.train")?;
         let teacher = || teacher.context("this method needs a teacher (model.teacher)");
+        let mut responses = None;
         let (train_set, kd) = match self.method {
             Method::Pretrain | Method::Sft => {
                 (self.instruct(student, train_path, d.train_limit, "train", &mut stats)?, None)
@@ -306,6 +323,12 @@ impl Recipe {
             Method::Kd => {
                 let train_set = self.instruct(student, train_path, d.train_limit, "train", &mut stats)?;
                 (train_set, Some(self.kd_term(teacher()?)))
+            }
+            Method::Gkd => {
+                let g = &cfg.gkd;
+                let train_set = self.instruct(student, train_path, d.train_limit, "train", &mut stats)?;
+                responses = Some(ResponseSchedule::new(g, d.max_len, cfg.train.seed));
+                (train_set, Some(KdTerm { temperature: g.temperature, ..KdTerm::new(teacher()?, 1.0, g.divergence()) }))
             }
             Method::SeqKd => {
                 let teacher = teacher()?;
@@ -329,7 +352,10 @@ impl Recipe {
                 return Ok(Box::new(task.with_data_stats(stats)));
             }
         };
-        let task = SupervisedTask::new(train_set, valid, cfg.train.seed, kd).with_data_stats(stats);
+        let mut task = SupervisedTask::new(train_set, valid, cfg.train.seed, kd).with_data_stats(stats);
+        if let Some(schedule) = responses {
+            task = task.with_responses(schedule);
+        }
         Ok(Box::new(match cfg.train.select_by {
             Selection::ValRougeL => task.with_rouge(d.max_len),
             Selection::ValLoss => task,
@@ -337,7 +363,7 @@ impl Recipe {
     }
 
     fn kd_term(&self, teacher: Model) -> KdTerm {
-        KdTerm { teacher, ratio: self.config.kd.ratio, divergence: self.config.kd.divergence }
+        KdTerm::new(teacher, self.config.kd.ratio, self.config.kd.divergence)
     }
 
     /// SeqKD's teacher samples for every training prompt: `seqkd.generations`, else

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::loss::Divergence;
 use crate::model::Precision;
+use crate::train::gkd::GkdConfig;
 use crate::train::minillm::DistillConfig;
 use crate::train::trainer::TrainConfig;
 
@@ -30,6 +31,8 @@ pub struct RunConfig {
     pub seqkd: SeqKdSection,
     /// MiniLLM.
     pub distill: DistillConfig,
+    /// GKD (TRL `GKDConfig` meanings).
+    pub gkd: GkdConfig,
 }
 
 /// `[model]`.
@@ -223,6 +226,7 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
         self.distill.validate()?;
+        self.gkd.validate()?;
         if !(0.0..=1.0).contains(&self.kd.ratio) {
             bail!("kd.ratio must be in [0, 1], got {}", self.kd.ratio);
         }

@@ -1,9 +1,11 @@
 //! Training: the shared loop ([`trainer`]), its run directory, the optimizer and schedules,
 //! the supervised objective and validation every method uses, and the methods' tasks —
-//! [`pretrain`] (language modelling on a corpus), [`supervised`] (SFT, KD, SeqKD's training phase), [`seqkd`] (teacher generations) and
-//! [`minillm`] (on-policy reverse-KL distillation).
+//! [`pretrain`] (language modelling on a corpus), [`supervised`] (SFT, KD, SeqKD's training phase,
+//! GKD with [`gkd`]'s response schedule), [`seqkd`] (teacher generations) and [`minillm`]
+//! (on-policy reverse-KL distillation).
 
 pub mod data_order;
+pub mod gkd;
 pub mod minillm;
 pub mod objective;
 pub mod optim;

@@ -3,6 +3,7 @@
 //! of MiniLLM and validation losses all go through [`batch_head_loss`].
 
 use anyhow::Result;
+use candle_core::Tensor;
 
 use crate::data::batch::LmBatch;
 use crate::loss::{head_loss, Divergence, HeadLoss, TargetTerm, TeacherHead};
@@ -17,6 +18,9 @@ pub struct TeacherTerm<'a> {
     pub divergence: Divergence,
     /// Weight r of the divergence (1 − r goes to cross-entropy).
     pub ratio: f64,
+    /// Both models' logits are divided by τ (GKD; 1 elsewhere). The cross-entropy then uses
+    /// the scaled logits too, so τ ≠ 1 is meant for `ratio = 1`.
+    pub temperature: f64,
 }
 
 /// `(1 − r)·CE + r·D(teacher, student)` at `b`'s target positions (CE alone without a
@@ -28,9 +32,13 @@ pub fn batch_head_loss(
     b: &LmBatch,
     weights: &[f32],
 ) -> Result<HeadLoss> {
-    let hidden = b.gather(&student.lm.forward_hidden(&b.input_ids, &b.mask, None)?)?;
+    // Logits z/τ = (h/τ)·Wᵀ: the temperature scales the hidden states, so the fused head needs
+    // no knowledge of it and the gradient flows through the scaling.
+    let tau = teacher.map_or(1.0, |t| t.temperature);
+    let scaled = |h: Tensor| -> Result<Tensor> { Ok(if tau == 1.0 { h } else { h.affine(1.0 / tau, 0.0)? }) };
+    let hidden = scaled(b.gather(&student.lm.forward_hidden(&b.input_ids, &b.mask, None)?)?)?;
     let t_hidden = match teacher {
-        Some(t) => Some(b.gather(&t.teacher.lm.forward_hidden(&b.input_ids, &b.mask, None)?.detach())?),
+        Some(t) => Some(scaled(b.gather(&t.teacher.lm.forward_hidden(&b.input_ids, &b.mask, None)?.detach())?)?),
         None => None,
     };
     let head = teacher.zip(t_hidden.as_ref()).map(|(t, hidden)| TeacherHead {

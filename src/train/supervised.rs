@@ -1,11 +1,13 @@
 //! Supervised training on (prompt, response) pairs: SFT (cross-entropy on response tokens),
-//! word-level KD (`(1 − r)·CE + r·D(p ‖ q)` against a teacher), and SeqKD's training phase
-//! (the same on teacher-generated responses, see [`super::seqkd`]).
+//! word-level KD (`(1 − r)·CE + r·D(p ‖ q)` against a teacher), SeqKD's training phase
+//! (the same on teacher-generated responses, see [`super::seqkd`]), and GKD (the divergence
+//! alone, on responses a [`ResponseSchedule`] draws from the student, the teacher or the data).
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 
 use super::data_order::DataOrder;
+use super::gkd::{ResponseSchedule, ResponseSource};
 use super::objective::{batch_head_loss, TeacherTerm};
 use super::trainer::{Stats, Task, TaskState, Window};
 use super::validation::{reference_loss, sampled_rouge_l};
@@ -22,11 +24,23 @@ pub struct KdTerm {
     pub ratio: f64,
     /// Which divergence.
     pub divergence: Divergence,
+    /// Softmax temperature of both models in the divergence (GKD; 1 for KD).
+    pub temperature: f64,
 }
 
 impl KdTerm {
+    /// Word-level KD's term: `ratio · D` at temperature 1.
+    pub fn new(teacher: Model, ratio: f64, divergence: Divergence) -> Self {
+        Self { teacher, ratio, divergence, temperature: 1.0 }
+    }
+
     fn term(&self) -> TeacherTerm<'_> {
-        TeacherTerm { teacher: &self.teacher, divergence: self.divergence, ratio: self.ratio }
+        TeacherTerm {
+            teacher: &self.teacher,
+            divergence: self.divergence,
+            ratio: self.ratio,
+            temperature: self.temperature,
+        }
     }
 }
 
@@ -39,7 +53,10 @@ pub struct SupervisedTask {
     kd: Option<KdTerm>,
     /// Prompt + response limit of sampled validation Rouge-L (off when `None`).
     rouge_max_len: Option<usize>,
+    /// Where each step's responses come from (GKD); the data's when `None`.
+    responses: Option<ResponseSchedule>,
     window: Vec<LmBatch>,
+    window_source: ResponseSource,
     window_tokens: usize,
     data_stats: Stats,
 }
@@ -55,7 +72,9 @@ impl SupervisedTask {
             order,
             kd,
             rouge_max_len: None,
+            responses: None,
             window: Vec::new(),
+            window_source: ResponseSource::Data,
             window_tokens: 0,
             data_stats: Stats::new(),
         }
@@ -70,6 +89,13 @@ impl SupervisedTask {
 }
 
 impl SupervisedTask {
+    /// Draws each step's responses as `schedule` says (GKD): the student's samples, the
+    /// teacher's (the KD term's teacher), or the data's.
+    pub fn with_responses(mut self, schedule: ResponseSchedule) -> Self {
+        self.responses = Some(schedule);
+        self
+    }
+
     /// Records the counts describing the data (see [`Task::data_stats`]).
     pub fn with_data_stats(mut self, stats: Stats) -> Self {
         self.data_stats = stats;
@@ -82,12 +108,23 @@ impl Task for SupervisedTask {
         self.data_stats.clone()
     }
 
-    fn begin_step(&mut self, student: &Model, _step: usize, window: Window) -> Result<()> {
+    fn begin_step(&mut self, student: &Model, step: usize, window: Window) -> Result<()> {
         self.window.clear();
-        for _ in 0..window.grad_accum {
+        self.window_source = self.responses.as_ref().map_or(ResponseSource::Data, |r| r.source(step));
+        for k in 0..window.grad_accum {
             let idx = self.order.next(window.batch_size);
             let exs: Vec<&InstructExample> = idx.iter().map(|&i| &self.train[i]).collect();
-            self.window.push(LmBatch::from_examples(&exs, student.pad_id(), &student.device())?);
+            // Random streams unique to the step and micro-batch: a resumed run samples the same.
+            let rows_from = ((step * window.grad_accum + k) * window.batch_size) as u64;
+            let batch = match (self.window_source, self.responses.as_ref()) {
+                (ResponseSource::Student, Some(r)) => r.sampled_batch(student, student, &exs, rows_from)?,
+                (ResponseSource::Teacher, Some(r)) => {
+                    let teacher = &self.kd.as_ref().context("teacher samples need a teacher")?.teacher;
+                    r.sampled_batch(teacher, student, &exs, rows_from)?
+                }
+                _ => LmBatch::from_examples(&exs, student.pad_id(), &student.device())?,
+            };
+            self.window.push(batch);
         }
         self.window_tokens = self.window.iter().map(LmBatch::num_targets).sum::<usize>().max(1);
         Ok(())
@@ -105,12 +142,22 @@ impl Task for SupervisedTask {
         if self.kd.is_some() {
             stats.insert("kd".into(), out.kd);
         }
+        if self.responses.is_some() && i == 0 {
+            stats.insert("on_policy".into(), f64::from(self.window_source == ResponseSource::Student));
+        }
         Ok((out.loss, stats))
     }
 
     fn validate(&mut self, student: &Model, batch_size: usize) -> Result<Stats> {
-        let loss = reference_loss(student, self.kd.as_ref().map(KdTerm::term), &self.valid, batch_size)?;
-        let mut out = Stats::from([("val_loss".to_string(), loss.ce)]);
+        let term = self.kd.as_ref().map(KdTerm::term);
+        let loss = reference_loss(student, term, &self.valid, batch_size)?;
+        // At a temperature ≠ 1 the pass above scales the logits; the loss reported (and
+        // selected on) is the plain cross-entropy.
+        let ce = match term {
+            Some(t) if t.temperature != 1.0 => reference_loss(student, None, &self.valid, batch_size)?.ce,
+            _ => loss.ce,
+        };
+        let mut out = Stats::from([("val_loss".to_string(), ce)]);
         if self.kd.is_some() {
             out.insert("val_kd".into(), loss.kd);
         }

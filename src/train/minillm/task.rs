@@ -153,6 +153,7 @@ impl DistillTask {
             teacher: &self.teacher,
             divergence: Divergence::SoftCrossEntropy,
             ratio: r,
+            temperature: 1.0,
         });
         let out = batch_head_loss(student, teacher, b, &w)?;
         let mut stats = Stats::from([("pt_lm".to_string(), out.target)]);
