@@ -18,7 +18,9 @@ sequence run on its own (no padding):
 - single = Σ_t KL(q_t ‖ p_t) / N over the shared vocabulary (unweighted, as released);
 - pt = Σ (0.5 CE + 0.5 H(p, q)) / N_pt over next-token targets of the chunks;
 - loss = pg + single + pt and its gradient with respect to every student parameter;
-and the same under the `paper` preset (keys `paper.*`).
+and the same under the `paper` preset (keys `paper.*`) and the `opd` preset with γ = 0.5
+(keys `opd.*`: α = 0, unscaled per-token rewards, discounted advantages, the plain
+importance-sampled loss, no single-step or PT term).
 """
 import os
 
@@ -52,9 +54,9 @@ def main():
         "responses": torch.cat(responses).int(), "response_lens": torch.tensor(response_lens).int(),
         "chunks": torch.stack(chunks).int(),
     }
-    for preset in ["released", "paper"]:
+    for preset in ["released", "paper", "opd"]:
         values = update(student, teacher, shared, prompts, responses, chunks, preset)
-        prefix = "" if preset == "released" else "paper."
+        prefix = "" if preset == "released" else f"{preset}."
         out.update({prefix + k: v for k, v in values.items()})
     path = os.path.join(FIX, "losses", "distill_step.safetensors")
     save_file({k: v.contiguous() for k, v in out.items()}, path)
@@ -62,10 +64,13 @@ def main():
 
 
 def update(student, teacher, shared, prompts, responses, chunks, preset):
-    """The first update's values under the released defaults or the `paper` preset (future
+    """The first update's values under the released defaults, the `paper` preset (future
     rewards t+1.., undiscounted, unscaled, unclipped rewards, mean over the remaining rewards,
-    no whitening; single-step term weighted by w_t; PT term the plain LM loss)."""
-    paper = preset == "paper"
+    no whitening; single-step term weighted by w_t; PT term the plain LM loss), or the `opd`
+    preset with γ = 0.5 (the Tinker recipe: samples from the student alone, so w = 1; per-token
+    advantage Σ_k γ^k (log p − log q_old)_{t+k}; loss −Σ ρ_t A_t / N; no other term)."""
+    paper, opd = preset == "paper", preset == "opd"
+    alpha = 0.0 if opd else ALPHA
 
     def response_logits(model, p, y):
         ids = torch.cat([p, y])[None]
@@ -80,8 +85,8 @@ def update(student, teacher, shared, prompts, responses, chunks, preset):
             t = F.log_softmax(response_logits(teacher, p, y), -1).gather(1, y[:, None])[:, 0]
             lq_old.append(q)
             lp.append(t)
-            w.append(torch.exp(q - torch.log((1 - ALPHA) * q.exp() + ALPHA * t.exp())))
-            rewards.append(t - q if paper else torch.clamp((t - q) / SCALING, -REWARD_CLIP, REWARD_CLIP))
+            w.append(torch.exp(q - torch.log((1 - alpha) * q.exp() + alpha * t.exp())))
+            rewards.append(t - q if paper or opd else torch.clamp((t - q) / SCALING, -REWARD_CLIP, REWARD_CLIP))
     width = max(len(y) for y in responses)
     adv = torch.zeros(len(responses), width, dtype=torch.float64)
     for b, r in enumerate(rewards):
@@ -90,10 +95,13 @@ def update(student, teacher, shared, prompts, responses, chunks, preset):
             if paper:
                 adv[b, t] = acc / max(n - t - 1, 1)  # rewards after t, their mean
                 acc = acc + r[t]
+            elif opd:
+                acc = r[t] + 0.5 * acc
+                adv[b, t] = acc
             else:
                 acc = r[t] + GAMMA * acc
                 adv[b, t] = acc / (n - t)
-    if not paper:
+    if not (paper or opd):
         var, mean = torch.var_mean(adv)
         adv = (adv - mean) * torch.rsqrt(var + 1e-8)
 
@@ -108,16 +116,19 @@ def update(student, teacher, shared, prompts, responses, chunks, preset):
         lq = lq_all.gather(1, y[:, None])[:, 0]
         ratio = torch.exp(lq - lq_old[b]) * w[b]
         a = adv[b, : len(y)]
-        pg = pg + torch.max(-a * ratio, -a * torch.clamp(ratio, 1 - EPS, 1 + EPS)).sum()
+        if opd:
+            pg = pg - (a * ratio).sum()
+        else:
+            pg = pg + torch.max(-a * ratio, -a * torch.clamp(ratio, 1 - EPS, 1 + EPS)).sum()
         lp_all = F.log_softmax(t_logits[b], -1)
         kl = (lq_all.exp() * (lq_all - lp_all)).sum(-1)
-        single = single + ((w[b] * kl).sum() if paper else kl.sum())
+        single = single + ((w[b] * kl).sum() if paper else 0.0 if opd else kl.sum())
     pg, single = pg / n_tokens, single / n_tokens
 
     pt_kd = 0.0 if paper else PT_KD
     pt = torch.zeros((), dtype=torch.float64)
     n_pt = sum(len(c) - 1 for c in chunks)
-    for c in chunks:
+    for c in ([] if opd else chunks):
         lq_all = F.log_softmax(student(input_ids=c[None]).logits[0, :-1], -1)
         with torch.no_grad():
             p_all = F.softmax(teacher(input_ids=c[None]).logits[0, :-1, :shared], -1)

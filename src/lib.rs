@@ -48,5 +48,6 @@ pub mod recipe;
 pub mod report;
 pub mod runtime;
 pub mod score;
+pub mod serde_off;
 pub mod tokenizer;
 pub mod train;

@@ -37,6 +37,9 @@ enum Command {
     Distill(cli::train::Distill),
     /// Generalized KD (TRL GKDConfig meanings): on-policy with probability λ, generalised JSD.
     Gkd(cli::train::Gkd),
+    /// On-policy distillation (Tinker cookbook): student samples, per-token reverse-KL
+    /// advantage, importance-sampled policy gradient.
+    Opd(cli::train::Opd),
     /// Evaluate a model on the paper's sets × seeds (Rouge-L, Dist-4, LM loss), or score
     /// predictions made elsewhere.
     Eval(cli::eval::Eval),
@@ -71,6 +74,7 @@ fn main() {
         Command::Seqkd(c) => c.run(),
         Command::Distill(c) => c.run(),
         Command::Gkd(c) => c.run(),
+        Command::Opd(c) => c.run(),
         Command::Eval(c) => c.run(),
         Command::Report(c) => c.run(),
         Command::Calibrate(c) => c.run(),

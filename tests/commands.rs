@@ -1,6 +1,6 @@
 //! The training commands end to end through the configuration layer: SFT → distill from the
 //! SFT checkpoint (paper preset, ablation switches), SeqKD (generations written then reused),
-//! KD, GKD; configuration and tokenizer-mismatch errors; every shipped config parses.
+//! KD, GKD, OPD; configuration and tokenizer-mismatch errors; every shipped config parses.
 
 mod common;
 
@@ -94,6 +94,7 @@ fn sft_then_distill_then_seqkd_and_kd_run_from_configuration() {
 
     let kd_out = tmp.path().join("runs/kd");
     let b_gkd = b.clone();
+    let b_opd = b.clone();
     let k = with(
         b,
         &[format!("out={}", q(&kd_out)), "kd.divergence=\"jsd:0.3\"".into(), "train.select_by=\"val_rouge_l\"".into()],
@@ -117,6 +118,26 @@ fn sft_then_distill_then_seqkd_and_kd_run_from_configuration() {
     let text = std::fs::read_to_string(gkd_out.join("metrics.jsonl")).unwrap();
     assert_eq!(text.matches("\"on_policy\":1.0").count(), 4, "λ = 1: every step on-policy");
     assert_eq!(RunConfig::load(Some(&gkd_out.join("config.toml")), &[]).unwrap(), cfg);
+
+    // OPD: the distill engine under the opd preset, PPO-clipped variant.
+    let opd_out = tmp.path().join("runs/opd");
+    let o = with(
+        b_opd,
+        &[
+            format!("out={}", q(&opd_out)),
+            "distill.policy.clip_ratio=0.2".into(),
+            "distill.num_rollouts=8".into(),
+            "distill.rollout_batch=8".into(),
+            "distill.max_new_tokens=6".into(),
+            "distill.valid_rollouts=4".into(),
+        ],
+    );
+    let cfg = RunConfig::load_with_preset(None, &o, Some(minillm::recipe::Preset::Opd)).unwrap();
+    assert!(cfg.distill.alpha == 0.0 && !cfg.distill.single_step && !cfg.distill.pt && cfg.distill.policy.gamma == 0.0);
+    assert_eq!(cfg.distill.policy.clip_ratio, Some(0.2), "explicit keys override the preset");
+    run_method(Method::Opd, &cfg).unwrap();
+    let text = std::fs::read_to_string(opd_out.join("metrics.jsonl")).unwrap();
+    assert!(text.contains("\"pg\"") && !text.contains("\"single\""));
 }
 
 fn eval_values(run: &Path, key: &str) -> Vec<f64> {
@@ -207,4 +228,22 @@ fn seqkd_generations_resume_to_the_uninterrupted_result() {
     let got = std::fs::read_to_string(&resumed).unwrap();
     assert!(got.lines().next().unwrap().contains("kept from the partial file"));
     assert_eq!(got.lines().skip(1).collect::<Vec<_>>(), reference.lines().skip(1).collect::<Vec<_>>());
+}
+
+/// Presets survive the TOML layer exactly: `None`s (no reward clip, no ratio clip) included.
+#[test]
+fn presets_load_exactly() {
+    use minillm::recipe::Preset;
+    use minillm::train::minillm::DistillConfig;
+    for (preset, want) in [
+        (Preset::Lmops, DistillConfig::default()),
+        (Preset::Paper, DistillConfig::paper()),
+        (Preset::Opd, DistillConfig::opd()),
+    ] {
+        let cfg = RunConfig::load_with_preset(None, &[], Some(preset)).unwrap();
+        assert_eq!(cfg.distill, want, "{preset:?}");
+        let again =
+            RunConfig::load(None, &[format!("distill.preset=\"{}\"", format!("{preset:?}").to_lowercase())]).unwrap();
+        assert_eq!(again.distill, want, "{preset:?} named in the file");
+    }
 }

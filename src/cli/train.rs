@@ -1,4 +1,4 @@
-//! `minillm pretrain | sft | kd | seqkd | distill | gkd`: a run configuration from the config file, `--set`
+//! `minillm pretrain | sft | kd | seqkd | distill | gkd | opd`: a run configuration from the config file, `--set`
 //! overrides and the typed flags (which win), run as a [`Recipe`].
 
 use std::path::PathBuf;
@@ -182,6 +182,28 @@ pub struct Gkd {
     seq_kd: bool,
 }
 
+/// `minillm opd`.
+#[derive(Args, Debug)]
+pub struct Opd {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    data: InstructArgs,
+    #[command(flatten)]
+    teacher: TeacherArgs,
+    /// Teacher-mix coefficient α of the sampler (distill.alpha; 0 = the student alone).
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Discount γ of the per-token advantages (distill.policy.gamma; 0 = each token's own
+    /// reverse-KL estimate, 1 = the sequence-level gradient).
+    #[arg(long)]
+    gamma: Option<f64>,
+    /// PPO-clipped surrogate with this ε instead of the plain importance-sampled loss
+    /// (distill.policy.clip_ratio).
+    #[arg(long)]
+    ppo_clip: Option<f64>,
+}
+
 impl RunArgs {
     /// The config file, `--set` overrides (and the preset), then the flags.
     fn config(&self, preset: Option<Preset>) -> Result<RunConfig> {
@@ -295,6 +317,22 @@ impl Gkd {
         g.temperature = self.temperature.unwrap_or(g.temperature);
         g.seq_kd |= self.seq_kd;
         train(Method::Gkd, cfg, self.run.overwrite)
+    }
+}
+
+impl Opd {
+    /// Runs `minillm opd`: the `distill` engine with the `opd` preset's defaults.
+    pub fn run(self) -> Result<()> {
+        let mut cfg = self.run.config(Some(Preset::Opd))?;
+        self.data.apply(&mut cfg);
+        self.teacher.apply(&mut cfg);
+        let d = &mut cfg.distill;
+        d.alpha = self.alpha.unwrap_or(d.alpha);
+        d.policy.gamma = self.gamma.unwrap_or(d.policy.gamma);
+        if self.ppo_clip.is_some() {
+            d.policy.clip_ratio = self.ppo_clip;
+        }
+        train(Method::Opd, cfg, self.run.overwrite)
     }
 }
 

@@ -28,13 +28,15 @@ pub struct PolicyConfig {
     pub gamma: f64,
     /// Rewards are divided by this.
     pub reward_scaling: f64,
-    /// Rewards are clipped to ±this (none when absent).
+    /// Rewards are clipped to ±this (`"off"` in a settings file: no clipping).
+    #[serde(with = "crate::serde_off")]
     pub reward_clip: Option<f64>,
     /// Divide each return by the number of tokens it sums over (length normalisation).
     pub length_norm: bool,
     /// Whiten advantages over the padded minibatch (padding counts, unbiased variance).
     pub whiten: bool,
-    /// PPO ratio clip ε (none disables clipping).
+    /// PPO ratio clip ε (`"off"`: the plain importance-sampled surrogate).
+    #[serde(with = "crate::serde_off")]
     pub clip_ratio: Option<f64>,
 }
 

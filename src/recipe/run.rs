@@ -38,6 +38,8 @@ pub enum Method {
     Distill,
     /// Generalized KD (on-policy with probability λ, generalised JSD).
     Gkd,
+    /// On-policy distillation: the `distill` engine with the `opd` preset's settings.
+    Opd,
 }
 
 impl Method {
@@ -50,6 +52,7 @@ impl Method {
             Self::SeqKd => "seqkd",
             Self::Distill => "distill",
             Self::Gkd => "gkd",
+            Self::Opd => "opd",
         }
     }
 
@@ -250,7 +253,8 @@ impl Recipe {
 
     /// Whether the method reads `data.corpus`.
     fn uses_corpus(&self) -> bool {
-        self.method == Method::Pretrain || (self.method == Method::Distill && self.config.distill.pt)
+        self.method == Method::Pretrain
+            || (matches!(self.method, Method::Distill | Method::Opd) && self.config.distill.pt)
     }
 
     /// Loads an instruction file (`role`: train or valid), noting and recording in `stats`
@@ -336,7 +340,7 @@ impl Recipe {
                 let train_set = self.instruct(student, &path, d.train_limit, "train", &mut stats)?;
                 (train_set, (cfg.seqkd.mode == SeqKdMode::Lmops).then(|| self.kd_term(teacher)))
             }
-            Method::Distill => {
+            Method::Distill | Method::Opd => {
                 let train_set = self.instruct(student, train_path, d.train_limit, "train", &mut stats)?;
                 let prompts = train_set.into_iter().map(|e| e.prompt).collect();
                 let corpus = if cfg.distill.pt {

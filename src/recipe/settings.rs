@@ -156,6 +156,8 @@ pub enum Preset {
     Lmops,
     /// The paper's equations as printed.
     Paper,
+    /// On-policy distillation (the Tinker cookbook recipe; `minillm opd`).
+    Opd,
 }
 
 impl std::str::FromStr for Preset {
@@ -165,7 +167,8 @@ impl std::str::FromStr for Preset {
         match s {
             "lmops" => Ok(Self::Lmops),
             "paper" => Ok(Self::Paper),
-            other => bail!("unknown preset `{other}` (lmops, paper)"),
+            "opd" => Ok(Self::Opd),
+            other => bail!("unknown preset `{other}` (lmops, paper, opd)"),
         }
     }
 }
@@ -176,6 +179,7 @@ impl Preset {
         match self {
             Self::Lmops => DistillConfig::default(),
             Self::Paper => DistillConfig::paper(),
+            Self::Opd => DistillConfig::opd(),
         }
     }
 }

@@ -117,7 +117,8 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
-    /// Global gradient-norm clip (none when absent).
+    /// Global gradient-norm clip (`"off"` in a settings file: no clipping).
+    #[serde(with = "crate::serde_off")]
     pub clip_grad: Option<f64>,
     /// Validate every this many steps (and after the last).
     pub eval_interval: usize,

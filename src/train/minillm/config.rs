@@ -71,6 +71,32 @@ impl DistillConfig {
     pub fn paper() -> Self {
         Self { policy: PolicyConfig::paper(), single_step_weighted: true, pt_kd_ratio: 0.0, ..Self::default() }
     }
+
+    /// The `opd` preset: on-policy distillation as the Tinker cookbook recipe defines it —
+    /// samples from the current student alone (α = 0), each buffer used once, per-token
+    /// advantage A_t = log p(y_t) − log q_old(y_t) (discount γ = 0: the token's own reverse-KL
+    /// estimate; γ = 1 makes it the unbiased sequence-level gradient), the importance-sampled
+    /// policy-gradient loss (`policy.clip_ratio` set gives the PPO-clipped variant), no
+    /// single-step or pre-training term. At α = 0 the teacher scores the finished samples in
+    /// one forward pass.
+    pub fn opd() -> Self {
+        let policy = PolicyConfig {
+            returns: crate::loss::policy::Returns::Discounted,
+            gamma: 0.0,
+            reward_scaling: 1.0,
+            reward_clip: None,
+            length_norm: false,
+            whiten: false,
+            clip_ratio: None,
+        };
+        Self { alpha: 0.0, inner_epochs: 1, policy, single_step: false, pt: false, ..Self::default() }
+    }
+
+    /// Whether collection can sample from the student alone and let the teacher score the
+    /// finished samples (no teacher mixing, no teacher hidden states needed).
+    pub fn student_only_sampling(&self) -> bool {
+        self.alpha == 0.0 && !self.single_step
+    }
 }
 
 impl DistillConfig {

@@ -12,10 +12,12 @@ use candle_core::Tensor;
 use serde_json::json;
 
 use super::config::DistillConfig;
-use super::rollout::{hidden_tensors, plan_minibatches, restore_hidden, rollout_stats, rollouts_from_samples, Rollout};
+use super::rollout::{
+    hidden_tensors, plan_minibatches, rescore_rollouts, restore_hidden, rollout_stats, rollouts_from_samples, Rollout,
+};
 use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
-use crate::generate::{consecutive_rows, MixedSampling, Sampler};
+use crate::generate::{consecutive_rows, MixedSampling, Sampler, SamplingConfig};
 use crate::loss::policy::{advantages_padded, k3_estimate};
 use crate::loss::{head_loss, Divergence, PolicyTokens, TargetTerm, TeacherHead};
 use crate::model::Model;
@@ -130,16 +132,34 @@ impl DistillTask {
             let take = chunk.min(n - prompts.len());
             prompts.extend(self.prompt_order.next(take).into_iter().map(|i| self.data.prompts[i].clone()));
         }
-        let cfg = self.sampling(self.cfg.alpha, self.cfg.single_step);
         let rows = consecutive_rows(self.iteration * n as u64, n);
-        let samples = Sampler::mixed(student, &self.teacher, &cfg).decode_in_chunks(
-            &prompts,
-            self.seed,
-            &rows,
-            chunk,
-            |_, _| Ok(()),
-        )?;
-        let buffer = rollouts_from_samples(samples, chunk, &self.cfg);
+        let buffer = if self.cfg.student_only_sampling() {
+            // No teacher in the loop while sampling: the student decodes alone, then both models
+            // score the finished samples in one forward pass each (OPD's collection).
+            let sampling = SamplingConfig {
+                max_length: Some(self.cfg.max_len),
+                ..SamplingConfig::sampling(self.cfg.max_new_tokens)
+            };
+            let samples = Sampler::plain(student, &sampling).decode_in_chunks(
+                &prompts,
+                self.seed,
+                &rows,
+                chunk,
+                |_, _| Ok(()),
+            )?;
+            let pairs: Vec<(Vec<u32>, Vec<u32>)> = samples.into_iter().map(|s| (s.prompt, s.response)).collect();
+            rescore_rollouts(student, &self.teacher, &pairs, &self.cfg)?
+        } else {
+            let cfg = self.sampling(self.cfg.alpha, self.cfg.single_step);
+            let samples = Sampler::mixed(student, &self.teacher, &cfg).decode_in_chunks(
+                &prompts,
+                self.seed,
+                &rows,
+                chunk,
+                |_, _| Ok(()),
+            )?;
+            rollouts_from_samples(samples, chunk, &self.cfg)
+        };
         self.replace_buffer(buffer, batch_size);
         Ok(())
     }
