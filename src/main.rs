@@ -40,6 +40,9 @@ enum Command {
     /// On-policy distillation (Tinker cookbook): student samples, per-token reverse-KL
     /// advantage, importance-sampled policy gradient.
     Opd(cli::train::Opd),
+    /// DistiLLM: skew KL with the adaptive off-policy schedule (a replay buffer of student
+    /// samples used more often as validation loss rises).
+    Distillm(cli::train::Distillm),
     /// Evaluate a model on the paper's sets × seeds (Rouge-L, Dist-4, LM loss), or score
     /// predictions made elsewhere.
     Eval(cli::eval::Eval),
@@ -75,6 +78,7 @@ fn main() {
         Command::Distill(c) => c.run(),
         Command::Gkd(c) => c.run(),
         Command::Opd(c) => c.run(),
+        Command::Distillm(c) => c.run(),
         Command::Eval(c) => c.run(),
         Command::Report(c) => c.run(),
         Command::Calibrate(c) => c.run(),

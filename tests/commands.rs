@@ -1,6 +1,6 @@
 //! The training commands end to end through the configuration layer: SFT → distill from the
 //! SFT checkpoint (paper preset, ablation switches), SeqKD (generations written then reused),
-//! KD, GKD, OPD; configuration and tokenizer-mismatch errors; every shipped config parses.
+//! KD, GKD, OPD, DistiLLM; configuration and tokenizer-mismatch errors; every shipped config parses.
 
 mod common;
 
@@ -95,6 +95,7 @@ fn sft_then_distill_then_seqkd_and_kd_run_from_configuration() {
     let kd_out = tmp.path().join("runs/kd");
     let b_gkd = b.clone();
     let b_opd = b.clone();
+    let b_dm = b.clone();
     let k = with(
         b,
         &[format!("out={}", q(&kd_out)), "kd.divergence=\"jsd:0.3\"".into(), "train.select_by=\"val_rouge_l\"".into()],
@@ -138,6 +139,32 @@ fn sft_then_distill_then_seqkd_and_kd_run_from_configuration() {
     run_method(Method::Opd, &cfg).unwrap();
     let text = std::fs::read_to_string(opd_out.join("metrics.jsonl")).unwrap();
     assert!(text.contains("\"pg\"") && !text.contains("\"single\""));
+
+    // DistiLLM with the reverse skew KL, starting with θ = 1 (every step fresh or replayed).
+    let dm_out = tmp.path().join("runs/distillm");
+    let dm = with(
+        b_dm,
+        &[
+            format!("out={}", q(&dm_out)),
+            "distillm.divergence=\"srkl:0.1\"".into(),
+            "distillm.init_threshold=1.0".into(),
+            "distillm.max_new_tokens=6".into(),
+        ],
+    );
+    let cfg = RunConfig::load(None, &dm).unwrap();
+    run_method(Method::Distillm, &cfg).unwrap();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(dm_out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<&serde_json::Value> = rows.iter().filter(|r| r.get("lr").is_some()).collect();
+    assert_eq!(steps.len(), 4);
+    for r in steps {
+        let (fresh, replay) = (r["on_policy"].as_f64().unwrap(), r["replay"].as_f64().unwrap());
+        assert!(fresh + replay == 1.0 && r["threshold"] == 1.0, "θ = 1: every step on student samples: {r}");
+    }
+    assert_eq!(RunConfig::load(Some(&dm_out.join("config.toml")), &[]).unwrap(), cfg);
 }
 
 fn eval_values(run: &Path, key: &str) -> Vec<f64> {

@@ -1,4 +1,4 @@
-//! `minillm pretrain | sft | kd | seqkd | distill | gkd | opd`: a run configuration from the config file, `--set`
+//! `minillm pretrain | sft | kd | seqkd | distill | gkd | opd | distillm`: a run configuration from the config file, `--set`
 //! overrides and the typed flags (which win), run as a [`Recipe`].
 
 use std::path::PathBuf;
@@ -182,6 +182,23 @@ pub struct Gkd {
     seq_kd: bool,
 }
 
+/// `minillm distillm`.
+#[derive(Args, Debug)]
+pub struct Distillm {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    data: InstructArgs,
+    #[command(flatten)]
+    teacher: TeacherArgs,
+    /// Skew divergence: sfkl[:λ] or srkl[:λ] (distillm.divergence).
+    #[arg(long)]
+    divergence: Option<Divergence>,
+    /// Starting probability of student-generated data (distillm.init_threshold).
+    #[arg(long)]
+    init_threshold: Option<f64>,
+}
+
 /// `minillm opd`.
 #[derive(Args, Debug)]
 pub struct Opd {
@@ -317,6 +334,19 @@ impl Gkd {
         g.temperature = self.temperature.unwrap_or(g.temperature);
         g.seq_kd |= self.seq_kd;
         train(Method::Gkd, cfg, self.run.overwrite)
+    }
+}
+
+impl Distillm {
+    /// Runs `minillm distillm`.
+    pub fn run(self) -> Result<()> {
+        let mut cfg = self.run.config(None)?;
+        self.data.apply(&mut cfg);
+        self.teacher.apply(&mut cfg);
+        let m = &mut cfg.distillm;
+        m.divergence = self.divergence.unwrap_or(m.divergence);
+        m.init_threshold = self.init_threshold.unwrap_or(m.init_threshold);
+        train(Method::Distillm, cfg, self.run.overwrite)
     }
 }
 

@@ -15,6 +15,7 @@ use crate::fingerprint;
 use crate::model::compat::check_compatible;
 use crate::model::{load_model, select_device, Model};
 use crate::outdir::OutDir;
+use crate::train::distillm::AdaptiveOffPolicy;
 use crate::train::gkd::ResponseSchedule;
 use crate::train::minillm::{DistillData, DistillTask};
 use crate::train::pretrain::PretrainTask;
@@ -40,6 +41,8 @@ pub enum Method {
     Gkd,
     /// On-policy distillation: the `distill` engine with the `opd` preset's settings.
     Opd,
+    /// DistiLLM: a skew divergence with the adaptive off-policy schedule.
+    Distillm,
 }
 
 impl Method {
@@ -53,6 +56,7 @@ impl Method {
             Self::Distill => "distill",
             Self::Gkd => "gkd",
             Self::Opd => "opd",
+            Self::Distillm => "distillm",
         }
     }
 
@@ -97,7 +101,7 @@ const MAY_CHANGE: &[&str] = &[
 
 /// Settings sections only one method reads: left out of the other methods' identities, so a
 /// run made before a section existed keeps its identity.
-const OWN_SECTIONS: &[(Method, &str)] = &[(Method::Gkd, "gkd")];
+const OWN_SECTIONS: &[(Method, &str)] = &[(Method::Gkd, "gkd"), (Method::Distillm, "distillm")];
 
 /// What a finished (or interrupted) run produced.
 #[derive(Clone, Debug)]
@@ -320,6 +324,7 @@ impl Recipe {
         let train_path = required(&d.train, "data.train")?;
         let teacher = || teacher.context("this method needs a teacher (model.teacher)");
         let mut responses = None;
+        let mut adaptive = None;
         let (train_set, kd) = match self.method {
             Method::Pretrain | Method::Sft => {
                 (self.instruct(student, train_path, d.train_limit, "train", &mut stats)?, None)
@@ -333,6 +338,15 @@ impl Recipe {
                 let train_set = self.instruct(student, train_path, d.train_limit, "train", &mut stats)?;
                 responses = Some(ResponseSchedule::new(g, d.max_len, cfg.train.seed));
                 (train_set, Some(KdTerm { temperature: g.temperature, ..KdTerm::new(teacher()?, 1.0, g.divergence()) }))
+            }
+            Method::Distillm => {
+                let m = &cfg.distillm;
+                let train_set = self.instruct(student, train_path, d.train_limit, "train", &mut stats)?;
+                adaptive = Some((
+                    AdaptiveOffPolicy::new(m.clone(), cfg.train.seed, cfg.train.max_steps),
+                    m.sampling(d.max_len),
+                ));
+                (train_set, Some(KdTerm::new(teacher()?, m.kd_ratio, m.divergence)))
             }
             Method::SeqKd => {
                 let teacher = teacher()?;
@@ -359,6 +373,9 @@ impl Recipe {
         let mut task = SupervisedTask::new(train_set, valid, cfg.train.seed, kd).with_data_stats(stats);
         if let Some(schedule) = responses {
             task = task.with_responses(schedule);
+        }
+        if let Some((schedule, sampling)) = adaptive {
+            task = task.with_adaptive(schedule, sampling);
         }
         Ok(Box::new(match cfg.train.select_by {
             Selection::ValRougeL => task.with_rouge(d.max_len),

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::loss::Divergence;
 use crate::model::Precision;
+use crate::train::distillm::DistillmConfig;
 use crate::train::gkd::GkdConfig;
 use crate::train::minillm::DistillConfig;
 use crate::train::trainer::TrainConfig;
@@ -33,6 +34,8 @@ pub struct RunConfig {
     pub distill: DistillConfig,
     /// GKD (TRL `GKDConfig` meanings).
     pub gkd: GkdConfig,
+    /// DistiLLM (skew divergence, adaptive off-policy schedule).
+    pub distillm: DistillmConfig,
 }
 
 /// `[model]`.
@@ -231,6 +234,7 @@ impl RunConfig {
         self.train.validate()?;
         self.distill.validate()?;
         self.gkd.validate()?;
+        self.distillm.validate()?;
         if !(0.0..=1.0).contains(&self.kd.ratio) {
             bail!("kd.ratio must be in [0, 1], got {}", self.kd.ratio);
         }

@@ -13,9 +13,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+pub use super::responses::ResponseSource;
+use super::responses::{pairs_batch, sample_pairs};
 use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
-use crate::generate::{consecutive_rows, Sampler, SamplingConfig};
+use crate::generate::SamplingConfig;
 use crate::loss::Divergence;
 use crate::model::Model;
 
@@ -70,17 +72,6 @@ impl GkdConfig {
     }
 }
 
-/// Where a step's responses come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResponseSource {
-    /// The data set's responses.
-    Data,
-    /// Samples of the current student (on-policy).
-    Student,
-    /// Samples of the teacher (`seq_kd`).
-    Teacher,
-}
-
 /// GKD's per-step choice of responses, and their sampling.
 #[derive(Clone, Debug)]
 pub struct ResponseSchedule {
@@ -125,16 +116,6 @@ impl ResponseSchedule {
         rows_from: u64,
     ) -> Result<LmBatch> {
         let prompts: Vec<Vec<u32>> = examples.iter().map(|e| e.prompt.clone()).collect();
-        let rows = consecutive_rows(rows_from, prompts.len());
-        let samples = Sampler::plain(model, &self.sampling).decode_in_chunks(
-            &prompts,
-            self.seed,
-            &rows,
-            prompts.len(),
-            |_, _| Ok(()),
-        )?;
-        let pairs: Vec<(&[u32], &[u32])> =
-            samples.iter().map(|s| (s.prompt.as_slice(), s.response.as_slice())).collect();
-        LmBatch::from_rollouts(&pairs, student.pad_id(), &student.device())
+        pairs_batch(student, &sample_pairs(model, &self.sampling, self.seed, &prompts, rows_from)?)
     }
 }

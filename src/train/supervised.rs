@@ -1,18 +1,23 @@
 //! Supervised training on (prompt, response) pairs: SFT (cross-entropy on response tokens),
 //! word-level KD (`(1 − r)·CE + r·D(p ‖ q)` against a teacher), SeqKD's training phase
-//! (the same on teacher-generated responses, see [`super::seqkd`]), and GKD (the divergence
-//! alone, on responses a [`ResponseSchedule`] draws from the student, the teacher or the data).
+//! (the same on teacher-generated responses, see [`super::seqkd`]), GKD (the divergence alone,
+//! on responses a [`ResponseSchedule`] draws from the student, the teacher or the data) and
+//! DistiLLM (a skew divergence on responses its [`AdaptiveOffPolicy`] draws from fresh student
+//! samples, a replay buffer or the data).
 
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 
 use super::data_order::DataOrder;
-use super::gkd::{ResponseSchedule, ResponseSource};
+use super::distillm::AdaptiveOffPolicy;
+use super::gkd::ResponseSchedule;
 use super::objective::{batch_head_loss, TeacherTerm};
+use super::responses::{pairs_batch, sample_pairs, ResponseSource};
 use super::trainer::{Stats, Task, TaskState, Window};
 use super::validation::{reference_loss, sampled_rouge_l};
 use crate::data::batch::LmBatch;
 use crate::data::instruct::InstructExample;
+use crate::generate::SamplingConfig;
 use crate::loss::Divergence;
 use crate::model::Model;
 
@@ -55,6 +60,8 @@ pub struct SupervisedTask {
     rouge_max_len: Option<usize>,
     /// Where each step's responses come from (GKD); the data's when `None`.
     responses: Option<ResponseSchedule>,
+    /// DistiLLM's adaptive schedule and how it samples the student.
+    adaptive: Option<(AdaptiveOffPolicy, SamplingConfig)>,
     window: Vec<LmBatch>,
     window_source: ResponseSource,
     window_tokens: usize,
@@ -73,6 +80,7 @@ impl SupervisedTask {
             kd,
             rouge_max_len: None,
             responses: None,
+            adaptive: None,
             window: Vec::new(),
             window_source: ResponseSource::Data,
             window_tokens: 0,
@@ -96,6 +104,18 @@ impl SupervisedTask {
         self
     }
 
+    /// Draws each step's responses as DistiLLM's adaptive `schedule` says, sampling the
+    /// student with `sampling`; validation losses update the schedule.
+    pub fn with_adaptive(mut self, schedule: AdaptiveOffPolicy, sampling: SamplingConfig) -> Self {
+        self.adaptive = Some((schedule, sampling));
+        self
+    }
+
+    /// DistiLLM's schedule, if any.
+    pub fn adaptive(&self) -> Option<&AdaptiveOffPolicy> {
+        self.adaptive.as_ref().map(|(a, _)| a)
+    }
+
     /// Records the counts describing the data (see [`Task::data_stats`]).
     pub fn with_data_stats(mut self, stats: Stats) -> Self {
         self.data_stats = stats;
@@ -110,7 +130,11 @@ impl Task for SupervisedTask {
 
     fn begin_step(&mut self, student: &Model, step: usize, window: Window) -> Result<()> {
         self.window.clear();
-        self.window_source = self.responses.as_ref().map_or(ResponseSource::Data, |r| r.source(step));
+        self.window_source = match (&self.responses, &self.adaptive) {
+            (Some(r), _) => r.source(step),
+            (None, Some((a, _))) => a.source(step),
+            (None, None) => ResponseSource::Data,
+        };
         for k in 0..window.grad_accum {
             let idx = self.order.next(window.batch_size);
             let exs: Vec<&InstructExample> = idx.iter().map(|&i| &self.train[i]).collect();
@@ -118,6 +142,17 @@ impl Task for SupervisedTask {
             let rows_from = ((step * window.grad_accum + k) * window.batch_size) as u64;
             let batch = match (self.window_source, self.responses.as_ref()) {
                 (ResponseSource::Student, Some(r)) => r.sampled_batch(student, student, &exs, rows_from)?,
+                (ResponseSource::Student, None) => {
+                    let (a, sampling) = self.adaptive.as_mut().context("student samples need a schedule")?;
+                    let prompts: Vec<Vec<u32>> = exs.iter().map(|e| e.prompt.clone()).collect();
+                    let pairs = sample_pairs(student, sampling, self.seed, &prompts, rows_from)?;
+                    a.remember(pairs.iter().cloned());
+                    pairs_batch(student, &pairs)?
+                }
+                (ResponseSource::Replay, _) => {
+                    let (a, _) = self.adaptive.as_ref().context("replay needs a schedule")?;
+                    pairs_batch(student, &a.replay(window.batch_size, step, k))?
+                }
                 (ResponseSource::Teacher, Some(r)) => {
                     let teacher = &self.kd.as_ref().context("teacher samples need a teacher")?.teacher;
                     r.sampled_batch(teacher, student, &exs, rows_from)?
@@ -142,8 +177,12 @@ impl Task for SupervisedTask {
         if self.kd.is_some() {
             stats.insert("kd".into(), out.kd);
         }
-        if self.responses.is_some() && i == 0 {
+        if (self.responses.is_some() || self.adaptive.is_some()) && i == 0 {
             stats.insert("on_policy".into(), f64::from(self.window_source == ResponseSource::Student));
+        }
+        if let (Some((a, _)), 0) = (&self.adaptive, i) {
+            stats.insert("replay".into(), f64::from(self.window_source == ResponseSource::Replay));
+            stats.insert("threshold".into(), a.threshold());
         }
         Ok((out.loss, stats))
     }
@@ -158,6 +197,11 @@ impl Task for SupervisedTask {
             _ => loss.ce,
         };
         let mut out = Stats::from([("val_loss".to_string(), ce)]);
+        if let Some((a, _)) = &mut self.adaptive {
+            a.observe_validation(ce);
+            out.insert("threshold".into(), a.threshold());
+            out.insert("replay_buffer".into(), a.buffered() as f64);
+        }
         if self.kd.is_some() {
             out.insert("val_kd".into(), loss.kd);
         }
@@ -170,11 +214,20 @@ impl Task for SupervisedTask {
     }
 
     fn state(&self) -> Result<TaskState> {
-        Ok(TaskState::json(serde_json::to_value(&self.order)?))
+        // The data order alone (as runs made before DistiLLM wrote it), or with the schedule.
+        Ok(TaskState::json(match &self.adaptive {
+            None => serde_json::to_value(&self.order)?,
+            Some((a, _)) => serde_json::json!({"order": self.order, "adaptive": a}),
+        }))
     }
 
     fn load_state(&mut self, state: TaskState) -> Result<()> {
-        let order: DataOrder = serde_json::from_value(state.json).context("restoring the data order")?;
+        let mut json = state.json;
+        if let (Some((a, _)), Some(saved)) = (&mut self.adaptive, json.get("adaptive")) {
+            *a = serde_json::from_value(saved.clone()).context("restoring the DistiLLM schedule")?;
+            json = json.get("order").cloned().context("task state without the data order")?;
+        }
+        let order: DataOrder = serde_json::from_value(json).context("restoring the data order")?;
         self.order = order.restored();
         Ok(())
     }
