@@ -1,9 +1,9 @@
 //! `minillm demo --quick` end to end: a world, pre-trained teacher and student, the teacher
-//! instruction-tuned, four students (SFT, KD, SeqKD, MiniLLM), every model measured on both
-//! test sets over five sampling seeds (Rouge-L, precision of its statements, lengths, exposure
-//! bias), the table and the plots. The artefacts must exist and parse, every number must be
-//! finite, the teacher must beat every student on Rouge-L and precision, and a second run
-//! must reuse every stage.
+//! instruction-tuned, seven students (SFT, KD, SeqKD, MiniLLM, GKD, OPD, DistiLLM), every
+//! model measured on both test sets over five sampling seeds (Rouge-L, precision of its
+//! statements, lengths, exposure bias), the table and the plots. The artefacts must exist and
+//! parse, every number must be finite, the teacher must beat every student on Rouge-L and
+//! precision, and a second run must reuse every stage.
 
 use std::process::Command;
 
@@ -78,7 +78,10 @@ fn quick_demo_trains_distills_measures_and_plots() {
         assert!(student["parameters"].as_u64().unwrap() * 4 < teacher["parameters"].as_u64().unwrap());
     }
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(report.contains("| minillm |") && report.contains("precision"));
+    for row in ["| minillm |", "| gkd |", "| opd |", "| distillm |"] {
+        assert!(report.contains(row), "report without a {row} row");
+    }
+    assert!(report.contains("precision"));
 
     // Running it again reuses every stage (nothing retrained, same table), and a file the user
     // put into the demo's directory is left alone.

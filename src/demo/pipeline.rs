@@ -170,13 +170,35 @@ fn train_students(
         models.push((m.to_string(), run.join("best")));
     }
     let init = sft_run.join("best-val_loss");
-    let runs: &[(&str, &[&str])] = if ablations { &MINILLM_RUNS } else { &MINILLM_RUNS[..1] };
     let mini_lr = lr("minillm")?;
-    for (name, overrides) in runs {
+    let (first, ablation_runs) = MINILLM_RUNS.split_at(1);
+    for (name, overrides) in first {
         let run = s.minillm(f, &minillm_run_name(name, mini_lr, lr("sft")?), &init, mini_lr, overrides)?;
         models.push((name.to_string(), run.join("best")));
     }
+    for m in ["gkd", "opd", "distillm"] {
+        let run = on_policy_run(s, f, m, lr(m)?, lr("sft")?)?;
+        models.push((m.to_string(), run.join("best")));
+    }
+    if ablations {
+        for (name, overrides) in ablation_runs {
+            let run = s.minillm(f, &minillm_run_name(name, mini_lr, lr("sft")?), &init, mini_lr, overrides)?;
+            models.push((name.to_string(), run.join("best")));
+        }
+    }
     Ok(models)
+}
+
+/// A GKD or OPD run (from the SFT checkpoint with the lowest validation loss, as MiniLLM) or a
+/// DistiLLM run (from the pre-trained student, as KD) at `lr`.
+fn on_policy_run(s: &Stages, f: &Foundation, method: &str, lr: f64, sft_lr: f64) -> Result<PathBuf> {
+    let sft_init = s.root.join(run_name("sft", sft_lr)).join("best-val_loss");
+    match method {
+        "gkd" => s.responses_method(f, "gkd", &minillm_run_name("gkd", lr, sft_lr), &sft_init, lr),
+        "opd" => s.opd(f, &minillm_run_name("opd", lr, sft_lr), &sft_init, lr),
+        "distillm" => s.responses_method(f, "distillm", &run_name("distillm", lr), &f.pretrained_student, lr),
+        other => bail!("unknown on-policy method {other}"),
+    }
 }
 
 /// Validation numbers of every stage of a seed (best validation Rouge-L and loss, and the
@@ -242,11 +264,13 @@ fn sweep(opts: &DemoOptions, plan: &Plan, stop: &AtomicBool) -> Result<(BTreeMap
     };
     for m in METHODS {
         for lr in LR_GRID {
-            let run = if m == "minillm" {
-                let sft = stages.root.join(run_name("sft", chosen["sft"]));
-                stages.minillm(&f, &minillm_run_name(m, lr, chosen["sft"]), &sft.join("best-val_loss"), lr, &[])?
-            } else {
-                stages.supervised(&f, m, &run_name(m, lr), lr)?
+            let run = match m {
+                "minillm" => {
+                    let sft = stages.root.join(run_name("sft", chosen["sft"]));
+                    stages.minillm(&f, &minillm_run_name(m, lr, chosen["sft"]), &sft.join("best-val_loss"), lr, &[])?
+                }
+                "gkd" | "opd" | "distillm" => on_policy_run(&stages, &f, m, lr, chosen["sft"])?,
+                _ => stages.supervised(&f, m, &run_name(m, lr), lr)?,
             };
             scores.entry(m.to_string()).or_default().push((lr, best_rouge(&run)?));
         }

@@ -61,8 +61,9 @@ pub const EVAL_SEEDS: [u64; 5] = [10, 20, 30, 40, 50];
 pub const LR_GRID: [f64; 7] = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2];
 
 /// The rates `demo --sweep` chose per method (highest validation Rouge-L on seed 0, recorded
-/// on 2026-11-30; RESULTS.md, "Sweep").
-pub const CHOSEN_LR: [(&str, f64); 4] = [("sft", 1e-2), ("kd", 1e-2), ("seqkd", 1e-2), ("minillm", 3e-3)];
+/// on 2026-11-30; RESULTS.md, "Sweep" and "The on-policy family").
+pub const CHOSEN_LR: [(&str, f64); 7] =
+    [("sft", 1e-2), ("kd", 1e-2), ("seqkd", 1e-2), ("minillm", 3e-3), ("gkd", 1e-2), ("opd", 3e-5), ("distillm", 1e-2)];
 
 /// Learning rates of the stages that are not compared (pre-training, the teacher).
 pub const PRETRAIN_LR: f64 = 2e-3;

@@ -16,6 +16,7 @@ use super::tasks::{self, Dataset};
 use crate::model::{save_model, Model};
 use crate::progress::note;
 use crate::recipe::{Method, Recipe, RunConfig};
+use crate::train::minillm::DistillConfig;
 use crate::train::optim::Schedule;
 use crate::train::trainer::Selection;
 
@@ -28,8 +29,10 @@ pub const MINILLM_RUNS: [(&str, &[&str]); 5] = [
     ("minillm-no-pt", &["distill.pt=false"]),
 ];
 
-/// The student methods compared, in table order.
-pub const METHODS: [&str; 4] = ["sft", "kd", "seqkd", "minillm"];
+/// The student methods compared, in table order: the paper's four, then the on-policy family
+/// (GKD and OPD from the SFT checkpoint, as MiniLLM; DistiLLM from the pre-trained student, as
+/// KD).
+pub const METHODS: [&str; 7] = ["sft", "kd", "seqkd", "minillm", "gkd", "opd", "distillm"];
 
 /// The stages of one seed, under `root`.
 pub struct Stages<'a> {
@@ -109,9 +112,26 @@ impl Stages<'_> {
     /// A MiniLLM run (`overrides` make the ablations) from `init` at `lr`, in `dir`.
     pub fn minillm(&self, f: &Foundation, dir: &str, init: &Path, lr: f64, overrides: &[&str]) -> Result<PathBuf> {
         let sets: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        self.rollouts(f, dir, init, lr, RunConfig::load(None, &sets)?.distill, Method::Distill)
+    }
+
+    /// An OPD run (the `opd` preset) from `init` at `lr`, in `dir`.
+    pub fn opd(&self, f: &Foundation, dir: &str, init: &Path, lr: f64) -> Result<PathBuf> {
+        self.rollouts(f, dir, init, lr, DistillConfig::opd(), Method::Opd)
+    }
+
+    /// A run of the rollout engine (MiniLLM or OPD) with `distill` settings, at the demo's sizes.
+    fn rollouts(
+        &self,
+        f: &Foundation,
+        dir: &str,
+        init: &Path,
+        lr: f64,
+        distill: DistillConfig,
+        method: Method,
+    ) -> Result<PathBuf> {
         let mut cfg = self.config(&f.data, dir, init, lr, self.plan.student_steps);
-        let base = RunConfig::load(None, &sets)?;
-        cfg.distill = base.distill;
+        cfg.distill = distill;
         cfg.model.teacher = Some(f.teacher.clone());
         let p = self.plan;
         let t = &mut cfg.train;
@@ -122,10 +142,28 @@ impl Stages<'_> {
         let d = &mut cfg.distill;
         d.num_rollouts = p.num_rollouts;
         d.rollout_batch = 64;
-        d.inner_epochs = p.inner_epochs;
+        if method == Method::Distill {
+            d.inner_epochs = p.inner_epochs; // OPD keeps its single pass per buffer
+        }
         d.max_new_tokens = MAX_LEN;
         d.valid_rollouts = 10_000; // the whole validation set
-        self.stage(dir, Method::Distill, cfg)
+        self.stage(dir, method, cfg)
+    }
+
+    /// A GKD run (from `init`, the SFT checkpoint) or a DistiLLM run (from `init`, the
+    /// pre-trained student) at `lr` with their defaults, sampling up to the demo's length.
+    pub fn responses_method(&self, f: &Foundation, method: &str, dir: &str, init: &Path, lr: f64) -> Result<PathBuf> {
+        let mut cfg = self.config(&f.data, dir, init, lr, self.plan.student_steps);
+        cfg.train.select_by = Selection::ValRougeL;
+        cfg.model.teacher = Some(f.teacher.clone());
+        cfg.gkd.max_new_tokens = MAX_LEN;
+        cfg.distillm.max_new_tokens = MAX_LEN;
+        let m = match method {
+            "gkd" => Method::Gkd,
+            "distillm" => Method::Distillm,
+            other => bail!("unknown method {other}"),
+        };
+        self.stage(dir, m, cfg)
     }
 
     /// A randomly initialised GPT-2-layout model with the demo's tokenizer (once).

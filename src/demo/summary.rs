@@ -159,7 +159,7 @@ pub fn comparisons(models: &[ModelResults]) -> (String, Value) {
     s.push_str(&"---|".repeat(metrics.len()));
     s.push('\n');
     let mut json_rows = Vec::new();
-    for base in models.iter().filter(|m| ["sft", "kd", "seqkd"].contains(&m.name.as_str())) {
+    for base in models.iter().filter(|m| ["sft", "kd", "seqkd", "gkd", "opd", "distillm"].contains(&m.name.as_str())) {
         s.push_str(&format!("| {} |", base.name));
         let mut row = serde_json::Map::new();
         for (label, set, f) in metrics {
