@@ -80,8 +80,13 @@ pub fn measure(
     seeds: &[u64],
 ) -> Result<BTreeMap<String, SetMeasures>> {
     let summary = out.join("measures.json");
-    if let Ok(text) = std::fs::read_to_string(&summary) {
-        if let Ok(m) = serde_json::from_str(&text) {
+    // The measures are reused only for the same weights; another model's evaluation in this
+    // (demo-owned) directory is replaced, never reported.
+    let print_file = out.join("measures.model");
+    let print = crate::fingerprint::model_dir(model_dir)?;
+    let same_model = std::fs::read_to_string(&print_file).is_ok_and(|p| p == print);
+    if same_model {
+        if let Ok(Ok(m)) = std::fs::read_to_string(&summary).map(|t| serde_json::from_str(&t)) {
             return Ok(m);
         }
     }
@@ -97,7 +102,7 @@ pub fn measure(
         max_len: MAX_LEN,
         batch_size: 64,
         max_examples: Some(plan.eval_examples),
-        overwrite: false,
+        overwrite: !same_model && out.exists(),
     };
     let results = evaluate_model(&model, &opts)?;
     let checker = Checker::new(world);
@@ -155,11 +160,12 @@ pub fn measure(
         all.insert(r.set.clone(), m);
     }
     crate::atomic::write_file(&summary, serde_json::to_string_pretty(&all)?.as_bytes())?;
+    crate::atomic::write_file(&print_file, print.as_bytes())?;
     Ok(all)
 }
 
 /// ExAccErr curves of every student against the teacher on the first test prompts (written to
-/// `out`, reused when present).
+/// `out`; a curve is reused only for the same student and teacher weights).
 pub fn exposure(
     teacher: &Path,
     students: &[(String, PathBuf)],
@@ -168,12 +174,31 @@ pub fn exposure(
     plan: &Plan,
     seed: u64,
 ) -> Result<Vec<(String, ExposureCurve)>> {
+    /// The curves with the fingerprints of the models (and teacher) they were measured on: a
+    /// curve is reused only for the same weights.
     #[derive(Serialize, Deserialize)]
     struct Saved {
         curves: Vec<(String, ExposureCurve)>,
+        #[serde(default)]
+        fingerprints: Vec<String>,
+        #[serde(default)]
+        teacher: String,
     }
-    if let Ok(Ok(saved)) = std::fs::read_to_string(out).map(|t| serde_json::from_str::<Saved>(&t)) {
-        return Ok(saved.curves);
+    let teacher_print = crate::fingerprint::model_dir(teacher)?;
+    let prints: Vec<String> = students.iter().map(|(_, d)| crate::fingerprint::model_dir(d)).collect::<Result<_>>()?;
+    let saved = std::fs::read_to_string(out).ok().and_then(|t| serde_json::from_str::<Saved>(&t).ok());
+    let mut known: std::collections::HashMap<(String, String), ExposureCurve> = std::collections::HashMap::new();
+    if let Some(s) = saved.filter(|s| s.teacher == teacher_print) {
+        for ((name, curve), print) in s.curves.into_iter().zip(s.fingerprints) {
+            known.insert((name, print), curve);
+        }
+    }
+    if students.iter().zip(&prints).all(|((n, _), p)| known.contains_key(&(n.clone(), p.clone()))) {
+        return Ok(students
+            .iter()
+            .zip(&prints)
+            .map(|((n, _), p)| (n.clone(), known[&(n.clone(), p.clone())].clone()))
+            .collect());
     }
     note("== exposure bias ==");
     let teacher = load_model(teacher, &Device::Cpu, DType::F32)?;
@@ -188,7 +213,11 @@ pub fn exposure(
         })
         .collect::<Result<_>>()?;
     let mut curves = Vec::new();
-    for (name, dir) in students {
+    for ((name, dir), print) in students.iter().zip(&prints) {
+        if let Some(c) = known.get(&(name.clone(), print.clone())) {
+            curves.push((name.clone(), c.clone()));
+            continue;
+        }
         let student: Model = load_model(dir, &Device::Cpu, DType::F32)?;
         let c = ex_acc_err(
             student.lm.as_ref(),
@@ -203,7 +232,8 @@ pub fn exposure(
         )?;
         curves.push((name.clone(), c));
     }
-    crate::atomic::write_file(out, serde_json::to_string(&Saved { curves: curves.clone() })?.as_bytes())?;
+    let saved = Saved { curves: curves.clone(), fingerprints: prints, teacher: teacher_print };
+    crate::atomic::write_file(out, serde_json::to_string(&saved)?.as_bytes())?;
     Ok(curves)
 }
 
