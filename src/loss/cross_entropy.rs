@@ -62,7 +62,9 @@ impl CustomOp1 for FusedCrossEntropy {
                 .zip(self.targets.par_iter().zip(self.weights.par_iter()))
                 .filter(|(_, (_, &w))| w != 0.0)
                 .map(|(r, (&y, &w))| w as f64 * (lse(r) - r[y as usize] as f64))
-                .sum();
+                .collect::<Vec<f64>>()
+                .iter()
+                .sum(); // in row order: a parallel sum's order would depend on scheduling
             return Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())));
         }
         let mut out = vec![0f32; z.len()];

@@ -183,7 +183,9 @@ impl CustomOp2 for FusedDivergence {
             .zip(self.weights.par_iter())
             .filter(|(_, &w)| w != 0.0)
             .map(|((zr, tr), &w)| w as f64 * row(self.kind, zr, tr, None))
-            .sum();
+            .collect::<Vec<f64>>()
+            .iter()
+            .sum(); // in row order: a parallel sum's order would depend on scheduling
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
     }
 

@@ -394,7 +394,10 @@ impl CustomOp2 for FusedHeadLoss {
                 matmul_parallel(&mut zt[..n * tv], th, tw.t(), false);
             }
             let tv = self.teacher.as_ref().map_or(1, Teacher::vocab);
-            let (t_sum, l_sum, k_sum) = dz[..n * vocab]
+            // Per-row values collected in row order and summed in that order: a parallel
+            // `reduce` would add them in an order that depends on thread scheduling, and runs
+            // would differ in the last bits.
+            let per_row: Vec<(f64, f64, f64)> = dz[..n * vocab]
                 .par_chunks_mut(vocab)
                 .zip(z[..n * vocab].par_chunks(vocab))
                 .enumerate()
@@ -402,7 +405,8 @@ impl CustomOp2 for FusedHeadLoss {
                     let zt = zt.as_ref().map(|zt| &zt[i * tv..(i + 1) * tv]);
                     self.row(start + i, z, zt, dz)
                 })
-                .reduce(|| (0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
+                .collect();
+            let (t_sum, l_sum, k_sum) = per_row.iter().fold((0.0, 0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2));
             target += t_sum;
             loss += l_sum;
             kd += k_sum;

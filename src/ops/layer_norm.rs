@@ -156,14 +156,15 @@ impl CustomOp3 for LayerNormGrad {
                 }
                 (dw, db)
             })
-            .reduce(
-                || (vec![0f32; h], vec![0f32; h]),
-                |(mut aw, mut ab), (bw, bb)| {
-                    aw.iter_mut().zip(&bw).for_each(|(a, b)| *a += b);
-                    ab.iter_mut().zip(&bb).for_each(|(a, b)| *a += b);
-                    (aw, ab)
-                },
-            );
+            .collect::<Vec<_>>()
+            .into_iter()
+            // Block partials summed in block order (a parallel reduce's order would depend on
+            // thread scheduling): runs are bit-identical.
+            .fold((vec![0f32; h], vec![0f32; h]), |(mut aw, mut ab), (bw, bb)| {
+                aw.iter_mut().zip(&bw).for_each(|(a, b)| *a += b);
+                ab.iter_mut().zip(&bb).for_each(|(a, b)| *a += b);
+                (aw, ab)
+            });
         dwb[..h].copy_from_slice(&dw);
         dwb[h..].copy_from_slice(&db);
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, h))))

@@ -232,13 +232,13 @@ impl CustomOp3 for LinearGrad {
                 block.chunks(dout).for_each(|r| s.iter_mut().zip(r).for_each(|(s, v)| *s += v));
                 s
             })
-            .reduce(
-                || vec![0f32; dout],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            );
+            .collect::<Vec<_>>()
+            .into_iter()
+            // In block order, so the sum does not depend on thread scheduling.
+            .fold(vec![0f32; dout], |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            });
         db.copy_from_slice(&sums);
         let n = out.len();
         Ok((CpuStorage::F32(out), Shape::from(n)))
