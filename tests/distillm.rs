@@ -95,35 +95,17 @@ fn the_buffer_keeps_its_capacity_and_replays_without_replacement() {
 /// loss, buffer) is part of the checkpointed task state.
 #[test]
 fn distillm_trains_on_fresh_and_replayed_samples_and_checkpoints_its_schedule() {
-    use minillm::data::instruct::{load_instruct, InstructOptions};
     use minillm::model::load_model;
     use minillm::train::run_dir::RunDir;
     use minillm::train::trainer::{train, TrainConfig};
     let tmp = tempfile::tempdir().unwrap();
-    let tok = minillm::tokenizer::Tokenizer::from_file(&fixtures().join("models/gpt2/tokenizer.json")).unwrap();
-    let data = |n: usize, seed: u64| {
-        let p = tmp.path().join(format!("d{seed}.jsonl"));
-        std::fs::write(&p, letters_jsonl(n, seed)).unwrap();
-        load_instruct(&p, &tok, 0, &InstructOptions::default()).unwrap().0
-    };
+    let data = |n: usize, seed: u64| letters_examples(tmp.path(), n, seed);
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let c = TrainConfig {
-        lr: 3e-3,
-        max_steps: 60,
-        batch_size: 16,
-        eval_interval: 60,
-        save_interval: 60,
-        ..TrainConfig::default()
-    };
-    let teacher_run = RunDir::new(&tmp.path().join("teacher")).unwrap();
-    let teacher_init =
-        load_model(&tiny_model_dir(&tmp.path().join("t0"), "llama", 64, 2, 42), &Device::Cpu, DType::F32).unwrap();
-    train(&teacher_init, &mut SupervisedTask::new(data(256, 1), data(32, 2), 1, None), &c, &teacher_run, &stop)
-        .unwrap();
+    let teacher_best = letters_teacher(tmp.path(), 42);
 
     let cfg = DistillmConfig { init_threshold: 0.5, capacity: 16, max_new_tokens: 12, ..DistillmConfig::default() };
     let make = || {
-        let teacher = load_model(&teacher_run.best(), &Device::Cpu, DType::F32).unwrap();
+        let teacher = load_model(&teacher_best, &Device::Cpu, DType::F32).unwrap();
         SupervisedTask::new(data(128, 3), data(16, 4), 5, Some(KdTerm::new(teacher, cfg.kd_ratio, cfg.divergence)))
             .with_adaptive(AdaptiveOffPolicy::new(cfg.clone(), 5, 30), cfg.sampling(128))
     };
@@ -132,7 +114,14 @@ fn distillm_trains_on_fresh_and_replayed_samples_and_checkpoints_its_schedule() 
         load_model(&tiny_model_dir(&tmp.path().join("s"), "gpt2", 32, 1, 41), &Device::Cpu, DType::F32).unwrap();
     let before = task.validate(&student, 8).unwrap()["val_kd"];
     let mut task = make();
-    let c = TrainConfig { lr: 3e-3, max_steps: 30, batch_size: 8, eval_interval: 10, save_interval: 30, ..c };
+    let c = TrainConfig {
+        lr: 3e-3,
+        max_steps: 30,
+        batch_size: 8,
+        eval_interval: 10,
+        save_interval: 30,
+        ..TrainConfig::default()
+    };
     let run = RunDir::new(&tmp.path().join("distillm")).unwrap();
     let out = train(&student, &mut task, &c, &run, &stop).unwrap();
     let after = out.evals.last().unwrap().1["val_kd"];

@@ -4,26 +4,12 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use common::*;
 use minillm::data::instruct::InstructExample;
 use minillm::train::gkd::{GkdConfig, ResponseSchedule, ResponseSource};
 use minillm::train::supervised::{KdTerm, SupervisedTask};
 use minillm::train::trainer::{Task, Window};
-
-fn split(flat: &Tensor, lens: &Tensor) -> Vec<Vec<u32>> {
-    let flat = flat.to_vec1::<i32>().unwrap();
-    let mut at = 0;
-    lens.to_vec1::<i32>()
-        .unwrap()
-        .iter()
-        .map(|&n| {
-            let piece = flat[at..at + n as usize].iter().map(|&x| x as u32).collect();
-            at += n as usize;
-            piece
-        })
-        .collect()
-}
 
 #[test]
 fn the_loss_equals_trls_generalized_jsd() {
@@ -82,41 +68,29 @@ fn lambda_is_honoured_step_by_step() {
 /// steps are logged at the rate λ, and sampled responses reach the loss.
 #[test]
 fn gkd_lowers_its_divergence_on_validation() {
-    use minillm::data::instruct::{load_instruct, InstructOptions};
     use minillm::model::load_model;
     use minillm::train::run_dir::RunDir;
     use minillm::train::trainer::{train, TrainConfig};
     let tmp = tempfile::tempdir().unwrap();
-    let tok = minillm::tokenizer::Tokenizer::from_file(&fixtures().join("models/gpt2/tokenizer.json")).unwrap();
-    let data = |n: usize, seed: u64| {
-        let p = tmp.path().join(format!("d{seed}.jsonl"));
-        std::fs::write(&p, letters_jsonl(n, seed)).unwrap();
-        load_instruct(&p, &tok, 0, &InstructOptions::default()).unwrap().0
-    };
+    let data = |n: usize, seed: u64| letters_examples(tmp.path(), n, seed);
     let student_dir = tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 31);
-    let teacher_init = tiny_model_dir(&tmp.path().join("teacher-init"), "llama", 64, 2, 32);
+    let teacher_best = letters_teacher(tmp.path(), 32);
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let c = TrainConfig {
-        lr: 3e-3,
-        max_steps: 60,
-        batch_size: 16,
-        eval_interval: 60,
-        save_interval: 60,
-        ..TrainConfig::default()
-    };
-    let teacher_run = RunDir::new(&tmp.path().join("teacher")).unwrap();
-    let teacher_model = load_model(&teacher_init, &Device::Cpu, DType::F32).unwrap();
-    train(&teacher_model, &mut SupervisedTask::new(data(256, 1), data(32, 2), 1, None), &c, &teacher_run, &stop)
-        .unwrap();
-
     let g = GkdConfig { lmbda: 0.5, max_new_tokens: 12, ..GkdConfig::default() };
-    let teacher = load_model(&teacher_run.best(), &Device::Cpu, DType::F32).unwrap();
+    let teacher = load_model(&teacher_best, &Device::Cpu, DType::F32).unwrap();
     let term = KdTerm { temperature: g.temperature, ..KdTerm::new(teacher, 1.0, g.divergence()) };
     let mut task =
         SupervisedTask::new(data(128, 3), data(16, 4), 5, Some(term)).with_responses(ResponseSchedule::new(&g, 128, 5));
     let student = load_model(&student_dir, &Device::Cpu, DType::F32).unwrap();
     let before = task.validate(&student, 8).unwrap()["val_kd"];
-    let c = TrainConfig { lr: 3e-3, max_steps: 30, batch_size: 8, eval_interval: 30, save_interval: 30, ..c };
+    let c = TrainConfig {
+        lr: 3e-3,
+        max_steps: 30,
+        batch_size: 8,
+        eval_interval: 30,
+        save_interval: 30,
+        ..TrainConfig::default()
+    };
     let run = RunDir::new(&tmp.path().join("gkd")).unwrap();
     let out = train(&student, &mut task, &c, &run, &stop).unwrap();
     let after = out.evals.last().unwrap().1["val_kd"];

@@ -112,21 +112,6 @@ fn paper_returns_are_the_mean_of_future_rewards() {
     assert!((a[0][0] - (1.0 + 0.95) / 2.0).abs() < 1e-6 && (a[0][1] - 1.0).abs() < 1e-6);
 }
 
-/// Splits a flat i32 tensor into consecutive pieces of the given lengths.
-fn split(flat: &Tensor, lens: &Tensor) -> Vec<Vec<u32>> {
-    let flat = flat.to_vec1::<i32>().unwrap();
-    let mut at = 0;
-    lens.to_vec1::<i32>()
-        .unwrap()
-        .iter()
-        .map(|&n| {
-            let piece = flat[at..at + n as usize].iter().map(|&x| x as u32).collect();
-            at += n as usize;
-            piece
-        })
-        .collect()
-}
-
 /// One `distill` update on real tiny models (gpt2 student, llama teacher with 64 rows beyond
 /// the shared vocabulary) equals PyTorch (scripts/make_distill_fixture.py), under the released
 /// defaults, the `paper` preset (weighted single-step term, plain LM loss as PT term) and the
@@ -142,8 +127,8 @@ fn one_distill_update_equals_pytorch_on_real_models() {
     use minillm::train::trainer::{Task, Window};
     let fx = candle_core::safetensors::load(common::fixtures().join("losses/distill_step.safetensors"), &Device::Cpu)
         .unwrap();
-    let prompts = split(&fx["prompts"], &fx["prompt_lens"]);
-    let responses = split(&fx["responses"], &fx["response_lens"]);
+    let prompts = common::split(&fx["prompts"], &fx["prompt_lens"]);
+    let responses = common::split(&fx["responses"], &fx["response_lens"]);
     let chunks: Vec<Vec<u32>> =
         fx["chunks"].to_vec2::<i32>().unwrap().iter().map(|c| c.iter().map(|&x| x as u32).collect()).collect();
     let pairs: Vec<(Vec<u32>, Vec<u32>)> = prompts.iter().cloned().zip(responses.iter().cloned()).collect();
@@ -257,8 +242,8 @@ fn released_padding_reproduces_the_released_loss() {
     let fx = candle_core::safetensors::load(common::fixtures().join("losses/released_loss.safetensors"), &Device::Cpu)
         .unwrap();
     let scalar = |k: &str| fx[k].to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0];
-    let prompts = split(&fx["prompts"], &fx["prompt_lens"]);
-    let responses = split(&fx["responses"], &fx["response_lens"]);
+    let prompts = common::split(&fx["prompts"], &fx["prompt_lens"]);
+    let responses = common::split(&fx["responses"], &fx["response_lens"]);
     let widths = fx["generation_widths"].to_vec1::<i32>().unwrap();
     let pairs: Vec<(Vec<u32>, Vec<u32>)> = prompts.iter().cloned().zip(responses.iter().cloned()).collect();
     let step = |released_padding: bool| {

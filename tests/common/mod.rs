@@ -151,3 +151,49 @@ pub fn max_param_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32
         })
         .fold(0.0, f32::max)
 }
+
+/// Splits a flat i32 tensor into consecutive token lists of the given lengths.
+pub fn split(flat: &Tensor, lens: &Tensor) -> Vec<Vec<u32>> {
+    let flat = flat.to_vec1::<i32>().unwrap();
+    let mut at = 0;
+    lens.to_vec1::<i32>()
+        .unwrap()
+        .iter()
+        .map(|&n| {
+            let piece = flat[at..at + n as usize].iter().map(|&x| x as u32).collect();
+            at += n as usize;
+            piece
+        })
+        .collect()
+}
+
+/// `n` letters examples (seeded) written under `dir` and loaded with the fixtures' tokenizer.
+pub fn letters_examples(dir: &std::path::Path, n: usize, seed: u64) -> Vec<minillm::data::instruct::InstructExample> {
+    use minillm::data::instruct::{load_instruct, InstructOptions};
+    let tok = minillm::tokenizer::Tokenizer::from_file(&fixtures().join("models/gpt2/tokenizer.json")).unwrap();
+    let p = dir.join(format!("letters-{n}-{seed}.jsonl"));
+    std::fs::write(&p, letters_jsonl(n, seed)).unwrap();
+    load_instruct(&p, &tok, 0, &InstructOptions::default()).unwrap().0
+}
+
+/// A tiny llama teacher (initialised with `seed`) fine-tuned for 60 steps on the letters
+/// task, so its distribution has structure a student can learn; returns its `best/`.
+pub fn letters_teacher(dir: &std::path::Path, seed: u64) -> PathBuf {
+    use minillm::train::run_dir::RunDir;
+    use minillm::train::supervised::SupervisedTask;
+    use minillm::train::trainer::{train, TrainConfig};
+    let init =
+        load_model(&tiny_model_dir(&dir.join("teacher-init"), "llama", 64, 2, seed), &Device::Cpu, DType::F32).unwrap();
+    let c = TrainConfig {
+        lr: 3e-3,
+        max_steps: 60,
+        batch_size: 16,
+        eval_interval: 60,
+        save_interval: 60,
+        ..TrainConfig::default()
+    };
+    let run = RunDir::new(&dir.join("teacher")).unwrap();
+    let mut task = SupervisedTask::new(letters_examples(dir, 256, 1), letters_examples(dir, 32, 2), 1, None);
+    train(&init, &mut task, &c, &run, &std::sync::atomic::AtomicBool::new(false)).unwrap();
+    run.best()
+}
