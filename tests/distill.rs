@@ -15,7 +15,6 @@ use minillm::tokenizer::Tokenizer;
 use minillm::train::minillm::{DistillConfig, DistillData, DistillTask};
 use minillm::train::optim::Schedule;
 use minillm::train::run_dir::RunDir;
-use minillm::train::supervised::SupervisedTask;
 use minillm::train::trainer::{Task, TrainConfig, TrainOutcome};
 
 /// Trains the model saved in `dir` (loaded afresh, as a new process would).
@@ -28,23 +27,7 @@ fn train(dir: &Path, task: &mut dyn Task, c: &TrainConfig, out: &RunDir) -> anyh
 /// has structure a student can learn, unlike a randomly initialised one).
 fn setup(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let student = tiny_model_dir(&dir.join("student"), "gpt2", 32, 1, 11);
-    let init = tiny_model_dir(&dir.join("teacher-init"), "llama", 64, 2, 12);
-    let tok = Tokenizer::from_file(&fixtures().join("models/gpt2/tokenizer.json")).unwrap();
-    let p = dir.join("teacher-data.jsonl");
-    std::fs::write(&p, letters_jsonl(256, 23)).unwrap();
-    let (data, _) = load_instruct(&p, &tok, 0, &InstructOptions::default()).unwrap();
-    let t = TrainConfig {
-        lr: 3e-3,
-        max_steps: 60,
-        batch_size: 16,
-        eval_interval: 60,
-        save_interval: 60,
-        ..TrainConfig::default()
-    };
-    let mut sft = SupervisedTask::new(data[..224].to_vec(), data[224..].to_vec(), 1, None);
-    let run = RunDir::new(&dir.join("teacher-sft")).unwrap();
-    train(&init, &mut sft, &t, &run).unwrap();
-    (student, run.best())
+    (student, letters_teacher(dir, 12))
 }
 
 fn task(dir: &Path, teacher: &Path, cfg: DistillConfig, t: &TrainConfig) -> DistillTask {

@@ -187,51 +187,45 @@ pub fn exposure(
     let teacher_print = crate::fingerprint::model_dir(teacher)?;
     let prints: Vec<String> = students.iter().map(|(_, d)| crate::fingerprint::model_dir(d)).collect::<Result<_>>()?;
     let saved = std::fs::read_to_string(out).ok().and_then(|t| serde_json::from_str::<Saved>(&t).ok());
-    let mut known: std::collections::HashMap<(String, String), ExposureCurve> = std::collections::HashMap::new();
-    if let Some(s) = saved.filter(|s| s.teacher == teacher_print) {
-        for ((name, curve), print) in s.curves.into_iter().zip(s.fingerprints) {
-            known.insert((name, print), curve);
+    let mut known: std::collections::HashMap<(String, String), ExposureCurve> = saved
+        .filter(|s| s.teacher == teacher_print)
+        .map(|s| s.curves.into_iter().zip(s.fingerprints).map(|((name, c), print)| ((name, print), c)).collect())
+        .unwrap_or_default();
+    // The saved curve of each student with these weights, or none.
+    let mut curves: Vec<(String, Option<ExposureCurve>)> =
+        students.iter().zip(&prints).map(|((n, _), p)| (n.clone(), known.remove(&(n.clone(), p.clone())))).collect();
+    if curves.iter().any(|(_, c)| c.is_none()) {
+        note("== exposure bias ==");
+        let teacher = load_model(teacher, &Device::Cpu, DType::F32)?;
+        let tok = teacher.tokenizer()?;
+        let (n, samples, len) = plan.exposure;
+        let prompts: Vec<Vec<u32>> = read_jsonl(&data.join("test.jsonl"))?
+            .into_iter()
+            .take(n)
+            .map(|(_, r)| -> Result<Vec<u32>> {
+                let r = r?;
+                tok.encode(r["prompt"].as_str().context("a test record without a prompt")?)
+            })
+            .collect::<Result<_>>()?;
+        for ((_, curve), (_, dir)) in curves.iter_mut().zip(students).filter(|((_, c), _)| c.is_none()) {
+            let student: Model = load_model(dir, &Device::Cpu, DType::F32)?;
+            *curve = Some(ex_acc_err(
+                student.lm.as_ref(),
+                teacher.lm.as_ref(),
+                &prompts,
+                samples,
+                len,
+                &teacher.eos_token_ids,
+                teacher.pad_id(),
+                seed,
+                64,
+            )?);
         }
     }
-    if students.iter().zip(&prints).all(|((n, _), p)| known.contains_key(&(n.clone(), p.clone()))) {
-        return Ok(students
-            .iter()
-            .zip(&prints)
-            .map(|((n, _), p)| (n.clone(), known[&(n.clone(), p.clone())].clone()))
-            .collect());
-    }
-    note("== exposure bias ==");
-    let teacher = load_model(teacher, &Device::Cpu, DType::F32)?;
-    let tok = teacher.tokenizer()?;
-    let (n, samples, len) = plan.exposure;
-    let prompts: Vec<Vec<u32>> = read_jsonl(&data.join("test.jsonl"))?
+    let curves: Vec<(String, ExposureCurve)> = curves
         .into_iter()
-        .take(n)
-        .map(|(_, r)| -> Result<Vec<u32>> {
-            let r = r?;
-            tok.encode(r["prompt"].as_str().context("a test record without a prompt")?)
-        })
+        .map(|(n, c)| c.map(|c| (n.clone(), c)).with_context(|| format!("no exposure curve for {n}")))
         .collect::<Result<_>>()?;
-    let mut curves = Vec::new();
-    for ((name, dir), print) in students.iter().zip(&prints) {
-        if let Some(c) = known.get(&(name.clone(), print.clone())) {
-            curves.push((name.clone(), c.clone()));
-            continue;
-        }
-        let student: Model = load_model(dir, &Device::Cpu, DType::F32)?;
-        let c = ex_acc_err(
-            student.lm.as_ref(),
-            teacher.lm.as_ref(),
-            &prompts,
-            samples,
-            len,
-            &teacher.eos_token_ids,
-            teacher.pad_id(),
-            seed,
-            64,
-        )?;
-        curves.push((name.clone(), c));
-    }
     let saved = Saved { curves: curves.clone(), fingerprints: prints, teacher: teacher_print };
     crate::atomic::write_file(out, serde_json::to_string(&saved)?.as_bytes())?;
     Ok(curves)

@@ -116,6 +116,6 @@ impl ResponseSchedule {
         rows_from: u64,
     ) -> Result<LmBatch> {
         let prompts: Vec<Vec<u32>> = examples.iter().map(|e| e.prompt.clone()).collect();
-        pairs_batch(student, &sample_pairs(model, &self.sampling, self.seed, &prompts, rows_from)?)
+        pairs_batch(student, &sample_pairs(model, &self.sampling, self.seed, &prompts, rows_from, prompts.len())?)
     }
 }

@@ -22,17 +22,17 @@ pub enum ResponseSource {
 }
 
 /// `(prompt, response)` pairs: each prompt with a response `model` samples, prompt `i` with
-/// the random stream `(seed, rows_from + i)`.
+/// the random stream `(seed, rows_from + i)`, decoded `batch` prompts at a time.
 pub fn sample_pairs(
     model: &Model,
     sampling: &SamplingConfig,
     seed: u64,
     prompts: &[Vec<u32>],
     rows_from: u64,
+    batch: usize,
 ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
     let rows = consecutive_rows(rows_from, prompts.len());
-    let samples =
-        Sampler::plain(model, sampling).decode_in_chunks(prompts, seed, &rows, prompts.len(), |_, _| Ok(()))?;
+    let samples = Sampler::plain(model, sampling).decode_in_chunks(prompts, seed, &rows, batch, |_, _| Ok(()))?;
     Ok(samples.into_iter().map(|s| (s.prompt, s.response)).collect())
 }
 

@@ -145,7 +145,7 @@ impl Task for SupervisedTask {
                 (ResponseSource::Student, None) => {
                     let (a, sampling) = self.adaptive.as_mut().context("student samples need a schedule")?;
                     let prompts: Vec<Vec<u32>> = exs.iter().map(|e| e.prompt.clone()).collect();
-                    let pairs = sample_pairs(student, sampling, self.seed, &prompts, rows_from)?;
+                    let pairs = sample_pairs(student, sampling, self.seed, &prompts, rows_from, prompts.len())?;
                     a.remember(pairs.iter().cloned());
                     pairs_batch(student, &pairs)?
                 }

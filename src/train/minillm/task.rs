@@ -23,6 +23,7 @@ use crate::loss::{head_loss, Divergence, PolicyTokens, TargetTerm, TeacherHead};
 use crate::model::Model;
 use crate::train::data_order::DataOrder;
 use crate::train::objective::{batch_head_loss, TeacherTerm};
+use crate::train::responses::sample_pairs;
 use crate::train::trainer::{Stats, Task, TaskState, Window};
 use crate::train::validation::{reference_loss, samples_rouge_l};
 
@@ -132,7 +133,7 @@ impl DistillTask {
             let take = chunk.min(n - prompts.len());
             prompts.extend(self.prompt_order.next(take).into_iter().map(|i| self.data.prompts[i].clone()));
         }
-        let rows = consecutive_rows(self.iteration * n as u64, n);
+        let first_row = self.iteration * n as u64;
         let buffer = if self.cfg.student_only_sampling() {
             // No teacher in the loop while sampling: the student decodes alone, then both models
             // score the finished samples in one forward pass each (OPD's collection).
@@ -140,17 +141,11 @@ impl DistillTask {
                 max_length: Some(self.cfg.max_len),
                 ..SamplingConfig::sampling(self.cfg.max_new_tokens)
             };
-            let samples = Sampler::plain(student, &sampling).decode_in_chunks(
-                &prompts,
-                self.seed,
-                &rows,
-                chunk,
-                |_, _| Ok(()),
-            )?;
-            let pairs: Vec<(Vec<u32>, Vec<u32>)> = samples.into_iter().map(|s| (s.prompt, s.response)).collect();
+            let pairs = sample_pairs(student, &sampling, self.seed, &prompts, first_row, chunk)?;
             rescore_rollouts(student, &self.teacher, &pairs, &self.cfg)?
         } else {
             let cfg = self.sampling(self.cfg.alpha, self.cfg.single_step);
+            let rows = consecutive_rows(first_row, n);
             let samples = Sampler::mixed(student, &self.teacher, &cfg).decode_in_chunks(
                 &prompts,
                 self.seed,
