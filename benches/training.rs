@@ -8,42 +8,24 @@
 //! PT (8 × 128) terms. Decoding: the same two models sampling 32 rows × 128 new tokens.
 //! Matmul: the SFT step's shapes, for the machine's matmul rate.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use minillm::data::batch::LmBatch;
 use minillm::generate::{generate_mixed, row_rngs, MixedSampling};
 use minillm::loss::{head_loss, TargetTerm};
-use minillm::model::Model;
 use minillm::train::minillm::{DistillConfig, DistillData, DistillTask};
-use minillm::train::optim::{collect_grads, AdamW, AdamWConfig};
+use minillm::train::optim::{AdamW, AdamWConfig};
 use minillm::train::trainer::{Task, Window};
-use rand::{Rng, SeedableRng};
 use std::time::Duration;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const VOCAB: usize = 8192;
+mod common;
+use common::{gpt2, random_ids, update};
 
 /// Rollouts per MiniLLM iteration (the released default).
 const ROLLOUTS: usize = 256;
-
-fn gpt2(layers: usize, width: usize, seed: u64) -> Model {
-    let cfg = serde_json::json!({"model_type": "gpt2", "vocab_size": VOCAB, "n_positions": 512, "n_embd": width,
-        "n_layer": layers, "n_head": 4, "eos_token_id": 0, "pad_token_id": 0});
-    Model::random(cfg, seed, &Device::Cpu, DType::F32).unwrap()
-}
-
-fn random_ids(n: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| (0..len).map(|_| rng.random_range(1..VOCAB as u32)).collect()).collect()
-}
-
-fn update(model: &Model, opt: &mut AdamW, loss: &Tensor) {
-    let store = loss.backward().unwrap();
-    let vars: Vec<_> = model.lm.params().iter().map(|(_, v)| v.clone()).collect();
-    opt.step(&collect_grads(&store, &vars), 1e-4).unwrap();
-}
 
 fn sft_step(c: &mut Criterion) {
     minillm::runtime::configure();

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """PyTorch timings of the work in benches/training.rs, for BENCHMARKS.md.
 
-    python scripts/bench_reference.py [--threads 2]
+    python scripts/bench_reference.py [--threads 2]            # benches/training.rs
+    python scripts/bench_reference.py --methods [--threads 2]  # benches/methods.rs
 
 SFT step: GPT-2 (4 layers, width 256, 4 heads, vocab 8192), batch 8 x 128, forward + backward +
 AdamW. Matmul: the step's shapes (tokens x width x out), for the machine's matmul rate.
@@ -13,6 +14,17 @@ minibatches of 8 (128 updates) with the clipped PG term (released returns/whiten
 single-step reverse KL from the kept teacher states, and the PT term (0.5 CE + 0.5 teacher
 soft CE on 8 x 128 chunks). Written to be as fast as plain PyTorch eager allows (no_grad where
 possible, sdpa attention, no pure-student generation, the teacher run once per rollout).
+
+Methods (--methods): one training step of GKD, DistiLLM and on-policy distillation (OPD) with
+the student GPT-2 (2 x 128) and teacher GPT-2 (4 x 256), 8 prompts of 64 tokens, 64-token
+responses (the data's, or sampled from the current student by `generate`). GKD is TRL's
+GKDTrainer path itself: `GKDTrainer.generate_on_policy_outputs` with the trainer's generation
+config, then its `compute_loss` (student and no-grad teacher forwards over the whole sequence,
+`GKDTrainer.generalized_jsd_loss` at beta 0.5, temperature 0.9). DistiLLM: the same forwards
+with the skew forward KL(p || 0.1 p + 0.9 q) over response tokens. OPD: `generate` with the
+sampling logits kept (log q_old), one no-grad teacher forward scoring the sampled tokens, the
+student's forward and the per-token importance-sampled policy gradient with advantage
+log p - log q_old.
 """
 import argparse
 import statistics
@@ -154,12 +166,116 @@ def distill_iteration_bench():
     return timed(iteration, 1, 3)
 
 
+BATCH, PROMPT, RESPONSE = 8, 64, 64
+
+
+def method_data():
+    g = torch.Generator().manual_seed(11)
+    prompts = torch.randint(1, V, (BATCH, PROMPT), generator=g)
+    responses = torch.randint(1, V, (BATCH, RESPONSE), generator=g)
+    responses[:, -1] = 0  # EOS
+    return prompts, responses
+
+
+def sampled_config(temperature):
+    """The generation config TRL's GKDTrainer builds (sampling, top_k 0, top_p 1, KV cache)."""
+    from transformers import GenerationConfig
+    return GenerationConfig(max_new_tokens=RESPONSE, temperature=temperature, do_sample=True, top_k=0, top_p=1.0,
+                            use_cache=True, pad_token_id=0, eos_token_id=0)
+
+
+def sampled(model, prompts, temperature, keep_logits=False):
+    with torch.no_grad():
+        return model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                              generation_config=sampled_config(temperature), return_dict_in_generate=True,
+                              output_logits=keep_logits)
+
+
+def supervised_step(student, teacher, opt, ids, mask, labels, loss_fn):
+    """TRL GKDTrainer.compute_loss's forwards, `loss_fn` on the shifted logits, backward, AdamW."""
+    s_logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    loss = loss_fn(s_logits, t_logits, labels[:, 1:])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def skew_forward_kl(s_logits, t_logits, labels, lam=0.1):
+    mask = labels != -100
+    lp, lq = F.log_softmax(t_logits[mask], -1), F.log_softmax(s_logits[mask], -1)
+    lm = torch.logaddexp(lp + torch.log(torch.tensor(lam)), lq + torch.log(torch.tensor(1 - lam)))
+    return (lp.exp() * (lp - lm)).sum(-1).mean()
+
+
+def method_benches():
+    from trl.experimental.gkd import GKDTrainer
+    prompts, responses = method_data()
+    data_ids = torch.cat([prompts, responses], 1)
+    data_labels = data_ids.clone()
+    data_labels[:, :PROMPT] = -100
+    ones = torch.ones_like(data_ids)
+    results = {}
+
+    def setup():
+        student, teacher = gpt2(2, 128, 3).train(), gpt2(4, 256, 6).eval()
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-6)
+        return student, teacher, opt
+
+    def gjsd(s, t, labels):
+        return GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=0.5, temperature=0.9)
+
+    for name, loss_fn, temperature in [("gkd", gjsd, 0.9), ("distillm", skew_forward_kl, 1.0)]:
+        student, teacher, opt = setup()
+        results[f"{name} data step"] = timed(
+            lambda: supervised_step(student, teacher, opt, data_ids, ones, data_labels, loss_fn), 3, 20)
+
+        def on_policy():
+            if name == "gkd":
+                inputs = {"prompts": prompts, "prompt_attention_mask": torch.ones_like(prompts)}
+                ids, mask, labels = GKDTrainer.generate_on_policy_outputs(student, inputs, sampled_config(temperature))
+            else:
+                ids = sampled(student, prompts, temperature).sequences
+                mask, labels = torch.ones_like(ids), ids.clone()
+                labels[:, :PROMPT] = -100
+            supervised_step(student, teacher, opt, ids, mask, labels, loss_fn)
+
+        results[f"{name} student-sampled step"] = timed(on_policy, 3, 20)
+
+    student, teacher, opt = setup()
+
+    def opd_step():
+        out = sampled(student, prompts, 1.0, keep_logits=True)
+        ids, resp = out.sequences, out.sequences[:, PROMPT:]
+        with torch.no_grad():
+            logq_old = torch.stack([F.log_softmax(l, -1) for l in out.logits], 1).gather(2, resp[..., None])[..., 0]
+            logp = F.log_softmax(teacher(input_ids=ids).logits[:, PROMPT - 1:-1], -1).gather(2, resp[..., None])[..., 0]
+            adv = logp - logq_old
+        logq = F.log_softmax(student(input_ids=ids).logits[:, PROMPT - 1:-1], -1).gather(2, resp[..., None])[..., 0]
+        loss = -(torch.exp(logq - logq_old) * adv).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    results["opd step"] = timed(opd_step, 3, 20)
+    return results
+
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--methods", action="store_true", help="the steps of benches/methods.rs")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {a.threads} threads")
+    if a.methods:
+        import trl
+        print(f"trl {trl.__version__}")
+        for name, t in method_benches().items():
+            print(f"{name}: {t * 1e3:.1f} ms (median of 20)")
+        raise SystemExit
     for shape, rate in matmul_bench().items():
         print(f"matmul {shape}: {rate:.0f} GFLOP/s")
     print(f"sft_step: {sft_step_bench() * 1e3:.1f} ms (median of 10)")

@@ -3,7 +3,8 @@
 //! the plan of minibatches over the buffer's inner epochs, and the buffer's statistics.
 
 use anyhow::Result;
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::config::DistillConfig;
@@ -11,6 +12,7 @@ use crate::data::batch::LmBatch;
 use crate::generate::{mix_log_prob, Sample};
 use crate::loss::policy::{k3_estimate, rewards};
 use crate::model::Model;
+use crate::ops::math;
 use crate::train::data_order::DataOrder;
 use crate::train::trainer::Stats;
 
@@ -105,9 +107,22 @@ fn target_log_probs(model: &Model, hidden: &Tensor, targets: &[u32], vocab: usiz
     for start in (0..targets.len()).step_by(256) {
         let n = 256.min(targets.len() - start);
         let logits = hidden.narrow(0, start, n)?.matmul(&head.t()?)?;
-        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let idx = Tensor::from_slice(&targets[start..start + n], (n, 1), hidden.device())?;
-        out.extend(lp.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?);
+        let rows = &targets[start..start + n];
+        if logits.device().is_cpu() {
+            // One pass per row (its log-normaliser) instead of a log-softmax tensor and a
+            // gather: the composition was half of OPD's rescoring (`perf`).
+            let logits = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let lse: Vec<f32> = logits.par_chunks(vocab).map(math::logsumexp).collect();
+            for (r, (&y, l)) in rows.iter().zip(lse).enumerate() {
+                let y = y as usize;
+                anyhow::ensure!(y < vocab, "token {y} is outside the {vocab}-token vocabulary both models share");
+                out.push(logits[r * vocab + y] - l);
+            }
+        } else {
+            let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let idx = Tensor::from_slice(rows, (n, 1), hidden.device())?;
+            out.extend(lp.gather(&idx, 1)?.squeeze(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+        }
     }
     Ok(out)
 }
