@@ -48,7 +48,7 @@ fn examples(n: usize) -> Vec<InstructExample> {
 /// Times `steps` of `task` on a fresh student, one optimizer step per iteration.
 fn bench_task(c: &mut Criterion, name: &str, mut task: impl Task) {
     let student = gpt2(2, 128, 3);
-    let mut opt = AdamW::new(student.lm.params().iter(), AdamWConfig::default()).unwrap();
+    let mut opt = AdamW::new(student.lm.params().trainable(), AdamWConfig::default()).unwrap();
     let window = Window { batch_size: BATCH, grad_accum: 1 };
     let mut step = 0;
     let mut group = c.benchmark_group("method_step");

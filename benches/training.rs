@@ -30,7 +30,7 @@ const ROLLOUTS: usize = 256;
 fn sft_step(c: &mut Criterion) {
     minillm::runtime::configure();
     let model = gpt2(4, 256, 1);
-    let mut opt = AdamW::new(model.lm.params().iter(), AdamWConfig::default()).unwrap();
+    let mut opt = AdamW::new(model.lm.params().trainable(), AdamWConfig::default()).unwrap();
     let seqs = random_ids(8, 128, 2);
     let batch = LmBatch::new(&seqs, &[1; 8], 0, &Device::Cpu).unwrap();
     let w = vec![1.0 / batch.num_targets() as f32; batch.num_targets()];
@@ -64,7 +64,7 @@ fn distill_iteration(c: &mut Criterion) {
     let data = DistillData { prompts: random_ids(512, 32, 4), valid: Vec::new(), corpus: random_ids(512, 128, 5) };
     let mut task = DistillTask::new(cfg, gpt2(4, 256, 6), data, 7).unwrap();
     let window = Window { batch_size: 8, grad_accum: 1 };
-    let mut opt = AdamW::new(student.lm.params().iter(), AdamWConfig::default()).unwrap();
+    let mut opt = AdamW::new(student.lm.params().trainable(), AdamWConfig::default()).unwrap();
     let updates = ROLLOUTS / 8 * 4;
     let mut group = c.benchmark_group("distill");
     group.sample_size(10).measurement_time(Duration::from_secs(150));

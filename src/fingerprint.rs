@@ -64,8 +64,7 @@ fn feed(h: &mut Xxh3, path: &Path) -> Result<()> {
 pub fn model(m: &crate::model::Model) -> Result<String> {
     let mut h = Xxh3::new();
     h.update(m.config.to_string().as_bytes());
-    for (name, var) in m.lm.params().iter() {
-        let t = var.as_tensor();
+    for (name, t) in m.lm.params().iter() {
         h.update(format!("{name}:{:?}:{:?};", t.dtype(), t.dims()).as_bytes());
         let values: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
         for v in values {

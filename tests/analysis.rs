@@ -88,7 +88,7 @@ fn exposure_bias_vanishes_when_the_student_matches_the_teacher() {
     assert!(same.ex_acc_err.iter().all(Option::is_none));
     // A student that is the teacher plus small noise: regret grows with l, ExAccErr stays near 0.
     let near = load_model(&dir, &Device::Cpu, DType::F32).unwrap();
-    for (_, v) in near.lm.params().iter() {
+    for (_, v) in near.lm.params().trainable() {
         // A fixed pseudo-noise pattern of amplitude 0.003 (deterministic, unlike randn).
         let n = v.elem_count();
         let noise = (Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap() * 12.9898).unwrap().sin().unwrap();

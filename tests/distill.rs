@@ -120,7 +120,7 @@ fn distill_resumes_bit_identically_from_the_middle_of_a_buffer() {
     train(&student, &mut task(tmp.path(), &teacher, small(), &t), &t, &resumed).unwrap();
     let params = |d: &Path| -> Vec<Vec<f32>> {
         let m = load_model(d, &Device::Cpu, DType::F32).unwrap();
-        m.lm.params().iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect()
+        m.lm.params().iter().map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap()).collect()
     };
     let (a, b) = (straight.latest_checkpoint().unwrap(), resumed.latest_checkpoint().unwrap());
     assert_eq!(a.0, 10);

@@ -24,7 +24,7 @@ fn args(tmp: &Path, student: &Path, out: &Path, steps: usize) -> Vec<String> {
 
 fn params(dir: &Path) -> Vec<Vec<f32>> {
     let m = minillm::model::load_model(dir, &Device::Cpu, DType::F32).unwrap();
-    m.lm.params().iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect()
+    m.lm.params().iter().map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap()).collect()
 }
 
 /// Interrupts a long run with `signal` after a few steps, checks the checkpoint and the exit

@@ -72,7 +72,7 @@ fn every_parameter_gets_a_gradient() {
         let w = Tensor::arange(0f32, lp.dim(2).unwrap() as f32, lp.device()).unwrap();
         let loss = lp.broadcast_mul(&w).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();
-        for (pname, var) in model.lm.params().iter() {
+        for (pname, var) in model.lm.params().trainable() {
             let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
             let norm = g.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
             assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient of {pname} has norm {norm}");
@@ -102,7 +102,7 @@ fn whole_model_gradients_match_transformers_for_every_family() {
         assert!((got_loss - want_loss).abs() < 1e-5 * want_loss, "{name}: loss {got_loss} vs {want_loss}");
         let grads = loss.backward().unwrap();
         let mut compared = 0;
-        for (pname, var) in model.lm.params().iter() {
+        for (pname, var) in model.lm.params().trainable() {
             let key = format!("{name}.grad.{pname}");
             let Some(want) = fx.get(&key) else { panic!("{name}: transformers has no parameter {pname}") };
             let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));

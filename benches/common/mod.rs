@@ -25,6 +25,6 @@ pub fn random_ids(n: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
 /// Backward through `loss` and one AdamW step on every parameter of `model`.
 pub fn update(model: &Model, opt: &mut AdamW, loss: &Tensor) {
     let store = loss.backward().unwrap();
-    let vars: Vec<_> = model.lm.params().iter().map(|(_, v)| v.clone()).collect();
+    let vars: Vec<_> = model.lm.params().trainable().map(|(_, v)| v.clone()).collect();
     opt.step(&collect_grads(&store, &vars), 1e-4).unwrap();
 }

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use minillm::model::{load_model, select_device, Model, Precision};
+use minillm::model::{load_model_as, select_device, Model, Precision, Weights};
 
 /// Where a model is and how to load it.
 #[derive(Args, Clone, Debug)]
@@ -40,9 +40,9 @@ pub struct LoadArgs {
 }
 
 impl LoadArgs {
-    /// Loads the model directory `dir`.
+    /// Loads the model directory `dir` for inference (frozen: no autograd graph).
     pub fn load(&self, dir: &std::path::Path) -> Result<Model> {
-        load_model(dir, &select_device(self.gpu)?, self.dtype.dtype())
+        load_model_as(dir, &select_device(self.gpu)?, self.dtype.dtype(), Weights::Frozen)
     }
 }
 

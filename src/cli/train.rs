@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use minillm::loss::Divergence;
+use minillm::model::Precision;
 use minillm::recipe::{Method, Preset, Recipe, RunConfig, SeqKdMode};
 
 use super::signals::{interrupted_status, STOP};
@@ -64,6 +65,10 @@ pub struct TeacherArgs {
     /// Teacher model directory (model.teacher).
     #[arg(long)]
     teacher: Option<PathBuf>,
+    /// Precision of the teacher's weights, f32, bf16 or f16 (model.teacher_dtype; default: the
+    /// working precision). bf16 halves the memory of a large teacher.
+    #[arg(long)]
+    teacher_dtype: Option<Precision>,
 }
 
 /// The word-level KD term (KD, and SeqKD's `lmops` mode).
@@ -254,6 +259,9 @@ impl InstructArgs {
 impl TeacherArgs {
     fn apply(&self, cfg: &mut RunConfig) {
         set(&mut cfg.model.teacher, &self.teacher);
+        if self.teacher_dtype.is_some() {
+            cfg.model.teacher_dtype = self.teacher_dtype;
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use crate::data::jsonl::read_jsonl;
 use crate::eval::evaluate::{evaluate_model, EvalOptions};
 use crate::eval::metrics::mean_std;
 use crate::generate::SamplingConfig;
-use crate::model::{load_model, Model};
+use crate::model::{load_model_as, Model, Weights};
 use crate::progress::note;
 
 /// The two evaluation sets.
@@ -91,7 +91,7 @@ pub fn measure(
         }
     }
     note(&format!("== evaluating {} ==", model_dir.display()));
-    let model = load_model(model_dir, &Device::Cpu, DType::F32)?;
+    let model = load_model_as(model_dir, &Device::Cpu, DType::F32, Weights::Frozen)?;
     let opts = EvalOptions {
         sets: sets.iter().map(|s| data.join(format!("{s}.jsonl")).display().to_string()).collect(),
         data_dir: data.to_path_buf(),
@@ -196,7 +196,7 @@ pub fn exposure(
         students.iter().zip(&prints).map(|((n, _), p)| (n.clone(), known.remove(&(n.clone(), p.clone())))).collect();
     if curves.iter().any(|(_, c)| c.is_none()) {
         note("== exposure bias ==");
-        let teacher = load_model(teacher, &Device::Cpu, DType::F32)?;
+        let teacher = load_model_as(teacher, &Device::Cpu, DType::F32, Weights::Frozen)?;
         let tok = teacher.tokenizer()?;
         let (n, samples, len) = plan.exposure;
         let prompts: Vec<Vec<u32>> = read_jsonl(&data.join("test.jsonl"))?
@@ -208,7 +208,7 @@ pub fn exposure(
             })
             .collect::<Result<_>>()?;
         for ((_, curve), (_, dir)) in curves.iter_mut().zip(students).filter(|((_, c), _)| c.is_none()) {
-            let student: Model = load_model(dir, &Device::Cpu, DType::F32)?;
+            let student: Model = load_model_as(dir, &Device::Cpu, DType::F32, Weights::Frozen)?;
             *curve = Some(ex_acc_err(
                 student.lm.as_ref(),
                 teacher.lm.as_ref(),

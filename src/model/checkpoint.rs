@@ -13,7 +13,8 @@ use super::config::ArchConfig;
 use super::gpt2::Gpt2;
 use super::llama::Llama;
 use super::opt::Opt;
-use super::params::{save_safetensors, ParamBuilder, ParamSource};
+use super::params::{save_safetensors, ParamBuilder, ParamSource, Weights};
+use super::safetensors_files::SafetensorsFiles;
 use super::CausalLm;
 use crate::tokenizer::Tokenizer;
 
@@ -77,14 +78,16 @@ impl Model {
     }
 
     /// Replaces every parameter's value with the one in the model directory `dir` (a
-    /// checkpoint of the same architecture, e.g. when resuming a run).
+    /// checkpoint of the same architecture, e.g. when resuming a run). Not for frozen models.
     pub fn load_weights(&self, dir: &Path) -> Result<()> {
+        if self.lm.params().is_frozen() {
+            bail!("the weights of a frozen model cannot be replaced (load {} instead)", dir.display());
+        }
         let files = weight_files(dir)?;
-        // SAFETY: read-only mapping, as in `ParamSource::from_files`; tensors are copied out.
-        let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
-            .with_context(|| format!("reading the weights of {}", dir.display()))?;
-        for (name, var) in self.lm.params().iter() {
-            let t = tensors.load(name, &Device::Cpu).with_context(|| format!("{}: tensor `{name}`", dir.display()))?;
+        let tensors =
+            SafetensorsFiles::open(&files).with_context(|| format!("reading the weights of {}", dir.display()))?;
+        for (name, var) in self.lm.params().trainable() {
+            let t = tensors.load(name).with_context(|| format!("{}: tensor `{name}`", dir.display()))?;
             if t.dims() != var.dims() {
                 bail!("{}: tensor `{name}` has shape {:?}, the model's {:?}", dir.display(), t.dims(), var.dims());
             }
@@ -149,8 +152,14 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     bail!("{} has no model weights: expected model.safetensors or model.safetensors.index.json", dir.display())
 }
 
-/// Loads a model directory onto `device`, converting weights to `dtype`.
+/// Loads a model directory onto `device` for training, converting weights to `dtype`.
 pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
+    load_model_as(dir, device, dtype, Weights::Trainable)
+}
+
+/// Loads a model directory onto `device`, trainable or frozen (a teacher: no autograd graph
+/// on its forward passes), converting weights to `dtype`.
+pub fn load_model_as(dir: &Path, device: &Device, dtype: DType, weights: Weights) -> Result<Model> {
     if !dir.is_dir() {
         bail!("model directory {} does not exist", dir.display());
     }
@@ -168,7 +177,7 @@ pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
     let config = read_json(&config_path)?;
     let arch = ArchConfig::parse(&config, &config_path.display().to_string())?;
     let files = weight_files(dir)?;
-    let lm = build(&arch, ParamBuilder::new(ParamSource::from_files(&files)?, device, dtype))
+    let lm = build(&arch, ParamBuilder::new(ParamSource::from_files(&files)?, device, dtype).weights(weights))
         .with_context(|| format!("loading the weights of {}", dir.display()))?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let gen_path = dir.join("generation_config.json");
@@ -229,8 +238,8 @@ pub fn save_model(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
 /// Writes the files of a model directory into `dir` (which the caller makes atomic), refusing
 /// to write non-finite weights.
 pub fn write_model_files(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
-    for (name, var) in model.lm.params().iter() {
-        if !super::params::all_finite(var.as_tensor())? {
+    for (name, t) in model.lm.params().iter() {
+        if !super::params::all_finite(t)? {
             bail!("parameter `{name}` holds NaN or infinite values; refusing to write a checkpoint");
         }
     }

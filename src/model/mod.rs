@@ -9,13 +9,14 @@ pub mod layers;
 pub mod llama;
 pub mod opt;
 pub mod params;
+pub mod safetensors_files;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
-pub use checkpoint::{load_model, save_model, write_model_files, Model};
+pub use checkpoint::{load_model, load_model_as, save_model, write_model_files, Model};
 pub use layers::{AttentionMask, KvCache};
-pub use params::{ParamSource, Params};
+pub use params::{ParamSource, Params, Weights};
 
 /// The working precision of a model's weights and activations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -124,7 +125,7 @@ pub trait CausalLm: Send + Sync {
     /// The output projection (LM head) weight `[vocab, hidden]`.
     fn lm_head_weight(&self) -> &Tensor;
 
-    /// All trainable parameters, by Hugging Face name.
+    /// All parameters (trainable, or frozen for a teacher), by Hugging Face name.
     fn params(&self) -> &Params;
 
     /// Logits `[..., vocab]` from hidden states `[..., hidden]`.

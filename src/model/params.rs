@@ -1,17 +1,20 @@
 //! Named model parameters: where their values come from (a checkpoint or a seeded random
 //! initialisation) and how they are written back in Hugging Face naming.
 //!
-//! Every parameter is a candle [`Var`] so that the same model object serves training and
-//! inference. Names are the exact `transformers` state-dict names, so saving is a plain dump.
+//! A trained model's parameters are candle [`Var`]s (autograd tracks every op on them); a
+//! frozen model's — a teacher's — are plain tensors, so its forward passes record no graph
+//! and each activation is freed as soon as the next layer has read it. Names are the exact
+//! `transformers` state-dict names, so saving is a plain dump.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use super::safetensors_files::SafetensorsFiles;
 
 /// How a freshly created (not loaded) parameter is initialised.
 #[derive(Clone, Copy, Debug)]
@@ -28,8 +31,8 @@ pub enum Init {
 pub enum ParamSource {
     /// Memory-mapped safetensors files of a checkpoint (one or several shards).
     Checkpoint {
-        /// The mapped files.
-        tensors: MmapedSafetensors,
+        /// The files' tensors.
+        tensors: SafetensorsFiles,
         /// The files, for error messages.
         files: Vec<PathBuf>,
     },
@@ -43,11 +46,9 @@ pub enum ParamSource {
 }
 
 impl ParamSource {
-    /// Maps the given safetensors files.
+    /// Reads the headers of the given safetensors files.
     pub fn from_files(files: &[PathBuf]) -> Result<Self> {
-        // SAFETY: the files are opened read-only; like every mmap-based loader we rely on
-        // them not being truncated while the model is being built (tensors are copied out).
-        let tensors = unsafe { MmapedSafetensors::multi(files) }
+        let tensors = SafetensorsFiles::open(files)
             .with_context(|| format!("reading safetensors file(s) {}", show_paths(files)))?;
         Ok(Self::Checkpoint { tensors, files: files.to_vec() })
     }
@@ -62,16 +63,55 @@ fn show_paths(files: &[PathBuf]) -> String {
     files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
-/// The ordered list of a model's trainable parameters, by Hugging Face name.
+/// One parameter: trainable (a [`Var`]) or frozen (a plain tensor).
+#[derive(Clone)]
+enum Param {
+    Trainable(Var),
+    Frozen(Tensor),
+}
+
+impl Param {
+    fn tensor(&self) -> &Tensor {
+        match self {
+            Self::Trainable(v) => v.as_tensor(),
+            Self::Frozen(t) => t,
+        }
+    }
+}
+
+/// Whether a model is built to be trained or only evaluated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Weights {
+    /// Parameters are [`Var`]s: gradients flow to them and the optimizer updates them.
+    #[default]
+    Trainable,
+    /// Parameters are plain tensors: no autograd graph is ever built on them (teachers).
+    Frozen,
+}
+
+/// The ordered list of a model's parameters, by Hugging Face name.
 #[derive(Clone, Default)]
 pub struct Params {
-    named: Vec<(String, Var)>,
+    named: Vec<(String, Param)>,
 }
 
 impl Params {
-    /// Parameters in creation order (the order of the model's layers).
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
-        self.named.iter().map(|(n, v)| (n.as_str(), v))
+    /// Parameters in creation order (the order of the model's layers), trainable or not.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.named.iter().map(|(n, p)| (n.as_str(), p.tensor()))
+    }
+
+    /// The trainable parameters in creation order (none for a frozen model).
+    pub fn trainable(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.named.iter().filter_map(|(n, p)| match p {
+            Param::Trainable(v) => Some((n.as_str(), v)),
+            Param::Frozen(_) => None,
+        })
+    }
+
+    /// Whether the model was built frozen (no trainable parameter).
+    pub fn is_frozen(&self) -> bool {
+        self.named.iter().all(|(_, p)| matches!(p, Param::Frozen(_)))
     }
 
     /// Number of parameter tensors.
@@ -86,31 +126,31 @@ impl Params {
 
     /// Total number of scalar parameters.
     pub fn num_elements(&self) -> usize {
-        self.named.iter().map(|(_, v)| v.elem_count()).sum()
+        self.iter().map(|(_, t)| t.elem_count()).sum()
     }
 
     /// Looks a parameter up by name.
-    pub fn get(&self, name: &str) -> Option<&Var> {
-        self.named.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.iter().find(|(n, _)| *n == name).map(|(_, t)| t)
     }
 
     /// All parameters as a name → tensor map, ready for `safetensors` serialisation.
     pub fn to_map(&self, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
-        for (n, v) in &self.named {
-            let t = v.as_tensor().to_dtype(dtype)?.contiguous()?;
-            out.insert(n.clone(), t);
+        for (n, t) in self.iter() {
+            out.insert(n.to_string(), t.to_dtype(dtype)?.contiguous()?);
         }
         Ok(out)
     }
 }
 
 /// Builds the parameters of one model: fetches (or creates) each tensor by name, checks its
-/// shape, converts it to the working dtype and records it as a [`Var`].
+/// shape, converts it to the working dtype and records it (as a [`Var`] unless frozen).
 pub struct ParamBuilder {
     source: ParamSource,
     device: Device,
     dtype: DType,
+    weights: Weights,
     params: Params,
     /// Prefixes that checkpoints of this family are sometimes saved without (or with), e.g.
     /// the original `gpt2` files lack `transformer.`.
@@ -125,10 +165,17 @@ impl ParamBuilder {
             source,
             device: device.clone(),
             dtype,
+            weights: Weights::Trainable,
             params: Params::default(),
             aliases: Vec::new(),
             used: HashSet::new(),
         }
+    }
+
+    /// Builds the parameters trainable or frozen.
+    pub fn weights(mut self, weights: Weights) -> Self {
+        self.weights = weights;
+        self
     }
 
     /// Also accept checkpoint names where the leading `from` is replaced by `to`.
@@ -141,7 +188,7 @@ impl ParamBuilder {
         let ParamSource::Checkpoint { tensors, .. } = &self.source else {
             return None;
         };
-        let exists = |n: &str| tensors.get(n).is_ok();
+        let exists = |n: &str| tensors.contains(n);
         if exists(name) {
             return Some(name.to_string());
         }
@@ -156,12 +203,16 @@ impl ParamBuilder {
         None
     }
 
-    /// Fetches parameter `name` with the given shape and registers it as trainable.
+    /// Fetches parameter `name` with the given shape and registers it (trainable unless the
+    /// builder is frozen).
     pub fn get(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let tensor = self.fetch(name, shape, init)?;
-        let var = Var::from_tensor(&tensor)?;
-        let t = var.as_tensor().clone();
-        self.params.named.push((name.to_string(), var));
+        let param = match self.weights {
+            Weights::Trainable => Param::Trainable(Var::from_tensor(&tensor)?),
+            Weights::Frozen => Param::Frozen(tensor),
+        };
+        let t = param.tensor().clone();
+        self.params.named.push((name.to_string(), param));
         Ok(t)
     }
 
@@ -172,7 +223,7 @@ impl ParamBuilder {
                 let Some(key) = resolved else {
                     bail!("tensor `{name}` (shape {shape:?}) is missing from {}", show_paths(files));
                 };
-                let t = tensors.load(&key, &Device::Cpu).with_context(|| format!("loading tensor `{key}`"))?;
+                let t = tensors.load(&key).with_context(|| format!("loading tensor `{key}`"))?;
                 if t.dims() != shape {
                     bail!(
                         "tensor `{key}` in {} has shape {:?}, but config.json implies {:?}",
@@ -203,13 +254,13 @@ impl ParamBuilder {
     /// non-parameter buffers `transformers` is known to save (`ignored` suffixes).
     pub fn finish(self, ignored: &[&str]) -> Params {
         if let ParamSource::Checkpoint { tensors, files } = &self.source {
-            let unused: Vec<String> = tensors
-                .tensors()
-                .into_iter()
-                .map(|(n, _)| n)
+            let mut unused: Vec<String> = tensors
+                .names()
+                .map(str::to_string)
                 .filter(|n| !self.used.contains(n))
                 .filter(|n| !ignored.iter().any(|s| n.ends_with(s)))
                 .collect();
+            unused.sort();
             if !unused.is_empty() {
                 tracing::warn!(
                     "{} tensor(s) in {} are not used by the model: {}",

@@ -13,7 +13,7 @@ use crate::data::instruct::{load_instruct, InstructExample, InstructOptions};
 use crate::data::pretrain::load_corpus;
 use crate::fingerprint;
 use crate::model::compat::check_compatible;
-use crate::model::{load_model, select_device, Model};
+use crate::model::{load_model, load_model_as, select_device, Model, Precision, Weights};
 use crate::outdir::OutDir;
 use crate::train::distillm::AdaptiveOffPolicy;
 use crate::train::gkd::ResponseSchedule;
@@ -226,7 +226,9 @@ impl Recipe {
             bail!("{}: config.json defines no eos_token_id", student_dir.display());
         }
         let teacher = if self.method.needs_teacher() {
-            let t = load_model(required(&cfg.teacher, "model.teacher")?, &device, dtype)?;
+            // Frozen: its forward passes build no autograd graph, so activations do not pile up.
+            let teacher_dtype = cfg.teacher_dtype.map_or(dtype, Precision::dtype);
+            let t = load_model_as(required(&cfg.teacher, "model.teacher")?, &device, teacher_dtype, Weights::Frozen)?;
             check_compatible(&student, &t)?;
             Some(t)
         } else {

@@ -48,6 +48,11 @@ pub struct ModelSection {
     pub teacher: Option<PathBuf>,
     /// Working precision.
     pub dtype: Precision,
+    /// Precision of the teacher's weights (the working precision when unset): bf16 halves a
+    /// frozen teacher's memory; its logits and losses are taken in f32. Left out of the run's
+    /// identity when unset, so runs made before the setting existed still resume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_dtype: Option<Precision>,
     /// GPU index.
     pub gpu: Option<usize>,
 }

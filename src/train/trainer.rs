@@ -231,8 +231,11 @@ pub fn train(
     stop: &AtomicBool,
 ) -> Result<TrainOutcome> {
     cfg.validate()?;
-    let vars: Vec<Var> = student.lm.params().iter().map(|(_, v)| v.clone()).collect();
-    let mut opt = AdamW::new(student.lm.params().iter(), cfg.optimizer.clone())?;
+    if student.lm.params().is_frozen() {
+        bail!("the student was loaded frozen (as a teacher is); it has nothing to train");
+    }
+    let vars: Vec<Var> = student.lm.params().trainable().map(|(_, v)| v.clone()).collect();
+    let mut opt = AdamW::new(student.lm.params().trainable(), cfg.optimizer.clone())?;
     let resumed = resume(student, &mut opt, task, run)?;
     let fresh = resumed.is_none();
     let mut state = resumed.unwrap_or_default();

@@ -134,10 +134,7 @@ pub fn spread_var(shape: &[usize], seed: u64, std: f32) -> candle_core::Var {
 /// The parameters of the model saved in `dir`, by name, as flat vectors.
 pub fn params_of(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
     let m = load_model(dir, &Device::Cpu, DType::F32).unwrap();
-    m.lm.params()
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
-        .collect()
+    m.lm.params().iter().map(|(n, v)| (n.to_string(), v.flatten_all().unwrap().to_vec1().unwrap())).collect()
 }
 
 /// Largest absolute difference between two models' parameters (same names, same order).
