@@ -64,6 +64,22 @@ fn half_precision_teacher_logits_stay_near_f32() {
     }
 }
 
+/// A half-precision teacher decodes a left-padded batch (the rollouts' layout) to finite
+/// logits: the mask's minimum must be finite in the model's dtype.
+#[test]
+fn half_precision_models_decode_padded_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny_model_dir(tmp.path(), "gpt2", 64, 2, 7);
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 6, 7, 8, 9, 10], vec![11, 12], vec![13, 14, 15]];
+    for dtype in [DType::BF16, DType::F16] {
+        let m = load_model_as(&dir, &Device::Cpu, dtype, Weights::Frozen).unwrap();
+        let sampling = minillm::generate::SamplingConfig::sampling(6);
+        let pairs = minillm::train::responses::sample_pairs(&m, &sampling, 1, &prompts, 0, 3)
+            .unwrap_or_else(|e| panic!("{dtype:?}: {e:#}"));
+        assert_eq!(pairs.len(), 3);
+    }
+}
+
 /// Checkpoints are read tensor by tensor; a damaged file is refused with its name and what
 /// is wrong, never a panic.
 #[test]

@@ -1,14 +1,20 @@
 //! GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LN blocks, fused q/k/v `Conv1D`.
 
-use anyhow::Result;
-use candle_core::{Tensor, D};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use anyhow::Result;
+use candle_core::{Tensor, TensorId};
+
+use super::checkpointing::{checkpointed, ParamGrads, Recompute};
 use super::config::Gpt2Config;
 use super::layers::{position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear};
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
 use crate::ops::attention_packed;
 
+#[derive(Clone)]
 struct Block {
     ln_1: LayerNorm,
     c_attn: Linear,
@@ -17,6 +23,63 @@ struct Block {
     c_fc: Linear,
     mlp_proj: Linear,
     scale: f64,
+}
+
+impl Block {
+    /// The block's output for `x`; with a cache, layer `layer`'s keys and values are appended.
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        n_head: usize,
+        act: Activation,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
+        let a = match cache {
+            // Without a cache (training, scoring) heads are read in place from the packed
+            // projections by one fused op.
+            None => attention_packed(&qkv, bias, n_head, self.scale)?,
+            Some((c, layer)) => {
+                let (b, t, h3) = qkv.dims3()?;
+                let h = h3 / 3;
+                // Queries are read through their strides; keys and values are copied into the
+                // cache.
+                let q = qkv.narrow(2, 0, h)?.reshape((b, t, n_head, h / n_head))?.transpose(1, 2)?;
+                let k = split_heads(&qkv.narrow(2, h, h)?, n_head)?;
+                let v = split_heads(&qkv.narrow(2, 2 * h, h)?, n_head)?;
+                c.attend(layer, &q, k, v, bias, self.scale)?
+            }
+        };
+        let x = (x + self.attn_proj.forward(&a)?)?;
+        let m = self.mlp_proj.forward(&act.forward(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?)?;
+        Ok((x + m)?)
+    }
+}
+
+/// A block with what its forward needs, for recomputation under checkpointing.
+struct BlockCall {
+    block: Block,
+    bias: Tensor,
+    n_head: usize,
+    act: Activation,
+}
+
+impl Recompute for BlockCall {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.block
+            .forward(x, &self.bias, self.n_head, self.act, None)
+            .map_err(|e| candle_core::Error::msg(format!("{e:#}")))
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        let b = &self.block;
+        [&b.ln_1, &b.ln_2]
+            .into_iter()
+            .flat_map(LayerNorm::tensors)
+            .chain([&b.c_attn, &b.attn_proj, &b.c_fc, &b.mlp_proj].into_iter().flat_map(Linear::tensors))
+            .collect()
+    }
 }
 
 /// A GPT-2 language model.
@@ -30,6 +93,9 @@ pub struct Gpt2 {
     n_head: usize,
     act: Activation,
     params: Params,
+    /// Whether training forwards checkpoint each block (`train.grad_checkpointing`).
+    checkpointing: AtomicBool,
+    checkpoint_grads: Arc<ParamGrads>,
 }
 
 impl Gpt2 {
@@ -84,6 +150,8 @@ impl Gpt2 {
             n_head: cfg.n_head,
             act,
             params,
+            checkpointing: AtomicBool::new(false),
+            checkpoint_grads: Arc::default(),
         })
     }
 }
@@ -105,27 +173,25 @@ impl CausalLm for Gpt2 {
         let bias = mask.bias(t, None, self.wte.dtype(), dev)?;
         let mut x = (self.wte.embedding(&input_ids.flatten_all()?)?.reshape((b, t, ()))?
             + self.wpe.embedding(&pos.flatten_all()?)?.reshape((b, t, ()))?)?;
+        let checkpointing = cache.is_none() && self.checkpointing.load(Ordering::Relaxed);
         for (i, blk) in self.blocks.iter().enumerate() {
-            let qkv = blk.c_attn.forward(&blk.ln_1.forward(&x)?)?;
-            let a = match cache.as_deref_mut() {
-                // Without a cache (training, scoring) heads are read in place from the packed
-                // projections by one fused op.
-                None => attention_packed(&qkv, &bias, self.n_head, blk.scale)?,
-                Some(c) => {
-                    let h = qkv.dim(D::Minus1)? / 3;
-                    // Queries are read through their strides; keys and values are copied
-                    // into the cache.
-                    let q = qkv.narrow(2, 0, h)?.reshape((b, t, self.n_head, h / self.n_head))?.transpose(1, 2)?;
-                    let k = split_heads(&qkv.narrow(2, h, h)?, self.n_head)?;
-                    let v = split_heads(&qkv.narrow(2, 2 * h, h)?, self.n_head)?;
-                    c.attend(i, &q, k, v, &bias, blk.scale)?
-                }
+            x = if checkpointing {
+                let call = BlockCall { block: blk.clone(), bias: bias.clone(), n_head: self.n_head, act: self.act };
+                checkpointed(&x, Arc::new(call), self.checkpoint_grads.clone())?
+            } else {
+                blk.forward(&x, &bias, self.n_head, self.act, cache.as_deref_mut().map(|c| (c, i)))?
             };
-            x = (x + blk.attn_proj.forward(&a)?)?;
-            let m = blk.mlp_proj.forward(&self.act.forward(&blk.c_fc.forward(&blk.ln_2.forward(&x)?)?)?)?;
-            x = (x + m)?;
         }
         self.ln_f.forward(&x)
+    }
+
+    fn set_grad_checkpointing(&self, on: bool) -> Result<()> {
+        self.checkpointing.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn take_checkpoint_grads(&self) -> HashMap<TensorId, Tensor> {
+        self.checkpoint_grads.take()
     }
 
     fn lm_head_weight(&self) -> &Tensor {

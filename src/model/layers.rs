@@ -35,6 +35,11 @@ impl Linear {
         Ok(Self { weight, bias, out_in: false })
     }
 
+    /// The weight and the bias (if any).
+    pub fn tensors(&self) -> Vec<Tensor> {
+        std::iter::once(self.weight.clone()).chain(self.bias.clone()).collect()
+    }
+
     /// Applies the layer to `x` of shape `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
@@ -62,6 +67,11 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// The weight and bias (none without affine parameters).
+    pub fn tensors(&self) -> Vec<Tensor> {
+        self.affine.iter().flat_map(|(w, b)| [w.clone(), b.clone()]).collect()
+    }
+
     /// `name.weight` and `name.bias` of size `dim` (both omitted when `affine` is false).
     pub fn new(pb: &mut ParamBuilder, name: &str, dim: usize, eps: f64, affine: bool) -> Result<Self> {
         if !affine {
@@ -213,10 +223,16 @@ impl AttentionMask {
 
     /// Additive attention bias `[batch, 1, t, len]` for the last `t` columns as queries:
     /// 0 where the key is a real token at or before the query, the dtype's minimum elsewhere
-    /// (finite, so that fully masked padding rows stay finite, as in `transformers`).
+    /// (finite, so that fully masked padding rows stay finite, as in `transformers`: `f32::MIN`
+    /// itself rounds to −∞ in bf16 and f16, which made a padded batch's cached pad rows NaN).
     /// `window` limits how far back a query may look (sliding-window attention).
     pub fn bias(&self, t: usize, window: Option<usize>, dtype: DType, device: &Device) -> Result<Tensor> {
         let past = self.len - t;
+        let min = match dtype {
+            DType::BF16 => -3.389_531_4e38, // bf16's most negative finite value
+            DType::F16 => -65_504.0,
+            _ => f32::MIN,
+        };
         let mut data = Vec::with_capacity(self.batch * t * self.len);
         for b in 0..self.batch {
             let row = self.row(b);
@@ -225,7 +241,7 @@ impl AttentionMask {
                 for (k, &m) in row.iter().enumerate() {
                     let in_window = window.is_none_or(|w| q - k.min(q) < w);
                     let ok = m == 1 && k <= q && in_window;
-                    data.push(if ok { 0f32 } else { f32::MIN });
+                    data.push(if ok { 0f32 } else { min });
                 }
             }
         }

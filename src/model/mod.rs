@@ -2,6 +2,7 @@
 //! Qwen2, Mistral), one file each, behind the [`CausalLm`] trait.
 
 pub mod checkpoint;
+pub mod checkpointing;
 pub mod compat;
 pub mod config;
 pub mod gpt2;
@@ -127,6 +128,21 @@ pub trait CausalLm: Send + Sync {
 
     /// All parameters (trainable, or frozen for a teacher), by Hugging Face name.
     fn params(&self) -> &Params;
+
+    /// Turns activation checkpointing of the blocks on or off for forwards without a cache
+    /// (`train.grad_checkpointing`); families without it refuse to turn it on.
+    fn set_grad_checkpointing(&self, on: bool) -> Result<()> {
+        if on {
+            bail!("{:?} models do not support train.grad_checkpointing yet (GPT-2 does)", self.info().family);
+        }
+        Ok(())
+    }
+
+    /// Parameter gradients that checkpointed blocks found in backward passes since the last
+    /// call, by parameter (empty without checkpointing).
+    fn take_checkpoint_grads(&self) -> std::collections::HashMap<candle_core::TensorId, Tensor> {
+        std::collections::HashMap::new()
+    }
 
     /// Logits `[..., vocab]` from hidden states `[..., hidden]`.
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {

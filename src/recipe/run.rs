@@ -97,6 +97,7 @@ const MAY_CHANGE: &[&str] = &[
     "settings.train.keep_checkpoints",
     "settings.train.max_bad_steps",
     "settings.train.stop_after",
+    "settings.train.grad_checkpointing",
 ];
 
 /// Settings sections only one method reads: left out of the other methods' identities, so a

@@ -137,6 +137,9 @@ pub struct TrainConfig {
     pub max_bad_steps: usize,
     /// Behave as if interrupted (Ctrl-C) after this many steps (testing resume).
     pub stop_after: Option<usize>,
+    /// Keep only each block's input during the student's forward passes and recompute the
+    /// rest in the backward pass (activation checkpointing: less memory, one more forward).
+    pub grad_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -157,6 +160,7 @@ impl Default for TrainConfig {
             seed: 10,
             max_bad_steps: 5,
             stop_after: None,
+            grad_checkpointing: false,
         }
     }
 }
@@ -234,6 +238,7 @@ pub fn train(
     if student.lm.params().is_frozen() {
         bail!("the student was loaded frozen (as a teacher is); it has nothing to train");
     }
+    student.lm.set_grad_checkpointing(cfg.grad_checkpointing)?;
     let vars: Vec<Var> = student.lm.params().trainable().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(student.lm.params().trainable(), cfg.optimizer.clone())?;
     let resumed = resume(student, &mut opt, task, run)?;
@@ -322,7 +327,15 @@ fn accumulate(task: &mut dyn Task, student: &Model, vars: &[Var]) -> Result<Accu
             return Ok(Err(format!("the loss of micro-batch {i} is {value}")));
         }
         let store = loss.backward()?;
-        for (acc, g) in grads.iter_mut().zip(collect_grads(&store, vars)) {
+        let mut checkpointed = student.lm.take_checkpoint_grads();
+        let micro = collect_grads(&store, vars).into_iter().zip(vars).map(|(g, v)| {
+            // Blocks under activation checkpointing report their parameters' gradients aside.
+            match (g, checkpointed.remove(&v.id())) {
+                (Some(a), Some(b)) => Ok(Some((a + b)?)),
+                (a, b) => Ok(a.or(b)),
+            }
+        });
+        for (acc, g) in grads.iter_mut().zip(micro.collect::<Result<Vec<_>>>()?) {
             *acc = match (acc.take(), g) {
                 (Some(a), Some(g)) => Some((a + g)?),
                 (a, g) => a.or(g),

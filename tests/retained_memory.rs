@@ -1,5 +1,7 @@
-//! A frozen model's forward pass keeps no activations alive: measured with a counting
-//! allocator (this file holds one test, so no other test allocates meanwhile).
+//! What a forward pass keeps alive for the backward pass, measured with a counting allocator
+//! (this file holds one test, so no other test allocates meanwhile): a frozen model's keeps
+//! nothing but its output; a trainable model's keeps every block's activations, and with
+//! activation checkpointing only each block's input.
 
 mod common;
 
@@ -38,7 +40,7 @@ fn retained_by_forward(m: &Model, input: &Tensor) -> (isize, Tensor) {
 }
 
 #[test]
-fn a_frozen_forward_keeps_only_its_output() {
+fn forwards_keep_only_what_their_backward_needs() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model_dir(tmp.path(), "gpt2", 128, 4, 1);
     let ids: Vec<u32> = (0..8 * 64).map(|i| (i % 383 + 1) as u32).collect();
@@ -56,6 +58,11 @@ fn a_frozen_forward_keeps_only_its_output() {
         kept.push(h);
     }
     // The trainable model's graph keeps every layer's activations (the contrast this guards).
-    let (bytes, _h) = retained_by_forward(&trainable, &input);
-    assert!(bytes > 10 * output_bytes, "the trainable forward retained only {bytes} bytes");
+    let (plain, h) = retained_by_forward(&trainable, &input);
+    drop(h);
+    assert!(plain > 10 * output_bytes, "the trainable forward retained only {plain} bytes");
+    // Checkpointed: the 4 blocks' inputs and the final norm's activations.
+    trainable.lm.set_grad_checkpointing(true).unwrap();
+    let (ckpt, _h) = retained_by_forward(&trainable, &input);
+    assert!(ckpt * 3 < plain, "checkpointing retained {ckpt} bytes, the plain forward {plain}");
 }
