@@ -78,20 +78,7 @@ fn a_checkpointed_run_writes_the_same_metrics_and_weights() {
     };
     run("plain", false);
     run("ckpt", true);
-    let metrics = |name: &str| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(tmp.path().join(name).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("seconds");
-                    o.remove("tokens_per_s");
-                }
-                v
-            })
-            .collect()
-    };
+    let metrics = |name: &str| metrics_without_timings(&tmp.path().join(name));
     assert_eq!(metrics("plain"), metrics("ckpt"));
     let diff = max_param_diff(&params_of(&tmp.path().join("plain/best")), &params_of(&tmp.path().join("ckpt/best")));
     assert!(diff <= 1e-6, "weights differ by {diff}");

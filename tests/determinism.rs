@@ -32,20 +32,7 @@ fn concurrent_runs_of_one_command_are_bit_identical() {
     for mut c in children {
         assert!(c.wait().unwrap().success());
     }
-    let metrics = |k: usize| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(tmp.path().join(format!("run-{k}/metrics.jsonl")))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("seconds");
-                    o.remove("tokens_per_s");
-                }
-                v
-            })
-            .collect()
-    };
+    let metrics = |k: usize| metrics_without_timings(&tmp.path().join(format!("run-{k}")));
     let (a, b) = (metrics(0), metrics(1));
     assert_eq!(a.len(), 14);
     for (x, y) in a.iter().zip(&b) {

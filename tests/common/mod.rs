@@ -194,3 +194,20 @@ pub fn letters_teacher(dir: &std::path::Path, seed: u64) -> PathBuf {
     train(&init, &mut task, &c, &run, &std::sync::atomic::AtomicBool::new(false)).unwrap();
     run.best()
 }
+
+/// The rows of a run's `metrics.jsonl` without their timings (`seconds`, `tokens_per_s`), for
+/// comparing two runs that must compute the same.
+pub fn metrics_without_timings(run: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("seconds");
+                o.remove("tokens_per_s");
+            }
+            v
+        })
+        .collect()
+}
