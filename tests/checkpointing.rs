@@ -39,20 +39,22 @@ fn grads(m: &Model, checkpointing: bool) -> Vec<(String, Vec<f32>)> {
 #[test]
 fn checkpointed_gradients_equal_the_plain_backward() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tiny_model_dir(tmp.path(), "gpt2", 64, 3, 2);
-    let m = load_model(&dir, &Device::Cpu, DType::F32).unwrap();
-    let (plain, ckpt) = (grads(&m, false), grads(&m, true));
-    assert_eq!(plain.len(), ckpt.len());
-    let mut per_block = 0;
-    for ((name, a), (_, b)) in plain.iter().zip(&ckpt) {
-        let scale = a.iter().fold(0f32, |s, x| s.max(x.abs()));
-        let diff = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
-        assert!(diff <= 1e-6 * scale.max(1.0), "{name}: max |Δ| {diff} (max |g| {scale})");
-        per_block += usize::from(name.contains(".h."));
+    for family in ["gpt2", "llama"] {
+        let dir = tiny_model_dir(&tmp.path().join(family), family, 64, 3, 2);
+        let m = load_model(&dir, &Device::Cpu, DType::F32).unwrap();
+        let (plain, ckpt) = (grads(&m, false), grads(&m, true));
+        assert_eq!(plain.len(), ckpt.len());
+        let mut per_block = 0;
+        for ((name, a), (_, b)) in plain.iter().zip(&ckpt) {
+            let scale = a.iter().fold(0f32, |s, x| s.max(x.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
+            assert!(diff <= 1e-6 * scale.max(1.0), "{family} {name}: max |Δ| {diff} (max |g| {scale})");
+            per_block += usize::from(name.contains(".h.") || name.contains(".layers."));
+        }
+        assert!(per_block > 0, "{family}: no block parameter was compared");
+        // With checkpointing off again, nothing is set aside.
+        assert!(m.lm.take_checkpoint_grads().is_empty());
     }
-    assert!(per_block > 0, "no block parameter was compared");
-    // With checkpointing off again, nothing is set aside.
-    assert!(m.lm.take_checkpoint_grads().is_empty());
 }
 
 #[test]

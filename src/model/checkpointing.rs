@@ -21,6 +21,29 @@ pub trait Recompute: Send + Sync {
     fn params(&self) -> Vec<Tensor>;
 }
 
+/// A block given as a closure over what its forward needs, and its parameters.
+pub fn block<F>(forward: F, params: Vec<Tensor>) -> Arc<dyn Recompute>
+where
+    F: Fn(&Tensor) -> anyhow::Result<Tensor> + Send + Sync + 'static,
+{
+    Arc::new(FnBlock { forward, params })
+}
+
+struct FnBlock<F> {
+    forward: F,
+    params: Vec<Tensor>,
+}
+
+impl<F: Fn(&Tensor) -> anyhow::Result<Tensor> + Send + Sync> Recompute for FnBlock<F> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        (self.forward)(x).map_err(|e| candle_core::Error::msg(format!("{e:#}")))
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        self.params.clone()
+    }
+}
+
 /// Parameter gradients found by recomputations, summed by parameter until taken.
 #[derive(Default)]
 pub struct ParamGrads(Mutex<HashMap<TensorId, Tensor>>);

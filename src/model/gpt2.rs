@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use candle_core::{Tensor, TensorId};
 
-use super::checkpointing::{checkpointed, ParamGrads, Recompute};
+use super::checkpointing::{block, checkpointed, ParamGrads};
 use super::config::Gpt2Config;
 use super::layers::{position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear};
 use super::params::{Init, ParamBuilder, Params};
@@ -26,6 +26,15 @@ struct Block {
 }
 
 impl Block {
+    /// The block's parameters.
+    fn tensors(&self) -> Vec<Tensor> {
+        [&self.ln_1, &self.ln_2]
+            .into_iter()
+            .flat_map(LayerNorm::tensors)
+            .chain([&self.c_attn, &self.attn_proj, &self.c_fc, &self.mlp_proj].into_iter().flat_map(Linear::tensors))
+            .collect()
+    }
+
     /// The block's output for `x`; with a cache, layer `layer`'s keys and values are appended.
     fn forward(
         &self,
@@ -54,31 +63,6 @@ impl Block {
         let x = (x + self.attn_proj.forward(&a)?)?;
         let m = self.mlp_proj.forward(&act.forward(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?)?;
         Ok((x + m)?)
-    }
-}
-
-/// A block with what its forward needs, for recomputation under checkpointing.
-struct BlockCall {
-    block: Block,
-    bias: Tensor,
-    n_head: usize,
-    act: Activation,
-}
-
-impl Recompute for BlockCall {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.block
-            .forward(x, &self.bias, self.n_head, self.act, None)
-            .map_err(|e| candle_core::Error::msg(format!("{e:#}")))
-    }
-
-    fn params(&self) -> Vec<Tensor> {
-        let b = &self.block;
-        [&b.ln_1, &b.ln_2]
-            .into_iter()
-            .flat_map(LayerNorm::tensors)
-            .chain([&b.c_attn, &b.attn_proj, &b.c_fc, &b.mlp_proj].into_iter().flat_map(Linear::tensors))
-            .collect()
     }
 }
 
@@ -176,8 +160,9 @@ impl CausalLm for Gpt2 {
         let checkpointing = cache.is_none() && self.checkpointing.load(Ordering::Relaxed);
         for (i, blk) in self.blocks.iter().enumerate() {
             x = if checkpointing {
-                let call = BlockCall { block: blk.clone(), bias: bias.clone(), n_head: self.n_head, act: self.act };
-                checkpointed(&x, Arc::new(call), self.checkpoint_grads.clone())?
+                let (blk2, bias, n_head, act) = (blk.clone(), bias.clone(), self.n_head, self.act);
+                let call = block(move |x| blk2.forward(x, &bias, n_head, act, None), blk.tensors());
+                checkpointed(&x, call, self.checkpoint_grads.clone())?
             } else {
                 blk.forward(&x, &bias, self.n_head, self.act, cache.as_deref_mut().map(|c| (c, i)))?
             };

@@ -105,6 +105,11 @@ impl RmsNorm {
         Ok(Self { weight, eps })
     }
 
+    /// The weight.
+    pub fn tensors(&self) -> Vec<Tensor> {
+        vec![self.weight.clone()]
+    }
+
     /// `x / sqrt(mean(x²) + eps) · w`, statistics in f32 as `transformers` does.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();

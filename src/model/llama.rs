@@ -2,14 +2,20 @@
 //! rotary positions, grouped-query attention, SwiGLU MLP. Qwen2 adds q/k/v biases; Mistral
 //! may restrict attention to a sliding window.
 
-use anyhow::Result;
-use candle_core::{Device, Tensor, D};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use anyhow::Result;
+use candle_core::{Device, Tensor, TensorId, D};
+
+use super::checkpointing::{block, checkpointed, ParamGrads};
 use super::config::LlamaConfig;
 use super::layers::{attention, split_heads, Activation, AttentionMask, KvCache, Linear, RmsNorm};
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
 
+#[derive(Clone)]
 struct Layer {
     q: Linear,
     k: Linear,
@@ -36,6 +42,51 @@ pub struct Llama {
     window: Option<usize>,
     act: Activation,
     params: Params,
+    /// Whether training forwards checkpoint each layer (`train.grad_checkpointing`).
+    checkpointing: AtomicBool,
+    checkpoint_grads: Arc<ParamGrads>,
+}
+
+/// What a layer's forward needs besides its input: rotary tables, mask, head layout.
+#[derive(Clone)]
+struct LayerContext {
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+    scale: f64,
+    heads: usize,
+    kv_heads: usize,
+    act: Activation,
+}
+
+impl Layer {
+    fn tensors(&self) -> Vec<Tensor> {
+        [&self.input_norm, &self.post_attn_norm]
+            .into_iter()
+            .flat_map(RmsNorm::tensors)
+            .chain(
+                [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+                    .into_iter()
+                    .flat_map(Linear::tensors),
+            )
+            .collect()
+    }
+
+    /// The layer's output for `x`; with a cache, layer `index`'s keys and values are appended.
+    fn forward(&self, x: &Tensor, c: &LayerContext, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let h = self.input_norm.forward(x)?;
+        let q = apply_rope(&split_heads(&self.q.forward(&h)?, c.heads)?, &c.cos, &c.sin)?;
+        let k = apply_rope(&split_heads(&self.k.forward(&h)?, c.kv_heads)?, &c.cos, &c.sin)?;
+        let v = split_heads(&self.v.forward(&h)?, c.kv_heads)?;
+        let a = match cache {
+            Some((cache, index)) => cache.attend(index, &q, k, v, &c.bias, c.scale)?,
+            None => attention(&q, &k, &v, &c.bias, c.scale)?,
+        };
+        let x = (x + self.o.forward(&a)?)?;
+        let h = self.post_attn_norm.forward(&x)?;
+        let m = self.down.forward(&(c.act.forward(&self.gate.forward(&h)?)? * self.up.forward(&h)?)?)?;
+        Ok((x + m)?)
+    }
 }
 
 impl Llama {
@@ -91,6 +142,8 @@ impl Llama {
             window,
             act: Activation::parse(&cfg.hidden_act)?,
             params,
+            checkpointing: AtomicBool::new(false),
+            checkpoint_grads: Arc::default(),
         })
     }
 
@@ -142,22 +195,31 @@ impl CausalLm for Llama {
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         let bias = mask.bias(t, self.window, dtype, dev)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let ctx = LayerContext { cos, sin, bias, scale, heads: self.heads, kv_heads: self.kv_heads, act: self.act };
         let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, t, ()))?;
+        let checkpointing = cache.is_none() && self.checkpointing.load(Ordering::Relaxed);
         for (i, l) in self.layers.iter().enumerate() {
-            let h = l.input_norm.forward(&x)?;
-            let q = apply_rope(&split_heads(&l.q.forward(&h)?, self.heads)?, &cos, &sin)?;
-            let k = apply_rope(&split_heads(&l.k.forward(&h)?, self.kv_heads)?, &cos, &sin)?;
-            let v = split_heads(&l.v.forward(&h)?, self.kv_heads)?;
-            let a = match cache.as_deref_mut() {
-                Some(c) => c.attend(i, &q, k, v, &bias, scale)?,
-                None => attention(&q, &k, &v, &bias, scale)?,
+            x = if checkpointing {
+                let (layer, c) = (l.clone(), ctx.clone());
+                checkpointed(
+                    &x,
+                    block(move |x| layer.forward(x, &c, None), l.tensors()),
+                    self.checkpoint_grads.clone(),
+                )?
+            } else {
+                l.forward(&x, &ctx, cache.as_deref_mut().map(|c| (c, i)))?
             };
-            x = (x + l.o.forward(&a)?)?;
-            let h = l.post_attn_norm.forward(&x)?;
-            let m = l.down.forward(&(self.act.forward(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?)?;
-            x = (x + m)?;
         }
         self.norm.forward(&x)
+    }
+
+    fn set_grad_checkpointing(&self, on: bool) -> Result<()> {
+        self.checkpointing.store(on, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn take_checkpoint_grads(&self) -> HashMap<TensorId, Tensor> {
+        self.checkpoint_grads.take()
     }
 
     fn lm_head_weight(&self) -> &Tensor {

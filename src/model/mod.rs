@@ -133,7 +133,10 @@ pub trait CausalLm: Send + Sync {
     /// (`train.grad_checkpointing`); families without it refuse to turn it on.
     fn set_grad_checkpointing(&self, on: bool) -> Result<()> {
         if on {
-            bail!("{:?} models do not support train.grad_checkpointing yet (GPT-2 does)", self.info().family);
+            bail!(
+                "{:?} models do not support train.grad_checkpointing yet (GPT-2 and the Llama family do)",
+                self.info().family
+            );
         }
         Ok(())
     }
