@@ -98,3 +98,34 @@ fn damaged_safetensors_files_are_refused_by_name() {
         assert!(err.contains("model.safetensors"), "{what}: {err}");
     }
 }
+
+/// `--teacher-dtype bf16` reaches the run: `kd` trains with the bf16 teacher (its resolved
+/// config says so) and lands close to the f32-teacher run; a run without the flag records no
+/// teacher dtype (so runs made before the setting existed keep their identity).
+#[test]
+fn teacher_dtype_flag_trains_with_a_half_precision_teacher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let student = common::tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 81);
+    let teacher = common::tiny_model_dir_with_std(&tmp.path().join("teacher"), "gpt2", 64, 2, 82, 0.2);
+    std::fs::write(tmp.path().join("data.jsonl"), common::letters_jsonl(16, 83)).unwrap();
+    let kd = |out: &str, extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_minillm"))
+            .current_dir(tmp.path())
+            .args(["kd", "--student", student.to_str().unwrap(), "--teacher", teacher.to_str().unwrap()])
+            .args(["--train", "data.jsonl", "--valid", "data.jsonl", "--out", out, "--max-steps", "2"])
+            .args(["--batch-size", "4", "--set", "train.eval_interval=2", "--set", "data.max_len=128"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let config = std::fs::read_to_string(tmp.path().join(out).join("config.toml")).unwrap();
+        let last = std::fs::read_to_string(tmp.path().join(out).join("metrics.jsonl")).unwrap();
+        let row: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+        (config, row["eval"]["val_kd"].as_f64().unwrap())
+    };
+    let (plain, kd_f32) = kd("f32", &[]);
+    let (half, kd_bf16) = kd("bf16", &["--teacher-dtype", "bf16"]);
+    assert!(!plain.contains("teacher_dtype"), "{plain}");
+    assert!(half.contains("teacher_dtype = \"bf16\""), "{half}");
+    assert!(kd_bf16 != kd_f32 && (kd_bf16 - kd_f32).abs() < 0.05 * kd_f32.abs(), "val_kd {kd_bf16} vs {kd_f32}");
+}
