@@ -29,7 +29,7 @@ pub enum Init {
 
 /// Where parameter values come from.
 pub enum ParamSource {
-    /// Memory-mapped safetensors files of a checkpoint (one or several shards).
+    /// Safetensors files of a checkpoint (one or several shards), read tensor by tensor.
     Checkpoint {
         /// The files' tensors.
         tensors: SafetensorsFiles,
