@@ -29,6 +29,7 @@ use super::world::World;
 use crate::model::load_model;
 use crate::outdir::OutDir;
 use crate::progress::note;
+use crate::recipe::Method;
 
 /// Bumped whenever the demo's recipe changes, so old output directories are not reused.
 const RECIPE: u32 = 2;
@@ -194,9 +195,9 @@ fn train_students(
 fn on_policy_run(s: &Stages, f: &Foundation, method: &str, lr: f64, sft_lr: f64) -> Result<PathBuf> {
     let sft_init = s.root.join(run_name("sft", sft_lr)).join("best-val_loss");
     match method {
-        "gkd" => s.responses_method(f, "gkd", &minillm_run_name("gkd", lr, sft_lr), &sft_init, lr),
+        "gkd" => s.responses_method(f, Method::Gkd, &minillm_run_name("gkd", lr, sft_lr), &sft_init, lr),
         "opd" => s.opd(f, &minillm_run_name("opd", lr, sft_lr), &sft_init, lr),
-        "distillm" => s.responses_method(f, "distillm", &run_name("distillm", lr), &f.pretrained_student, lr),
+        "distillm" => s.responses_method(f, Method::Distillm, &run_name("distillm", lr), &f.pretrained_student, lr),
         other => bail!("unknown on-policy method {other}"),
     }
 }

@@ -152,18 +152,13 @@ impl Stages<'_> {
 
     /// A GKD run (from `init`, the SFT checkpoint) or a DistiLLM run (from `init`, the
     /// pre-trained student) at `lr` with their defaults, sampling up to the demo's length.
-    pub fn responses_method(&self, f: &Foundation, method: &str, dir: &str, init: &Path, lr: f64) -> Result<PathBuf> {
+    pub fn responses_method(&self, f: &Foundation, method: Method, dir: &str, init: &Path, lr: f64) -> Result<PathBuf> {
         let mut cfg = self.config(&f.data, dir, init, lr, self.plan.student_steps);
         cfg.train.select_by = Selection::ValRougeL;
         cfg.model.teacher = Some(f.teacher.clone());
         cfg.gkd.max_new_tokens = MAX_LEN;
         cfg.distillm.max_new_tokens = MAX_LEN;
-        let m = match method {
-            "gkd" => Method::Gkd,
-            "distillm" => Method::Distillm,
-            other => bail!("unknown method {other}"),
-        };
-        self.stage(dir, m, cfg)
+        self.stage(dir, method, cfg)
     }
 
     /// A randomly initialised GPT-2-layout model with the demo's tokenizer (once).

@@ -297,10 +297,8 @@ pub(crate) fn row_grad_plus_q(kind: Divergence, z: &[f32], t: &[f32], lz: f32, g
             value
         }
         _ => {
-            let value = match Mixture::of(kind) {
-                Some(mix) => mix.row(z, t, Some(&mut *grad)),
-                None => row_general(kind, z, t, Some(&mut *grad)),
-            };
+            // Not a KL kind: `row` takes it to the mixture or the general path.
+            let value = row(kind, z, t, Some(&mut *grad));
             for (g, &a) in grad.iter_mut().zip(z) {
                 *g += extra * math::exp(a - lz);
             }

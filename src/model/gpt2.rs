@@ -1,13 +1,9 @@
 //! GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LN blocks, fused q/k/v `Conv1D`.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use anyhow::Result;
-use candle_core::{Tensor, TensorId};
+use candle_core::Tensor;
 
-use super::checkpointing::{block, checkpointed, ParamGrads};
+use super::checkpointing::Checkpointing;
 use super::config::Gpt2Config;
 use super::layers::{position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear};
 use super::params::{Init, ParamBuilder, Params};
@@ -77,9 +73,8 @@ pub struct Gpt2 {
     n_head: usize,
     act: Activation,
     params: Params,
-    /// Whether training forwards checkpoint each block (`train.grad_checkpointing`).
-    checkpointing: AtomicBool,
-    checkpoint_grads: Arc<ParamGrads>,
+    /// Activation checkpointing of the blocks (`train.grad_checkpointing`).
+    checkpointing: Checkpointing,
 }
 
 impl Gpt2 {
@@ -134,8 +129,7 @@ impl Gpt2 {
             n_head: cfg.n_head,
             act,
             params,
-            checkpointing: AtomicBool::new(false),
-            checkpoint_grads: Arc::default(),
+            checkpointing: Checkpointing::default(),
         })
     }
 }
@@ -157,12 +151,11 @@ impl CausalLm for Gpt2 {
         let bias = mask.bias(t, None, self.wte.dtype(), dev)?;
         let mut x = (self.wte.embedding(&input_ids.flatten_all()?)?.reshape((b, t, ()))?
             + self.wpe.embedding(&pos.flatten_all()?)?.reshape((b, t, ()))?)?;
-        let checkpointing = cache.is_none() && self.checkpointing.load(Ordering::Relaxed);
+        let checkpointing = self.checkpointing.active(cache.is_some());
         for (i, blk) in self.blocks.iter().enumerate() {
             x = if checkpointing {
                 let (blk2, bias, n_head, act) = (blk.clone(), bias.clone(), self.n_head, self.act);
-                let call = block(move |x| blk2.forward(x, &bias, n_head, act, None), blk.tensors());
-                checkpointed(&x, call, self.checkpoint_grads.clone())?
+                self.checkpointing.block(&x, move |x| blk2.forward(x, &bias, n_head, act, None), blk.tensors())?
             } else {
                 blk.forward(&x, &bias, self.n_head, self.act, cache.as_deref_mut().map(|c| (c, i)))?
             };
@@ -170,13 +163,8 @@ impl CausalLm for Gpt2 {
         self.ln_f.forward(&x)
     }
 
-    fn set_grad_checkpointing(&self, on: bool) -> Result<()> {
-        self.checkpointing.store(on, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn take_checkpoint_grads(&self) -> HashMap<TensorId, Tensor> {
-        self.checkpoint_grads.take()
+    fn checkpointing(&self) -> Option<&Checkpointing> {
+        Some(&self.checkpointing)
     }
 
     fn lm_head_weight(&self) -> &Tensor {

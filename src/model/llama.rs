@@ -2,14 +2,10 @@
 //! rotary positions, grouped-query attention, SwiGLU MLP. Qwen2 adds q/k/v biases; Mistral
 //! may restrict attention to a sliding window.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use anyhow::Result;
-use candle_core::{Device, Tensor, TensorId, D};
+use candle_core::{Device, Tensor, D};
 
-use super::checkpointing::{block, checkpointed, ParamGrads};
+use super::checkpointing::Checkpointing;
 use super::config::LlamaConfig;
 use super::layers::{attention, split_heads, Activation, AttentionMask, KvCache, Linear, RmsNorm};
 use super::params::{Init, ParamBuilder, Params};
@@ -42,9 +38,8 @@ pub struct Llama {
     window: Option<usize>,
     act: Activation,
     params: Params,
-    /// Whether training forwards checkpoint each layer (`train.grad_checkpointing`).
-    checkpointing: AtomicBool,
-    checkpoint_grads: Arc<ParamGrads>,
+    /// Activation checkpointing of the layers (`train.grad_checkpointing`).
+    checkpointing: Checkpointing,
 }
 
 /// What a layer's forward needs besides its input: rotary tables, mask, head layout.
@@ -142,8 +137,7 @@ impl Llama {
             window,
             act: Activation::parse(&cfg.hidden_act)?,
             params,
-            checkpointing: AtomicBool::new(false),
-            checkpoint_grads: Arc::default(),
+            checkpointing: Checkpointing::default(),
         })
     }
 
@@ -197,15 +191,11 @@ impl CausalLm for Llama {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let ctx = LayerContext { cos, sin, bias, scale, heads: self.heads, kv_heads: self.kv_heads, act: self.act };
         let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, t, ()))?;
-        let checkpointing = cache.is_none() && self.checkpointing.load(Ordering::Relaxed);
+        let checkpointing = self.checkpointing.active(cache.is_some());
         for (i, l) in self.layers.iter().enumerate() {
             x = if checkpointing {
                 let (layer, c) = (l.clone(), ctx.clone());
-                checkpointed(
-                    &x,
-                    block(move |x| layer.forward(x, &c, None), l.tensors()),
-                    self.checkpoint_grads.clone(),
-                )?
+                self.checkpointing.block(&x, move |x| layer.forward(x, &c, None), l.tensors())?
             } else {
                 l.forward(&x, &ctx, cache.as_deref_mut().map(|c| (c, i)))?
             };
@@ -213,13 +203,8 @@ impl CausalLm for Llama {
         self.norm.forward(&x)
     }
 
-    fn set_grad_checkpointing(&self, on: bool) -> Result<()> {
-        self.checkpointing.store(on, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn take_checkpoint_grads(&self) -> HashMap<TensorId, Tensor> {
-        self.checkpoint_grads.take()
+    fn checkpointing(&self) -> Option<&Checkpointing> {
+        Some(&self.checkpointing)
     }
 
     fn lm_head_weight(&self) -> &Tensor {

@@ -129,14 +129,21 @@ pub trait CausalLm: Send + Sync {
     /// All parameters (trainable, or frozen for a teacher), by Hugging Face name.
     fn params(&self) -> &Params;
 
+    /// The family's activation checkpointing (`None` where it has none).
+    fn checkpointing(&self) -> Option<&checkpointing::Checkpointing> {
+        None
+    }
+
     /// Turns activation checkpointing of the blocks on or off for forwards without a cache
     /// (`train.grad_checkpointing`); families without it refuse to turn it on.
     fn set_grad_checkpointing(&self, on: bool) -> Result<()> {
-        if on {
-            bail!(
+        match self.checkpointing() {
+            Some(c) => c.set(on),
+            None if on => bail!(
                 "{:?} models do not support train.grad_checkpointing yet (GPT-2 and the Llama family do)",
                 self.info().family
-            );
+            ),
+            None => {}
         }
         Ok(())
     }
@@ -144,7 +151,7 @@ pub trait CausalLm: Send + Sync {
     /// Parameter gradients that checkpointed blocks found in backward passes since the last
     /// call, by parameter (empty without checkpointing).
     fn take_checkpoint_grads(&self) -> std::collections::HashMap<candle_core::TensorId, Tensor> {
-        std::collections::HashMap::new()
+        self.checkpointing().map(checkpointing::Checkpointing::take).unwrap_or_default()
     }
 
     /// Logits `[..., vocab]` from hidden states `[..., hidden]`.

@@ -327,19 +327,11 @@ fn accumulate(task: &mut dyn Task, student: &Model, vars: &[Var]) -> Result<Accu
             return Ok(Err(format!("the loss of micro-batch {i} is {value}")));
         }
         let store = loss.backward()?;
-        let mut checkpointed = student.lm.take_checkpoint_grads();
-        let micro = collect_grads(&store, vars).into_iter().zip(vars).map(|(g, v)| {
-            // Blocks under activation checkpointing report their parameters' gradients aside.
-            match (g, checkpointed.remove(&v.id())) {
-                (Some(a), Some(b)) => Ok(Some((a + b)?)),
-                (a, b) => Ok(a.or(b)),
-            }
-        });
-        for (acc, g) in grads.iter_mut().zip(micro.collect::<Result<Vec<_>>>()?) {
-            *acc = match (acc.take(), g) {
-                (Some(a), Some(g)) => Some((a + g)?),
-                (a, g) => a.or(g),
-            };
+        // Blocks under activation checkpointing report their parameters' gradients aside.
+        let mut aside = student.lm.take_checkpoint_grads();
+        for ((acc, g), v) in grads.iter_mut().zip(collect_grads(&store, vars)).zip(vars) {
+            let g = sum_grads(g, aside.remove(&v.id()))?;
+            *acc = sum_grads(acc.take(), g)?;
         }
         *stats.entry("loss".into()).or_default() += value as f64;
         for (k, v) in s {
@@ -351,6 +343,14 @@ fn accumulate(task: &mut dyn Task, student: &Model, vars: &[Var]) -> Result<Accu
         return Ok(Err(format!("the gradient norm is {gnorm}")));
     }
     Ok(Ok((grads, gnorm, stats)))
+}
+
+/// `a + b` where both gradients exist, else whichever does.
+fn sum_grads(a: Option<Tensor>, b: Option<Tensor>) -> Result<Option<Tensor>> {
+    Ok(match (a, b) {
+        (Some(a), Some(b)) => Some((a + b)?),
+        (a, b) => a.or(b),
+    })
 }
 
 /// Restores the newest checkpoint of `run` into the student, the optimizer and the task, and
