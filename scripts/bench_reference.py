@@ -27,6 +27,7 @@ student's forward and the per-token importance-sampled policy gradient with adva
 log p - log q_old.
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 import transformers
 
 V = 8192
+REAL_V = 50257
 
 
 def gpt2(layers, width, seed):
@@ -263,13 +265,57 @@ def method_benches():
 
 
 
+def real_benches(root):
+    """The work of benches/real_sizes.rs on the models of scripts/make_real_size_models.sh."""
+    results = {}
+    load = lambda size: transformers.GPT2LMHeadModel.from_pretrained(os.path.join(root, f"gpt2-{size}"))
+    g = torch.Generator().manual_seed(2)
+    model = load("124m").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-6)
+    for rows, length in [(4, 298), (8, 512)]:
+        ids = torch.randint(0, REAL_V - 1, (rows, length), generator=g)
+
+        def step():
+            logits = model(input_ids=ids).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, REAL_V), ids[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        results[f"sft_step gpt2-124m b{rows}x{length}"] = (timed(step, 2, 6), None)
+    del opt
+    model.eval()
+    for rows in [16, 64]:
+        prompts = torch.randint(0, REAL_V - 1, (rows, 64), generator=g)
+
+        def decode():
+            with torch.no_grad():
+                out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                                     temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=64, min_new_tokens=64,
+                                     pad_token_id=REAL_V - 1)
+            assert out.shape[1] == 128
+
+        results[f"decode gpt2-124m b{rows} 64+64"] = (timed(decode, 1, 5), rows * 64)
+    teacher = load("355m").eval()
+    prompts = torch.randint(0, REAL_V - 1, (16, 64), generator=g)
+    results["teacher-mixed gpt2-124m + gpt2-355m b16 64+32"] = (
+        timed(lambda: mixed_rollouts(model, teacher, prompts, 32, 0.2, g), 1, 5), 16 * 32)
+    return results
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", action="store_true", help="the steps of benches/methods.rs")
+    ap.add_argument("--real", metavar="DIR", help="the benches of benches/real_sizes.rs on DIR/gpt2-{124m,355m}")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {a.threads} threads")
+    if a.real:
+        for name, (t, tokens) in real_benches(a.real).items():
+            rate = f" = {tokens / t:.0f} tokens/s" if tokens else ""
+            print(f"{name}: {t * 1e3:.0f} ms{rate} (median)")
+        raise SystemExit
     if a.methods:
         import trl
         print(f"trl {trl.__version__}")

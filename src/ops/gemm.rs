@@ -21,7 +21,7 @@ impl MatRef<'_> {
         Self { shape: (self.shape.1, self.shape.0), strides: (self.strides.1, self.strides.0), ..self }
     }
 
-    fn check(&self, len: usize) {
+    pub(crate) fn check(&self, len: usize) {
         let (r, c) = self.shape;
         if r > 0 && c > 0 {
             let last = self.offset + (r - 1) * self.strides.0 + (c - 1) * self.strides.1;
@@ -37,8 +37,12 @@ pub fn matmul(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: M
     matmul_with(dst, dst_offset, dst_rs, a, b, alpha, accumulate, gemm::Parallelism::None)
 }
 
-/// [`matmul`] on all of rayon's threads, for one large product.
+/// [`matmul`] on all of rayon's threads, for one large product; a product of few rows with a
+/// large weight (decoding) goes to [`super::skinny`] instead, which does not repack the weight.
 pub fn matmul_parallel(dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) {
+    if super::skinny::applies(&a, &b) {
+        return super::skinny::matmul(dst, a, b, accumulate);
+    }
     let n = b.shape.1;
     matmul_with(dst, 0, n, a, b, 1.0, accumulate, gemm::Parallelism::Rayon(rayon::current_num_threads()))
 }

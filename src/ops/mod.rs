@@ -14,6 +14,8 @@ pub mod inference_attention;
 pub mod layer_norm;
 pub mod linear;
 pub mod math;
+pub mod simd;
+pub mod skinny;
 pub mod softmax;
 
 use candle_core::{CpuStorage, Layout, Tensor};

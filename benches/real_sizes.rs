@@ -1,0 +1,126 @@
+//! The real-size speed targets (BENCHMARKS.md "Real sizes"), the same work as
+//! `scripts/bench_reference.py --real DIR` does in PyTorch:
+//!
+//! - SFT step of GPT-2 124M (vocabulary 50,257) at batch 4 × 298 and 8 × 512 tokens: forward,
+//!   the fused LM head + cross-entropy, backward, AdamW.
+//! - Decoding as evaluation runs it: GPT-2 124M samples 64 new tokens for 16 and 64 rows from
+//!   64-token prompts (no EOS stop, so both sides do the same work).
+//! - Teacher-mixed rollouts: the 124M student and a 355M teacher decode 16 rows in lockstep,
+//!   32 new tokens, the teacher's final hidden state kept.
+//!
+//! The models come from `scripts/make_real_size_models.sh DIR 124m 355m`; set
+//! `MINILLM_REAL_SIZES=DIR` (default `/tmp/realsize`). Benches whose models are missing are
+//! skipped with a message.
+
+use candle_core::{DType, Device};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use minillm::data::batch::LmBatch;
+use minillm::generate::{generate, generate_mixed, row_rngs, MixedSampling, SamplingConfig};
+use minillm::loss::{head_loss, TargetTerm};
+use minillm::model::{load_model_as, Model, Weights};
+use minillm::train::optim::{collect_grads, AdamW, AdamWConfig};
+use rand::{Rng, SeedableRng};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// GPT-2's vocabulary.
+const VOCAB: u32 = 50_257;
+
+fn model(size: &str, weights: Weights) -> Option<Model> {
+    let root = std::env::var_os("MINILLM_REAL_SIZES").map_or_else(|| PathBuf::from("/tmp/realsize"), PathBuf::from);
+    let dir = root.join(format!("gpt2-{size}"));
+    if !dir.join("model.safetensors").is_file() {
+        eprintln!("{} missing: skipped (scripts/make_real_size_models.sh {} {size})", dir.display(), root.display());
+        return None;
+    }
+    Some(load_model_as(&dir, &Device::Cpu, DType::F32, weights).unwrap())
+}
+
+/// `n` sequences of `len` random tokens other than GPT-2's EOS (50,256).
+fn random_ids(n: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| (0..len).map(|_| rng.random_range(0..VOCAB - 1)).collect()).collect()
+}
+
+fn sft_step(c: &mut Criterion) {
+    minillm::runtime::configure();
+    let Some(model) = model("124m", Weights::Trainable) else { return };
+    let mut opt = AdamW::new(model.lm.params().trainable(), AdamWConfig::default()).unwrap();
+    let vars: Vec<_> = model.lm.params().trainable().map(|(_, v)| v.clone()).collect();
+    let mut group = c.benchmark_group("real");
+    group.sample_size(10).measurement_time(Duration::from_secs(60));
+    for (rows, len) in [(4, 298), (8, 512)] {
+        let seqs = random_ids(rows, len, 2);
+        let batch = LmBatch::new(&seqs, &vec![1; rows], 0, &Device::Cpu).unwrap();
+        let w = vec![1.0 / batch.num_targets() as f32; batch.num_targets()];
+        group.bench_function(format!("sft_step gpt2-124m b{rows}x{len}"), |b| {
+            b.iter(|| {
+                let hidden = model.lm.forward_hidden(&batch.input_ids, &batch.mask, None).unwrap();
+                let hidden = batch.gather(&hidden).unwrap();
+                let ce = TargetTerm::CrossEntropy { weights: &w, coef: 1.0 };
+                let loss = head_loss(&hidden, model.lm.lm_head_weight(), &batch.targets, ce, None, None).unwrap().loss;
+                let grads = loss.backward().unwrap();
+                opt.step(&collect_grads(&grads, &vars), 1e-4).unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+fn decoding(c: &mut Criterion) {
+    minillm::runtime::configure();
+    let Some(model) = model("124m", Weights::Frozen) else { return };
+    let cfg = SamplingConfig {
+        max_new_tokens: 64,
+        max_length: None,
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+        no_repeat_ngram_size: 0,
+    };
+    let mut group = c.benchmark_group("real");
+    group.sample_size(10).measurement_time(Duration::from_secs(30));
+    for rows in [16, 64] {
+        let prompts = random_ids(rows, 64, 3);
+        group.throughput(Throughput::Elements((rows * 64) as u64));
+        group.bench_function(format!("decode gpt2-124m b{rows} 64+64"), |b| {
+            b.iter(|| {
+                let mut rngs = row_rngs(1, 0..rows as u64);
+                let out = generate(model.lm.as_ref(), &prompts, &[], 0, &cfg, &mut rngs).unwrap();
+                assert_eq!(out.responses[0].len(), 64);
+            })
+        });
+    }
+    group.finish();
+}
+
+fn mixed_rollouts(c: &mut Criterion) {
+    minillm::runtime::configure();
+    let (Some(student), Some(teacher)) = (model("124m", Weights::Frozen), model("355m", Weights::Frozen)) else {
+        return;
+    };
+    let cfg = MixedSampling {
+        alpha: 0.2,
+        max_new_tokens: 32,
+        max_length: None,
+        keep_teacher_hidden: true,
+        record_forward_kl: false,
+    };
+    let prompts = random_ids(16, 64, 4);
+    let mut group = c.benchmark_group("real");
+    group.sample_size(10).measurement_time(Duration::from_secs(30)).throughput(Throughput::Elements(16 * 32));
+    group.bench_function("teacher-mixed gpt2-124m + gpt2-355m b16 64+32", |b| {
+        b.iter(|| {
+            let mut rngs = row_rngs(1, 0..16);
+            let r = generate_mixed(student.lm.as_ref(), teacher.lm.as_ref(), &prompts, &[], 0, &cfg, &mut rngs);
+            assert_eq!(r.unwrap().logq[0].len(), 32);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, sft_step, decoding, mixed_rollouts);
+criterion_main!(benches);

@@ -1,0 +1,222 @@
+//! One f32 vector register, for kernels whose accumulators must stay in registers (the
+//! compiler does not keep arrays of scalar fused multiply-adds there on its own).
+//!
+//! The width is the build's: AVX-512 (16 lanes) or AVX2 with FMA (8 lanes) when the crate is
+//! compiled for a CPU that has them (`.cargo/config.toml` builds for the host), otherwise a
+//! plain 8-lane array the compiler vectorises as it can.
+
+/// f32 lanes per vector.
+pub const LANES: usize = imp::LANES;
+
+/// A vector of [`LANES`] f32.
+pub use imp::F32x;
+
+/// Asks for the cache line holding `p` to be brought into L2 ahead of its use (a hint:
+/// never faults).
+pub use imp::prefetch;
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+mod imp {
+    use std::arch::x86_64::*;
+
+    pub const LANES: usize = 16;
+
+    /// Sixteen f32 in one AVX-512 register.
+    #[derive(Clone, Copy)]
+    pub struct F32x(__m512);
+
+    impl F32x {
+        /// All lanes zero.
+        #[inline(always)]
+        pub fn zero() -> Self {
+            // SAFETY: the build targets AVX-512 (cfg above).
+            Self(unsafe { _mm512_setzero_ps() })
+        }
+
+        /// Every lane `x`.
+        #[inline(always)]
+        pub fn splat(x: f32) -> Self {
+            // SAFETY: as above.
+            Self(unsafe { _mm512_set1_ps(x) })
+        }
+
+        /// The first [`LANES`] values of `s` (which must hold that many).
+        #[inline(always)]
+        pub fn load(s: &[f32]) -> Self {
+            assert!(s.len() >= LANES);
+            // SAFETY: `s` holds LANES values; unaligned load.
+            Self(unsafe { _mm512_loadu_ps(s.as_ptr()) })
+        }
+
+        /// `self + a·b`, one rounding.
+        #[inline(always)]
+        pub fn mul_add(self, a: Self, b: Self) -> Self {
+            // SAFETY: as above.
+            Self(unsafe { _mm512_fmadd_ps(a.0, b.0, self.0) })
+        }
+
+        /// The sum of the lanes.
+        #[inline(always)]
+        pub fn sum(self) -> f32 {
+            // SAFETY: as above.
+            unsafe { _mm512_reduce_add_ps(self.0) }
+        }
+
+        /// Adds the lanes to the first [`LANES`] values of `s`.
+        #[inline(always)]
+        pub fn add_to(self, s: &mut [f32]) {
+            assert!(s.len() >= LANES);
+            // SAFETY: `s` holds LANES values; unaligned load and store.
+            unsafe { _mm512_storeu_ps(s.as_mut_ptr(), _mm512_add_ps(_mm512_loadu_ps(s.as_ptr()), self.0)) }
+        }
+    }
+
+    /// Asks for the cache line holding `p` (never faults, whatever `p` is).
+    #[inline(always)]
+    pub fn prefetch(p: *const f32) {
+        // SAFETY: a prefetch is a hint; it neither faults nor reads architecturally.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+    }
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", not(target_feature = "avx512f")))]
+mod imp {
+    use std::arch::x86_64::*;
+
+    pub const LANES: usize = 8;
+
+    /// Eight f32 in one AVX register.
+    #[derive(Clone, Copy)]
+    pub struct F32x(__m256);
+
+    impl F32x {
+        /// All lanes zero.
+        #[inline(always)]
+        pub fn zero() -> Self {
+            // SAFETY: the build targets AVX2 and FMA (cfg above).
+            Self(unsafe { _mm256_setzero_ps() })
+        }
+
+        /// Every lane `x`.
+        #[inline(always)]
+        pub fn splat(x: f32) -> Self {
+            // SAFETY: as above.
+            Self(unsafe { _mm256_set1_ps(x) })
+        }
+
+        /// The first [`LANES`] values of `s` (which must hold that many).
+        #[inline(always)]
+        pub fn load(s: &[f32]) -> Self {
+            assert!(s.len() >= LANES);
+            // SAFETY: `s` holds LANES values; unaligned load.
+            Self(unsafe { _mm256_loadu_ps(s.as_ptr()) })
+        }
+
+        /// `self + a·b`, one rounding.
+        #[inline(always)]
+        pub fn mul_add(self, a: Self, b: Self) -> Self {
+            // SAFETY: as above.
+            Self(unsafe { _mm256_fmadd_ps(a.0, b.0, self.0) })
+        }
+
+        /// The sum of the lanes.
+        #[inline(always)]
+        pub fn sum(self) -> f32 {
+            // SAFETY: as above.
+            unsafe {
+                let h = _mm_add_ps(_mm256_castps256_ps128(self.0), _mm256_extractf128_ps(self.0, 1));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
+            }
+        }
+
+        /// Adds the lanes to the first [`LANES`] values of `s`.
+        #[inline(always)]
+        pub fn add_to(self, s: &mut [f32]) {
+            assert!(s.len() >= LANES);
+            // SAFETY: `s` holds LANES values; unaligned load and store.
+            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), _mm256_add_ps(_mm256_loadu_ps(s.as_ptr()), self.0)) }
+        }
+    }
+
+    /// Asks for the cache line holding `p` (never faults, whatever `p` is).
+    #[inline(always)]
+    pub fn prefetch(p: *const f32) {
+        // SAFETY: a prefetch is a hint; it neither faults nor reads architecturally.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+    }
+}
+
+#[cfg(not(any(
+    all(target_arch = "x86_64", target_feature = "avx512f"),
+    all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")
+)))]
+mod imp {
+    pub const LANES: usize = 8;
+
+    /// Eight f32 (no vector extension assumed).
+    #[derive(Clone, Copy)]
+    pub struct F32x([f32; LANES]);
+
+    impl F32x {
+        /// All lanes zero.
+        #[inline(always)]
+        pub fn zero() -> Self {
+            Self([0.0; LANES])
+        }
+
+        /// Every lane `x`.
+        #[inline(always)]
+        pub fn splat(x: f32) -> Self {
+            Self([x; LANES])
+        }
+
+        /// The first [`LANES`] values of `s` (which must hold that many).
+        #[inline(always)]
+        pub fn load(s: &[f32]) -> Self {
+            Self(s[..LANES].try_into().expect("LANES values"))
+        }
+
+        /// `self + a·b` (two roundings: `mul_add` without the instruction is a library call).
+        #[inline(always)]
+        pub fn mul_add(self, a: Self, b: Self) -> Self {
+            Self(std::array::from_fn(|i| self.0[i] + a.0[i] * b.0[i]))
+        }
+
+        /// The sum of the lanes.
+        #[inline(always)]
+        pub fn sum(self) -> f32 {
+            self.0.iter().sum()
+        }
+
+        /// Adds the lanes to the first [`LANES`] values of `s`.
+        #[inline(always)]
+        pub fn add_to(self, s: &mut [f32]) {
+            for (d, v) in s[..LANES].iter_mut().zip(self.0) {
+                *d += v;
+            }
+        }
+    }
+
+    /// A cache hint where the build has none: nothing.
+    #[inline(always)]
+    pub fn prefetch(_: *const f32) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_operations_match_scalar_arithmetic() {
+        let a: Vec<f32> = (0..LANES).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let b: Vec<f32> = (0..LANES).map(|i| 3.0 - i as f32).collect();
+        let v = F32x::splat(2.0).mul_add(F32x::load(&a), F32x::load(&b));
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| 2.0 + x * y).collect();
+        let mut got = vec![0.0; LANES];
+        v.add_to(&mut got);
+        assert_eq!(got, want);
+        assert_eq!(v.sum(), want.iter().sum::<f32>());
+        assert_eq!(F32x::zero().sum(), 0.0);
+    }
+}

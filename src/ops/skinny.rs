@@ -1,0 +1,366 @@
+//! `dst = x·W` for a few rows of `x` (decoding: one new token per sequence), reading each
+//! weight once, where it lies.
+//!
+//! A general matrix product repacks the weight into panels before multiplying; at a few rows
+//! that packing costs more than the product: GPT-2's 50,257 × 768 LM head took 24 ms per
+//! decoding step of 16 rows through `gemm` (11 ms here), its 768 × 3072 MLP weight 1.5 ms
+//! when streamed from memory (0.75 ms here). Each block of the weight is brought in once and
+//! used for every row while it is in registers or cache. Two kernels, one per weight layout:
+//! - columns of `W` contiguous (`nn.Linear`'s `[out, in]`, LM heads): blocks of dot products,
+//!   several rows × several columns at once, lane-parallel over the inner dimension, reading
+//!   the weight sequentially where it lies;
+//! - rows of `W` contiguous (GPT-2's `Conv1D` `[in, out]`): bands of weight rows copied out
+//!   contiguously (the next one prefetched meanwhile), then strips of output columns, each
+//!   row of `x` broadcast into a multiply-add with one row of the strip.
+//!
+//! The accumulators are arrays of [`F32x`] registers (16 lanes with AVX-512, 8 with AVX2);
+//! block sizes are chosen so they fit the register file of each (32 or 16 registers).
+
+use rayon::prelude::*;
+
+use super::gemm::MatRef;
+use super::simd::{prefetch, F32x, LANES};
+
+/// Rows of `x` per dot-product block (`DOT_ROWS × DOT_COLS` accumulator registers).
+const DOT_ROWS: usize = if cfg!(target_feature = "avx512f") { 4 } else { 2 };
+/// Weight columns per dot-product block.
+const DOT_COLS: usize = 4;
+
+/// Rows of `x` per strip block (`AXPY_ROWS × 2` accumulator registers).
+const AXPY_ROWS: usize = if cfg!(target_feature = "avx512f") { 8 } else { 4 };
+/// Output columns per strip: two registers.
+const STRIP: usize = 2 * LANES;
+/// Weight rows per band of the strip kernel.
+const AXPY_DEPTH: usize = 32;
+/// Most columns of one strip-kernel task (its band: 256 KiB).
+const MAX_BAND_COLUMNS: usize = 2048;
+
+/// The most rows of `x` for which [`matmul`] is faster than the packing product (GPT-2 124M
+/// shapes, BENCHMARKS.md); [`super::gemm::matmul_parallel`] dispatches here up to it.
+pub const MAX_ROWS: usize = 64;
+
+/// The fewest weight entries for which [`matmul`] is used: smaller weights stay in cache,
+/// where packing them costs little (1 MiB of f32; GPT-2 124M's smallest is 768 × 768).
+pub const MIN_WEIGHT: usize = 1 << 18;
+
+/// Whether [`super::gemm::matmul_parallel`] hands this product to [`matmul`]: few rows, a
+/// large weight, and layouts [`matmul`] reads.
+pub fn applies(x: &MatRef, w: &MatRef) -> bool {
+    x.shape.0 <= MAX_ROWS && w.shape.0 * w.shape.1 >= MIN_WEIGHT && readable(x, w)
+}
+
+/// Layouts [`matmul`] reads: a row-major `x` and a weight with one unit stride.
+fn readable(x: &MatRef, w: &MatRef) -> bool {
+    x.strides.1 == 1 && (w.strides.0 == 1 || w.strides.1 == 1)
+}
+
+/// `dst ← (accumulate ? dst : 0) + x·w`, `dst` row-major `rows × cols` (row stride `cols`),
+/// on all of rayon's threads (split over output columns). `x` must have unit column stride and
+/// `w` one unit stride; any number of rows works (fastest up to [`MAX_ROWS`]).
+pub fn matmul(dst: &mut [f32], x: MatRef, w: MatRef, accumulate: bool) {
+    let (rows, k) = x.shape;
+    let cols = w.shape.1;
+    assert!(readable(&x, &w), "skinny matmul: x needs unit column stride, w one unit stride");
+    assert!(w.shape.0 == k && dst.len() >= rows * cols, "skinny matmul: bad shapes");
+    x.check(x.data.len());
+    w.check(w.data.len());
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    if !accumulate {
+        dst[..rows * cols].fill(0.0);
+    }
+    let columns_contiguous = w.strides.0 == 1 && w.strides.1 != 1;
+    let xs: Vec<&[f32]> = (0..rows).map(|r| &x.data[x.offset + r * x.strides.0..][..k]).collect();
+    // Column chunks per task: enough tasks to balance the threads, enough work to amortise one.
+    let threads = rayon::current_num_threads();
+    let per_task = if columns_contiguous {
+        (cols.div_ceil(4 * threads)).next_multiple_of(STRIP).max(STRIP * 4)
+    } else {
+        // Wide column ranges (long sequential reads per weight row), bounded so that a band
+        // of AXPY_DEPTH rows stays in L2.
+        cols.div_ceil(threads).next_multiple_of(STRIP).clamp(STRIP, MAX_BAND_COLUMNS)
+    };
+    let out = SharedRows { ptr: dst.as_mut_ptr(), stride: cols };
+    (0..cols.div_ceil(per_task)).into_par_iter().for_each(|task| {
+        let (c0, c1) = (task * per_task, ((task + 1) * per_task).min(cols));
+        if columns_contiguous {
+            dot_columns(&xs, &w, c0, c1, &out);
+        } else {
+            axpy_strips(&xs, &w, c0, c1, &out);
+        }
+    });
+}
+
+/// Evaluates `$body` with `$xs` bound to the slices `$rows` (at most 8) as an array of their
+/// exact count, so that the kernel's row count is a constant (its accumulators registers).
+macro_rules! with_rows {
+    ($rows:expr, |$xs:ident| $body:expr) => {{
+        let rows: &[&[f32]] = &$rows;
+        match rows.len() {
+            1 => with_rows!(@ rows, $xs, $body, 1),
+            2 => with_rows!(@ rows, $xs, $body, 2),
+            3 => with_rows!(@ rows, $xs, $body, 3),
+            4 => with_rows!(@ rows, $xs, $body, 4),
+            5 => with_rows!(@ rows, $xs, $body, 5),
+            6 => with_rows!(@ rows, $xs, $body, 6),
+            7 => with_rows!(@ rows, $xs, $body, 7),
+            8 => with_rows!(@ rows, $xs, $body, 8),
+            n => unreachable!("a block of {n} rows"),
+        }
+    }};
+    (@ $rows:ident, $xs:ident, $body:expr, $n:literal) => {{
+        let $xs: [&[f32]; $n] = std::array::from_fn(|i| $rows[i]);
+        $body
+    }};
+}
+
+/// The destination shared by the column tasks, each writing only its own columns.
+struct SharedRows {
+    ptr: *mut f32,
+    stride: usize,
+}
+
+// SAFETY: tasks write disjoint column ranges of rows that `matmul` borrowed mutably.
+unsafe impl Sync for SharedRows {}
+
+impl SharedRows {
+    /// Adds `v` to element (`row`, `col`).
+    ///
+    /// # Safety
+    /// In bounds, and no other task touches column `col`.
+    #[inline(always)]
+    unsafe fn add(&self, row: usize, col: usize, v: f32) {
+        *self.ptr.add(row * self.stride + col) += v;
+    }
+
+    /// Columns `col..col + len` of row `row`.
+    ///
+    /// # Safety
+    /// In bounds, and no other task touches these columns while the slice lives.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row_range(&self, row: usize, col: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.ptr.add(row * self.stride + col), len)
+    }
+}
+
+/// Columns `c0..c1` of `x·w` for `w` with contiguous columns.
+fn dot_columns(xs: &[&[f32]], w: &MatRef, c0: usize, c1: usize, out: &SharedRows) {
+    let k = xs[0].len();
+    let col = |c: usize| &w.data[w.offset + c * w.strides.1..][..k];
+    let mut c = c0;
+    while c + DOT_COLS <= c1 {
+        let ws: [&[f32]; DOT_COLS] = std::array::from_fn(|j| col(c + j));
+        dot_block_rows(xs, ws, c, out);
+        c += DOT_COLS;
+    }
+    while c < c1 {
+        dot_block_rows(xs, [col(c)], c, out);
+        c += 1;
+    }
+}
+
+/// Every row of `x` against the `C` weight columns `ws` (starting at column `c`).
+#[inline(always)]
+fn dot_block_rows<const C: usize>(xs: &[&[f32]], ws: [&[f32]; C], c: usize, out: &SharedRows) {
+    for (r, rows) in xs.chunks(DOT_ROWS).enumerate() {
+        with_rows!(rows, |block| dot_block(block, ws, r * DOT_ROWS, c, out));
+    }
+}
+
+/// `R × C` dot products over the inner dimension, `LANES` partial sums each.
+#[inline(always)]
+fn dot_block<const R: usize, const C: usize>(xs: [&[f32]; R], ws: [&[f32]; C], r0: usize, c0: usize, out: &SharedRows) {
+    let k = xs[0].len();
+    let body = k / LANES * LANES;
+    let mut acc = [[F32x::zero(); C]; R];
+    for i in (0..body).step_by(LANES) {
+        let wv: [F32x; C] = std::array::from_fn(|j| F32x::load(&ws[j][i..]));
+        for r in 0..R {
+            let xv = F32x::load(&xs[r][i..]);
+            for j in 0..C {
+                acc[r][j] = acc[r][j].mul_add(xv, wv[j]);
+            }
+        }
+    }
+    for r in 0..R {
+        for j in 0..C {
+            let tail: f32 = (body..k).map(|t| xs[r][t] * ws[j][t]).sum();
+            // SAFETY: row r0 + r < rows and column c0 + j is inside this task's range.
+            unsafe { out.add(r0 + r, c0 + j, acc[r][j].sum() + tail) };
+        }
+    }
+}
+
+/// Columns `c0..c1` of `x·w` for `w` with contiguous rows, in bands of [`AXPY_DEPTH`] weight
+/// rows: each band's columns are first copied out contiguously (long sequential reads are
+/// what streams a weight from memory at full speed; reading the strips where they lie, one
+/// 128-byte piece per weight row, reached a third of it), then multiplied strip by strip.
+fn axpy_strips(xs: &[&[f32]], w: &MatRef, c0: usize, c1: usize, out: &SharedRows) {
+    let k = xs[0].len();
+    let width = c1 - c0;
+    let mut band = vec![0f32; AXPY_DEPTH * width];
+    let strips = width.div_ceil(STRIP);
+    let lines_per_row = width.div_ceil(16);
+    for d0 in (0..k).step_by(AXPY_DEPTH) {
+        let depth = d0..(d0 + AXPY_DEPTH).min(k);
+        for (i, dst) in band.chunks_exact_mut(width).take(depth.len()).enumerate() {
+            dst.copy_from_slice(&w.data[w.offset + (d0 + i) * w.strides.0 + c0..][..width]);
+        }
+        // The next band streams into L2 while this one is multiplied, a share per strip, so
+        // that its copy above finds it there.
+        let band_rows: Vec<&[f32]> = xs.iter().map(|x| &x[depth.clone()]).collect();
+        let next = (d0 + AXPY_DEPTH)..(d0 + 2 * AXPY_DEPTH).min(k);
+        let next_lines = next.len() * lines_per_row;
+        let per_strip = next_lines.div_ceil(strips);
+        for (s, s0) in (0..width).step_by(STRIP).enumerate() {
+            for line in
+                (s * per_strip..((s + 1) * per_strip).min(next_lines)).map(|j| (j / lines_per_row, j % lines_per_row))
+            {
+                let at = w.offset + (next.start + line.0) * w.strides.0 + c0 + line.1 * 16;
+                prefetch(w.data.as_ptr().wrapping_add(at));
+            }
+            let place_width = STRIP.min(width - s0);
+            for (r, rows) in band_rows.chunks(AXPY_ROWS).enumerate() {
+                let place = Place { r0: r * AXPY_ROWS, c0: c0 + s0, width: place_width };
+                with_rows!(rows, |xs| axpy_block(xs, &band[s0..], width, place, out));
+            }
+        }
+    }
+}
+
+/// Where a block's results go: rows `r0..`, columns `c0..c0 + width`.
+#[derive(Clone, Copy)]
+struct Place {
+    r0: usize,
+    c0: usize,
+    width: usize,
+}
+
+/// `R` rows of `x` (entries of one pass) times the matching rows of a strip of
+/// `width ≤ STRIP` columns, `block[i·stride..]` holding strip row `i`; added to the output.
+#[inline(always)]
+fn axpy_block<const R: usize>(xs: [&[f32]; R], block: &[f32], stride: usize, place: Place, out: &SharedRows) {
+    let k = xs[0].len();
+    let Place { r0, c0, width } = place;
+    let row = |i: usize| &block[i * stride..][..width];
+    if width < STRIP {
+        // The last, narrower strip of a task.
+        for (r, x) in xs.iter().enumerate() {
+            for l in 0..width {
+                let v: f32 = (0..k).map(|i| x[i] * row(i)[l]).sum();
+                // SAFETY: row r0 + r < rows and column c0 + l is inside this task's range.
+                unsafe { out.add(r0 + r, c0 + l, v) };
+            }
+        }
+        return;
+    }
+    let mut acc = [[F32x::zero(); 2]; R];
+    for i in 0..k {
+        let wr = row(i);
+        let (w0, w1) = (F32x::load(wr), F32x::load(&wr[LANES..]));
+        for (a, x) in acc.iter_mut().zip(xs) {
+            let x = F32x::splat(x[i]);
+            a[0] = a[0].mul_add(x, w0);
+            a[1] = a[1].mul_add(x, w1);
+        }
+    }
+    for (r, [a0, a1]) in acc.into_iter().enumerate() {
+        // SAFETY: row r0 + r < rows; columns c0..c0 + STRIP are inside this task's range.
+        let dst = unsafe { out.row_range(r0 + r, c0, STRIP) };
+        a0.add_to(dst);
+        a1.add_to(&mut dst[LANES..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gemm;
+
+    /// Deterministic values in [-0.5, 0.5).
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 1000.0 - 0.5).collect()
+    }
+
+    /// `x·w` in f64 with the sum of |terms| per entry (the scale of its rounding error).
+    fn reference(x: &MatRef, w: &MatRef) -> Vec<(f64, f64)> {
+        let at = |m: &MatRef, i: usize, j: usize| m.data[m.offset + i * m.strides.0 + j * m.strides.1] as f64;
+        let (rows, k) = x.shape;
+        let cols = w.shape.1;
+        let mut out = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                let terms = (0..k).map(|i| at(x, r, i) * at(w, i, c));
+                out.push(terms.clone().fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs())));
+            }
+        }
+        out
+    }
+
+    /// Checks `matmul` for `rows × k` times `k × cols` with the weight stored both ways, inside
+    /// larger buffers (offsets and strides beyond the shape), fresh and accumulating.
+    fn check(rows: usize, k: usize, cols: usize) {
+        let x_data = values(3 + rows * (k + 2), 1);
+        let x = MatRef { data: &x_data, offset: 3, shape: (rows, k), strides: (k + 2, 1) };
+        let w_data = values(5 + (k + 1) * (cols + 3), 2);
+        let in_out = MatRef { data: &w_data, offset: 5, shape: (k, cols), strides: (cols + 3, 1) };
+        let out_in = MatRef { data: &w_data, offset: 5, shape: (k, cols), strides: (1, k + 1) };
+        for w in [in_out, out_in] {
+            let want = reference(&x, &w);
+            let start = values(rows * cols, 3);
+            for accumulate in [false, true] {
+                let mut got = start.clone();
+                matmul(&mut got, x, w, accumulate);
+                for (i, (&g, &(v, scale))) in got.iter().zip(&want).enumerate() {
+                    let v = if accumulate { v + start[i] as f64 } else { v };
+                    let tol = 1e-6 * (scale + 1.0);
+                    assert!(
+                        (g as f64 - v).abs() <= tol,
+                        "{rows}x{k}x{cols} strides {:?} accumulate {accumulate}: entry {i} is {g}, want {v}",
+                        w.strides
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matches_the_exact_product_for_every_block_remainder() {
+        // Rows around both kernels' row blocks, inner sizes with and without a lane tail,
+        // column counts around the column blocks, strips and task boundaries.
+        for rows in [1, 2, 3, 5, 8, 9, 17, 64] {
+            for (k, cols) in [(1, 7), (5, 33), (37, 70), (64, 129), (200, 531)] {
+                check(rows, k, cols);
+            }
+        }
+        // Several bands of the strip kernel and several tasks.
+        check(16, 97, 2 * MAX_BAND_COLUMNS + 45);
+        check(3, 768, 200);
+    }
+
+    #[test]
+    fn agrees_with_the_packing_product_where_dispatched() {
+        let (rows, k, cols) = (16, 512, 1024);
+        let x_data = values(rows * k, 4);
+        let w_data = values(k * cols, 5);
+        let x = MatRef { data: &x_data, offset: 0, shape: (rows, k), strides: (k, 1) };
+        for w in [
+            MatRef { data: &w_data, offset: 0, shape: (k, cols), strides: (cols, 1) },
+            MatRef { data: &w_data, offset: 0, shape: (k, cols), strides: (1, k) },
+        ] {
+            assert!(applies(&x, &w), "a 16-row product with a 512 × 1024 weight takes this kernel");
+            let (mut fast, mut packed) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+            gemm::matmul_parallel(&mut fast, x, w, false);
+            gemm::matmul(&mut packed, 0, cols, x, w, 1.0, false);
+            let worst = fast.iter().zip(&packed).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "dispatched and packed products differ by {worst}");
+        }
+        let small = MatRef { data: &w_data, offset: 0, shape: (64, 64), strides: (64, 1) };
+        let x_small = MatRef { data: &x_data, offset: 0, shape: (rows, 64), strides: (k, 1) };
+        assert!(!applies(&x_small, &small), "a small weight stays with the packing product");
+        let tall = MatRef { data: &x_data, offset: 0, shape: (MAX_ROWS + 1, 8), strides: (8, 1) };
+        assert!(!applies(&tall, &MatRef { data: &w_data, offset: 0, shape: (8, 40_000), strides: (40_000, 1) }));
+    }
+}
