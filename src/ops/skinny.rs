@@ -32,6 +32,8 @@ const AXPY_ROWS: usize = if cfg!(target_feature = "avx512f") { 8 } else { 4 };
 const STRIP: usize = 2 * LANES;
 /// Weight rows per band of the strip kernel.
 const AXPY_DEPTH: usize = 32;
+/// f32 values per 64-byte cache line (the prefetch granularity).
+const LINE_FLOATS: usize = 16;
 /// Most columns of one strip-kernel task (its band: 256 KiB).
 const MAX_BAND_COLUMNS: usize = 2048;
 
@@ -202,15 +204,15 @@ fn axpy_strips(xs: &[&[f32]], w: &MatRef, c0: usize, c1: usize, out: &SharedRows
     let width = c1 - c0;
     let mut band = vec![0f32; AXPY_DEPTH * width];
     let strips = width.div_ceil(STRIP);
-    let lines_per_row = width.div_ceil(16);
+    let lines_per_row = width.div_ceil(LINE_FLOATS);
     for d0 in (0..k).step_by(AXPY_DEPTH) {
         let depth = d0..(d0 + AXPY_DEPTH).min(k);
         for (i, dst) in band.chunks_exact_mut(width).take(depth.len()).enumerate() {
             dst.copy_from_slice(&w.data[w.offset + (d0 + i) * w.strides.0 + c0..][..width]);
         }
+        let band_rows: Vec<&[f32]> = xs.iter().map(|x| &x[depth.clone()]).collect();
         // The next band streams into L2 while this one is multiplied, a share per strip, so
         // that its copy above finds it there.
-        let band_rows: Vec<&[f32]> = xs.iter().map(|x| &x[depth.clone()]).collect();
         let next = (d0 + AXPY_DEPTH)..(d0 + 2 * AXPY_DEPTH).min(k);
         let next_lines = next.len() * lines_per_row;
         let per_strip = next_lines.div_ceil(strips);
@@ -218,7 +220,7 @@ fn axpy_strips(xs: &[&[f32]], w: &MatRef, c0: usize, c1: usize, out: &SharedRows
             for line in
                 (s * per_strip..((s + 1) * per_strip).min(next_lines)).map(|j| (j / lines_per_row, j % lines_per_row))
             {
-                let at = w.offset + (next.start + line.0) * w.strides.0 + c0 + line.1 * 16;
+                let at = w.offset + (next.start + line.0) * w.strides.0 + c0 + line.1 * LINE_FLOATS;
                 prefetch(w.data.as_ptr().wrapping_add(at));
             }
             let place_width = STRIP.min(width - s0);
