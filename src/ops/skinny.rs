@@ -3,9 +3,9 @@
 //!
 //! A general matrix product repacks the weight into panels before multiplying; at a few rows
 //! that packing costs more than the product: GPT-2's 50,257 × 768 LM head took 24 ms per
-//! decoding step of 16 rows through `gemm` (11 ms here), its 768 × 3072 MLP weight 1.5 ms
-//! when streamed from memory (0.75 ms here). Each block of the weight is brought in once and
-//! used for every row while it is in registers or cache. Two kernels, one per weight layout:
+//! decoding step of 16 rows through `gemm` (11 ms here). Each block of the weight is brought
+//! in once and used for every row while it is in registers or cache. Two kernels, one per
+//! weight layout:
 //! - columns of `W` contiguous (`nn.Linear`'s `[out, in]`, LM heads): blocks of dot products,
 //!   several rows × several columns at once, lane-parallel over the inner dimension, reading
 //!   the weight sequentially where it lies;
