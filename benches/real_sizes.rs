@@ -18,13 +18,14 @@ use minillm::data::batch::LmBatch;
 use minillm::generate::{generate, generate_mixed, row_rngs, MixedSampling, SamplingConfig};
 use minillm::loss::{head_loss, TargetTerm};
 use minillm::model::{load_model_as, Model, Weights};
-use minillm::train::optim::{collect_grads, AdamW, AdamWConfig};
-use rand::{Rng, SeedableRng};
+use minillm::train::optim::{AdamW, AdamWConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod common;
 
 /// GPT-2's vocabulary.
 const VOCAB: u32 = 50_257;
@@ -41,15 +42,13 @@ fn model(size: &str, weights: Weights) -> Option<Model> {
 
 /// `n` sequences of `len` random tokens other than GPT-2's EOS (50,256).
 fn random_ids(n: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n).map(|_| (0..len).map(|_| rng.random_range(0..VOCAB - 1)).collect()).collect()
+    common::random_ids_in(n, len, seed, 0..VOCAB - 1)
 }
 
 fn sft_step(c: &mut Criterion) {
     minillm::runtime::configure();
     let Some(model) = model("124m", Weights::Trainable) else { return };
     let mut opt = AdamW::new(model.lm.params().trainable(), AdamWConfig::default()).unwrap();
-    let vars: Vec<_> = model.lm.params().trainable().map(|(_, v)| v.clone()).collect();
     let mut group = c.benchmark_group("real");
     group.sample_size(10).measurement_time(Duration::from_secs(60));
     for (rows, len) in [(4, 298), (8, 512)] {
@@ -62,8 +61,7 @@ fn sft_step(c: &mut Criterion) {
                 let hidden = batch.gather(&hidden).unwrap();
                 let ce = TargetTerm::CrossEntropy { weights: &w, coef: 1.0 };
                 let loss = head_loss(&hidden, model.lm.lm_head_weight(), &batch.targets, ce, None, None).unwrap().loss;
-                let grads = loss.backward().unwrap();
-                opt.step(&collect_grads(&grads, &vars), 1e-4).unwrap();
+                common::update(&model, &mut opt, &loss);
             })
         });
     }
