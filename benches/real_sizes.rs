@@ -8,6 +8,9 @@
 //! - Teacher-mixed rollouts: the 124M student and a 355M teacher decode 16 rows in lockstep,
 //!   32 new tokens, the teacher's final hidden state kept.
 //!
+//! Decoding and rollouts also run with bf16 weights (`eval --dtype bf16`, `--teacher-dtype
+//! bf16`: bf16 matrices, f32 arithmetic), beside PyTorch's bf16 models.
+//!
 //! The models come from `scripts/make_real_size_models.sh DIR 124m 355m`; set
 //! `MINILLM_REAL_SIZES=DIR` (default `/tmp/realsize`). Benches whose models are missing are
 //! skipped with a message.
@@ -31,13 +34,18 @@ mod common;
 const VOCAB: u32 = 50_257;
 
 fn model(size: &str, weights: Weights) -> Option<Model> {
+    model_in(size, weights, DType::F32)
+}
+
+/// The model loaded in `dtype` (bf16 and frozen: bf16 matrices, f32 arithmetic).
+fn model_in(size: &str, weights: Weights, dtype: DType) -> Option<Model> {
     let root = std::env::var_os("MINILLM_REAL_SIZES").map_or_else(|| PathBuf::from("/tmp/realsize"), PathBuf::from);
     let dir = root.join(format!("gpt2-{size}"));
     if !dir.join("model.safetensors").is_file() {
         eprintln!("{} missing: skipped (scripts/make_real_size_models.sh {} {size})", dir.display(), root.display());
         return None;
     }
-    Some(load_model_as(&dir, &Device::Cpu, DType::F32, weights).unwrap())
+    Some(load_model_as(&dir, &Device::Cpu, dtype, weights).unwrap())
 }
 
 /// `n` sequences of `len` random tokens other than GPT-2's EOS (50,256).
@@ -70,7 +78,11 @@ fn sft_step(c: &mut Criterion) {
 
 fn decoding(c: &mut Criterion) {
     minillm::runtime::configure();
-    let Some(model) = model("124m", Weights::Frozen) else { return };
+    let (Some(model), Some(model_bf16)) =
+        (model("124m", Weights::Frozen), model_in("124m", Weights::Frozen, DType::BF16))
+    else {
+        return;
+    };
     let cfg = SamplingConfig {
         max_new_tokens: 64,
         max_length: None,
@@ -81,10 +93,12 @@ fn decoding(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("real");
     group.sample_size(10).measurement_time(Duration::from_secs(30));
-    for rows in [16, 64] {
+    for (rows, model, dtype) in
+        [(16, &model, ""), (64, &model, ""), (16, &model_bf16, "-bf16"), (64, &model_bf16, "-bf16")]
+    {
         let prompts = random_ids(rows, 64, 3);
         group.throughput(Throughput::Elements((rows * 64) as u64));
-        group.bench_function(format!("decode gpt2-124m b{rows} 64+64"), |b| {
+        group.bench_function(format!("decode gpt2-124m{dtype} b{rows} 64+64"), |b| {
             b.iter(|| {
                 let mut rngs = row_rngs(1, 0..rows as u64);
                 let out = generate(model.lm.as_ref(), &prompts, &[], 0, &cfg, &mut rngs).unwrap();
@@ -97,7 +111,11 @@ fn decoding(c: &mut Criterion) {
 
 fn mixed_rollouts(c: &mut Criterion) {
     minillm::runtime::configure();
-    let (Some(student), Some(teacher)) = (model("124m", Weights::Frozen), model("355m", Weights::Frozen)) else {
+    let (Some(student), Some(teacher), Some(teacher_bf16)) = (
+        model("124m", Weights::Frozen),
+        model("355m", Weights::Frozen),
+        model_in("355m", Weights::Frozen, DType::BF16),
+    ) else {
         return;
     };
     let cfg = MixedSampling {
@@ -110,13 +128,15 @@ fn mixed_rollouts(c: &mut Criterion) {
     let prompts = random_ids(16, 64, 4);
     let mut group = c.benchmark_group("real");
     group.sample_size(10).measurement_time(Duration::from_secs(30)).throughput(Throughput::Elements(16 * 32));
-    group.bench_function("teacher-mixed gpt2-124m + gpt2-355m b16 64+32", |b| {
-        b.iter(|| {
-            let mut rngs = row_rngs(1, 0..16);
-            let r = generate_mixed(student.lm.as_ref(), teacher.lm.as_ref(), &prompts, &[], 0, &cfg, &mut rngs);
-            assert_eq!(r.unwrap().logq[0].len(), 32);
-        })
-    });
+    for (teacher, dtype) in [(&teacher, ""), (&teacher_bf16, "-bf16")] {
+        group.bench_function(format!("teacher-mixed gpt2-124m + gpt2-355m{dtype} b16 64+32"), |b| {
+            b.iter(|| {
+                let mut rngs = row_rngs(1, 0..16);
+                let r = generate_mixed(student.lm.as_ref(), teacher.lm.as_ref(), &prompts, &[], 0, &cfg, &mut rngs);
+                assert_eq!(r.unwrap().logq[0].len(), 32);
+            })
+        });
+    }
     group.finish();
 }
 

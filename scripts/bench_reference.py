@@ -96,6 +96,7 @@ def mixed_rollouts(student, teacher, prompts, new_tokens, alpha, g):
     s_past, t_past = s_out.past_key_values, t_out.past_key_values
     s_logits, t_logits, t_h = s_out.logits[:, -1], t_out.logits[:, -1], t_out.hidden_states[-1][:, -1]
     toks, lqs, lps, hs = [], [], [], []
+    s_logits, t_logits = s_logits.float(), t_logits.float()  # a bf16 model's logits mix in f32
     for _ in range(new_tokens):
         lq, lp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
         mix = (1 - alpha) * lq.exp() + alpha * lp.exp()
@@ -105,6 +106,7 @@ def mixed_rollouts(student, teacher, prompts, new_tokens, alpha, g):
         t_out = teacher(input_ids=y, past_key_values=t_past, use_cache=True, output_hidden_states=True)
         s_past, t_past = s_out.past_key_values, t_out.past_key_values
         s_logits, t_logits, t_h = s_out.logits[:, -1], t_out.logits[:, -1], t_out.hidden_states[-1][:, -1]
+        s_logits, t_logits = s_logits.float(), t_logits.float()
     return torch.stack(toks, 1), torch.stack(lqs, 1), torch.stack(lps, 1), torch.stack(hs, 1)
 
 
@@ -285,22 +287,140 @@ def real_benches(root):
         results[f"sft_step gpt2-124m b{rows}x{length}"] = (timed(step, 2, 6), None)
     del opt
     model.eval()
-    for rows in [16, 64]:
+    model_bf16 = load("124m").eval().to(torch.bfloat16)
+    for rows, m, dtype in [(16, model, ""), (64, model, ""), (16, model_bf16, "-bf16"), (64, model_bf16, "-bf16")]:
         prompts = torch.randint(0, REAL_V - 1, (rows, 64), generator=g)
 
         def decode():
             with torch.no_grad():
-                out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                out = m.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
                                      temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=64, min_new_tokens=64,
                                      pad_token_id=REAL_V - 1)
             assert out.shape[1] == 128
 
-        results[f"decode gpt2-124m b{rows} 64+64"] = (timed(decode, 1, 5), rows * 64)
+        results[f"decode gpt2-124m{dtype} b{rows} 64+64"] = (timed(decode, 1, 5), rows * 64)
+    del model_bf16
     teacher = load("355m").eval()
     prompts = torch.randint(0, REAL_V - 1, (16, 64), generator=g)
     results["teacher-mixed gpt2-124m + gpt2-355m b16 64+32"] = (
         timed(lambda: mixed_rollouts(model, teacher, prompts, 32, 0.2, g), 1, 5), 16 * 32)
+    teacher = teacher.to(torch.bfloat16)
+    results["teacher-mixed gpt2-124m + gpt2-355m-bf16 b16 64+32"] = (
+        timed(lambda: mixed_rollouts(model, teacher, prompts, 32, 0.2, g), 1, 5), 16 * 32)
     return results
+
+
+def format_prompt(instruction, inp):
+    """MiniLLM's prompt template (src/tokenizer.rs)."""
+    head = "Below is an instruction that describes a task"
+    if not inp:
+        return (f"{head}. Write a response that appropriately completes the request.\n\n"
+                f"### Instruction:\n{instruction}\n\n### Response:\n")
+    return (f"{head}, paired with an input that provides further context. Write a response that appropriately "
+            f"completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{inp}\n\n### Response:\n")
+
+
+@torch.no_grad()
+def padded_mixed_rollouts(student, teacher, prompts, new_tokens, alpha, g):
+    """mixed_rollouts for prompts of different lengths: left-padded, with the attention mask and
+    the position ids transformers' generation derives from it."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[REAL_V - 1] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    s_out = student(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    t_out = teacher(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, output_hidden_states=True)
+    s_past, t_past = s_out.past_key_values, t_out.past_key_values
+    s_logits, t_logits, t_h = s_out.logits[:, -1].float(), t_out.logits[:, -1].float(), t_out.hidden_states[-1][:, -1]
+    toks, lqs, lps, hs = [], [], [], []
+    for _ in range(new_tokens):
+        lq, lp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
+        y = torch.multinomial((1 - alpha) * lq.exp() + alpha * lp.exp(), 1, generator=g)
+        toks.append(y[:, 0]); lqs.append(lq.gather(1, y)[:, 0]); lps.append(lp.gather(1, y)[:, 0]); hs.append(t_h)
+        mask = torch.cat([mask, torch.ones_like(y)], 1)
+        pos = pos[:, -1:] + 1
+        s_out = student(input_ids=y, attention_mask=mask, position_ids=pos, past_key_values=s_past, use_cache=True)
+        t_out = teacher(input_ids=y, attention_mask=mask, position_ids=pos, past_key_values=t_past, use_cache=True,
+                        output_hidden_states=True)
+        s_past, t_past = s_out.past_key_values, t_out.past_key_values
+        s_logits, t_logits, t_h = s_out.logits[:, -1].float(), t_out.logits[:, -1].float(), t_out.hidden_states[-1][:, -1]
+    return torch.stack(toks, 1), torch.stack(lqs, 1), torch.stack(lps, 1), torch.stack(hs, 1)
+
+
+def real_distill_iteration(root, teacher_size, teacher_dtype, data):
+    """One `distill` iteration at the paper's shapes, timed by phase, as BENCHMARKS.md's
+    command runs it: the first 16 Dolly training prompts (what `data.train_limit=16` keeps),
+    16 teacher-mixed rollouts of 32 new tokens in 2 batches of 8, then one inner epoch of 2
+    updates of 8 rollouts, each with the clipped PG term, the single-step reverse KL from the
+    kept teacher states and the PT term over 8 x 512-token chunks (0.5 CE + 0.5 teacher soft CE,
+    the teacher forward without gradients), backward and AdamW."""
+    import json
+    tok = transformers.GPT2TokenizerFast(tokenizer_file=os.path.join(data, "gpt2_tokenizer", "tokenizer.json"))
+    with open(os.path.join(data, "minillm_dolly_train", "train.jsonl")) as f:
+        rows = [json.loads(next(f)) for _ in range(16)]
+    prompts = [tok(format_prompt(r["instruction"], r["input"]))["input_ids"] for r in rows]
+    student = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(root, "gpt2-124m")).train()
+    teacher = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(root, f"gpt2-{teacher_size}"),
+                                                           torch_dtype=teacher_dtype).eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=5e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(4)
+    alpha, gamma, eps_clip, new = 0.2, 1.0, 0.2, 32
+    phases = {}
+
+    def timed_phase(name, fn):
+        t = time.perf_counter()
+        out = fn()
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+    t_all = time.perf_counter()
+    parts = timed_phase("collect", lambda: [
+        (prompts[i:i + 8], padded_mixed_rollouts(student, teacher, prompts[i:i + 8], new, alpha, g)) for i in (0, 8)])
+    for chunk, (resp, logq_old, logp, t_hidden) in parts:
+        def forward():
+            width = max(len(p) for p in chunk)
+            full = torch.tensor([[REAL_V - 1] * (width - len(p)) + p for p in chunk])
+            full = torch.cat([full, resp], 1)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + new) for p in chunk])
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
+            logits = student(input_ids=full, attention_mask=mask, position_ids=pos).logits[:, width - 1:-1]
+            lq_all = F.log_softmax(logits.float(), -1)
+            lq = lq_all.gather(2, resp[:, :, None])[..., 0]
+            with torch.no_grad():
+                mix_lp = torch.log((1 - alpha) * logq_old.exp() + alpha * logp.exp())
+                w = torch.exp(logq_old - mix_lp)
+                rewards = logp - logq_old
+                ret, last = [], 0
+                for t in reversed(range(new)):
+                    last = rewards[:, t] + gamma * last
+                    ret.append(last)
+                adv = whiten(torch.stack(ret[::-1], 1) / torch.arange(new, 0, -1))
+                tl = F.log_softmax(teacher.lm_head(t_hidden).float(), -1)
+            ratio = torch.exp(lq - logq_old) * w
+            pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps_clip, 1 + eps_clip)).mean()
+            single = (lq_all.exp() * (lq_all - tl)).sum(-1).mean()
+            return pg + single
+
+        def pt_forward():
+            chunk_ids = torch.randint(0, REAL_V - 1, (8, 512), generator=g)
+            pl = student(input_ids=chunk_ids).logits[:, :-1]
+            with torch.no_grad():
+                tp = F.softmax(teacher(input_ids=chunk_ids).logits[:, :-1].float(), -1)
+            lps_pt = F.log_softmax(pl, -1)
+            ce = F.nll_loss(lps_pt.reshape(-1, REAL_V), chunk_ids[:, 1:].reshape(-1))
+            return 0.5 * ce - 0.5 * (tp * lps_pt).sum(-1).mean()
+
+        loss = timed_phase("forward", forward)
+        loss = loss + timed_phase("pt_forward", pt_forward)
+        timed_phase("backward", loss.backward)
+
+        def update():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        timed_phase("update", update)
+    phases["total"] = time.perf_counter() - t_all
+    return phases
 
 
 if __name__ == "__main__":
@@ -308,9 +428,19 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", action="store_true", help="the steps of benches/methods.rs")
     ap.add_argument("--real", metavar="DIR", help="the benches of benches/real_sizes.rs on DIR/gpt2-{124m,355m}")
+    ap.add_argument("--real-distill", metavar="DIR", help="one distill iteration of DIR/gpt2-124m with a teacher")
+    ap.add_argument("--teacher", default="1.5b", help="--real-distill's teacher size (DIR/gpt2-SIZE)")
+    ap.add_argument("--teacher-dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {a.threads} threads")
+    if a.real_distill:
+        dtype = torch.bfloat16 if a.teacher_dtype == "bf16" else torch.float32
+        phases = real_distill_iteration(a.real_distill, a.teacher, dtype, a.data)
+        print("distill iteration, 124m + " + a.teacher + f" ({a.teacher_dtype}): "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+        raise SystemExit
     if a.real:
         for name, (t, tokens) in real_benches(a.real).items():
             rate = f" = {tokens / t:.0f} tokens/s" if tokens else ""

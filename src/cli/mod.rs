@@ -31,7 +31,8 @@ pub struct ModelArgs {
 /// How to load models: precision and device.
 #[derive(Args, Clone, Copy, Debug)]
 pub struct LoadArgs {
-    /// Working precision: f32, bf16 or f16.
+    /// Working precision: f32, bf16 or f16 (bf16 on the CPU: bf16 matrices and products with
+    /// f32 sums, f32 activations).
     #[arg(long, default_value = "f32")]
     pub dtype: Precision,
     /// Run on the GPU with this index (needs the `cuda` feature).

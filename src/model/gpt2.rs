@@ -1,7 +1,7 @@
 //! GPT-2 (`GPT2LMHeadModel`): learned positions, pre-LN blocks, fused q/k/v `Conv1D`.
 
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::checkpointing::Checkpointing;
 use super::config::Gpt2Config;
@@ -72,6 +72,8 @@ pub struct Gpt2 {
     lm_head: Tensor,
     n_head: usize,
     act: Activation,
+    /// The dtype activations are computed in (f32 also when the matrices are stored in bf16).
+    dtype: DType,
     params: Params,
     /// Activation checkpointing of the blocks (`train.grad_checkpointing`).
     checkpointing: Checkpointing,
@@ -111,6 +113,7 @@ impl Gpt2 {
         } else {
             pb.get("lm_head.weight", &[cfg.vocab_size, h], Init::Normal)?
         };
+        let dtype = pb.dtype();
         let params = pb.finish(&[".attn.bias", ".attn.masked_bias", "lm_head.weight"]);
         Ok(Self {
             info: ModelInfo {
@@ -128,6 +131,7 @@ impl Gpt2 {
             lm_head,
             n_head: cfg.n_head,
             act,
+            dtype,
             params,
             checkpointing: Checkpointing::default(),
         })
@@ -148,9 +152,10 @@ impl CausalLm for Gpt2 {
         let (b, t) = input_ids.dims2()?;
         let dev = input_ids.device();
         let pos = position_tensor(mask.position_ids(t, 1), b, t, dev)?;
-        let bias = mask.bias(t, None, self.wte.dtype(), dev)?;
-        let mut x = (self.wte.embedding(&input_ids.flatten_all()?)?.reshape((b, t, ()))?
-            + self.wpe.embedding(&pos.flatten_all()?)?.reshape((b, t, ()))?)?;
+        let bias = mask.bias(t, None, self.dtype, dev)?;
+        let tokens = self.wte.embedding(&input_ids.flatten_all()?)?.to_dtype(self.dtype)?;
+        let positions = self.wpe.embedding(&pos.flatten_all()?)?.to_dtype(self.dtype)?;
+        let mut x = (tokens.reshape((b, t, ()))? + positions.reshape((b, t, ()))?)?;
         let checkpointing = self.checkpointing.active(cache.is_some());
         for (i, blk) in self.blocks.iter().enumerate() {
             x = if checkpointing {

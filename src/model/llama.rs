@@ -3,7 +3,7 @@
 //! may restrict attention to a sliding window.
 
 use anyhow::Result;
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use super::checkpointing::Checkpointing;
 use super::config::LlamaConfig;
@@ -37,6 +37,8 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     window: Option<usize>,
     act: Activation,
+    /// The dtype activations are computed in (f32 also when the matrices are stored in bf16).
+    dtype: DType,
     params: Params,
     /// Activation checkpointing of the layers (`train.grad_checkpointing`).
     checkpointing: Checkpointing,
@@ -115,6 +117,7 @@ impl Llama {
         } else {
             pb.get("lm_head.weight", &[cfg.vocab_size, h], Init::Normal)?
         };
+        let dtype = pb.dtype();
         let params = pb.finish(&["rotary_emb.inv_freq", "lm_head.weight"]);
         let window = if cfg.family == Family::Mistral { cfg.sliding_window } else { None };
         Ok(Self {
@@ -136,6 +139,7 @@ impl Llama {
             inv_freq: cfg.rope.inv_freq(hd).into_iter().map(|f| f as f32).collect(),
             window,
             act: Activation::parse(&cfg.hidden_act)?,
+            dtype,
             params,
             checkpointing: Checkpointing::default(),
         })
@@ -183,14 +187,14 @@ impl CausalLm for Llama {
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let dev = input_ids.device();
-        let dtype = self.embed_tokens.dtype();
+        let dtype = self.dtype;
         let pos = mask.position_ids(t, 1);
         let (cos, sin) = self.rope_tables(&pos, b, t, dev)?;
         let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         let bias = mask.bias(t, self.window, dtype, dev)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let ctx = LayerContext { cos, sin, bias, scale, heads: self.heads, kv_heads: self.kv_heads, act: self.act };
-        let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, t, ()))?;
+        let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.to_dtype(dtype)?.reshape((b, t, ()))?;
         let checkpointing = self.checkpointing.active(cache.is_some());
         for (i, l) in self.layers.iter().enumerate() {
             x = if checkpointing {

@@ -2,7 +2,7 @@
 //! optional projection between embedding width and hidden width.
 
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use super::config::OptConfig;
 use super::layers::{attention, position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear};
@@ -36,6 +36,8 @@ pub struct Opt {
     lm_head: Tensor,
     heads: usize,
     act: Activation,
+    /// The dtype activations are computed in (f32 also when the matrices are stored in bf16).
+    dtype: DType,
     params: Params,
 }
 
@@ -87,6 +89,7 @@ impl Opt {
         } else {
             pb.get("lm_head.weight", &[cfg.vocab_size, e], Init::Normal)?
         };
+        let dtype = pb.dtype();
         let params = pb.finish(&["lm_head.weight"]);
         Ok(Self {
             info: ModelInfo {
@@ -107,6 +110,7 @@ impl Opt {
             lm_head,
             heads: cfg.num_attention_heads,
             act,
+            dtype,
             params,
         })
     }
@@ -128,12 +132,13 @@ impl CausalLm for Opt {
         // OPT derives positions as cumsum(mask)·mask − 1 (padding → −1), then adds the offset.
         let pos: Vec<i64> = mask.position_ids(t, -1).into_iter().map(|p| p + POSITION_OFFSET).collect();
         let pos = position_tensor(pos, b, t, dev)?;
-        let bias = mask.bias(t, None, self.embed_tokens.dtype(), dev)?;
-        let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.reshape((b, t, ()))?;
+        let bias = mask.bias(t, None, self.dtype, dev)?;
+        let mut x =
+            self.embed_tokens.embedding(&input_ids.flatten_all()?)?.to_dtype(self.dtype)?.reshape((b, t, ()))?;
         if let Some(p) = &self.project_in {
             x = p.forward(&x)?;
         }
-        x = (x + self.embed_positions.embedding(&pos.flatten_all()?)?.reshape((b, t, ()))?)?;
+        x = (x + self.embed_positions.embedding(&pos.flatten_all()?)?.to_dtype(self.dtype)?.reshape((b, t, ()))?)?;
         let head_dim = x.dim(2)? / self.heads;
         let scale = 1.0 / (head_dim as f64).sqrt();
         for (i, l) in self.layers.iter().enumerate() {

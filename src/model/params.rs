@@ -150,6 +150,8 @@ pub struct ParamBuilder {
     source: ParamSource,
     device: Device,
     dtype: DType,
+    /// Storage dtype of matrices (weights of two or more dimensions); `dtype` unless set.
+    matrix_dtype: DType,
     weights: Weights,
     params: Params,
     /// Prefixes that checkpoints of this family are sometimes saved without (or with), e.g.
@@ -165,6 +167,7 @@ impl ParamBuilder {
             source,
             device: device.clone(),
             dtype,
+            matrix_dtype: dtype,
             weights: Weights::Trainable,
             params: Params::default(),
             aliases: Vec::new(),
@@ -176,6 +179,23 @@ impl ParamBuilder {
     pub fn weights(mut self, weights: Weights) -> Self {
         self.weights = weights;
         self
+    }
+
+    /// Stores matrices (linear and embedding weights) in `dtype` while vectors (biases,
+    /// normalisation weights) and the computation stay in the builder's dtype: bf16 weights
+    /// read by [`crate::ops::linear_bf16`] for a frozen model. Refused for a trainable one (its
+    /// optimizer and gradients work in one dtype).
+    pub fn store_matrices_in(mut self, dtype: DType) -> Result<Self> {
+        if self.weights == Weights::Trainable && dtype != self.dtype {
+            bail!("only a frozen model can store its matrices in {dtype:?} and compute in {:?}", self.dtype);
+        }
+        self.matrix_dtype = dtype;
+        Ok(self)
+    }
+
+    /// The dtype the model computes in (its activations).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Also accept checkpoint names where the leading `from` is replaced by `to`.
@@ -218,6 +238,7 @@ impl ParamBuilder {
 
     fn fetch(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let resolved = self.resolve(name);
+        let dtype = if shape.len() >= 2 { self.matrix_dtype } else { self.dtype };
         match &mut self.source {
             ParamSource::Checkpoint { tensors, files } => {
                 let Some(key) = resolved else {
@@ -236,7 +257,7 @@ impl ParamBuilder {
                     bail!("tensor `{key}` in {} holds NaN or infinite values", show_paths(files));
                 }
                 self.used.insert(key);
-                Ok(t.to_dtype(self.dtype)?.to_device(&self.device)?)
+                Ok(t.to_dtype(dtype)?.to_device(&self.device)?)
             }
             ParamSource::Random { rng, std } => {
                 let n: usize = shape.iter().product();
@@ -245,7 +266,7 @@ impl ParamBuilder {
                     Init::Ones => vec![1.0; n],
                     Init::Normal => (0..n).map(|_| normal(rng) * *std as f32).collect(),
                 };
-                Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(self.dtype)?.to_device(&self.device)?)
+                Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(&self.device)?)
             }
         }
     }

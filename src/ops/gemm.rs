@@ -2,11 +2,11 @@
 //! ops that multiply strided blocks of their buffers in place without copying them out.
 
 /// A read-only `rows × cols` matrix inside a slice: element `(i, j)` is
-/// `data[offset + i·rs + j·cs]`.
-#[derive(Clone, Copy)]
-pub struct MatRef<'a> {
+/// `data[offset + i·rs + j·cs]`. Entries are f32 unless said otherwise (a bf16 weight for
+/// [`super::skinny`]).
+pub struct MatRef<'a, T = f32> {
     /// The buffer holding the matrix.
-    pub data: &'a [f32],
+    pub data: &'a [T],
     /// Index of element (0, 0).
     pub offset: usize,
     /// Rows and columns.
@@ -15,7 +15,15 @@ pub struct MatRef<'a> {
     pub strides: (usize, usize),
 }
 
-impl MatRef<'_> {
+impl<T> Clone for MatRef<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for MatRef<'_, T> {}
+
+impl<T> MatRef<'_, T> {
     /// The same elements read as the transpose.
     pub fn t(self) -> Self {
         Self { shape: (self.shape.1, self.shape.0), strides: (self.strides.1, self.strides.0), ..self }

@@ -33,6 +33,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, layout: WeightLayout) -> candl
     if wi != din || b.dims() != [wo] {
         candle_core::bail!("linear: input width {din}, weight {:?} ({layout:?}), bias {:?}", w.dims(), b.dims());
     }
+    if super::linear_bf16::applies(x, w) {
+        return super::linear_bf16(x, w, Some(b), layout);
+    }
     if !(fusable(x) && fusable(w) && fusable(b)) {
         return linear_composite(x, w, b, layout);
     }
@@ -49,6 +52,9 @@ pub fn linear_no_bias(x: &Tensor, w: &Tensor, layout: WeightLayout) -> candle_co
     };
     if wi != din {
         candle_core::bail!("linear: input width {din}, weight {:?} ({layout:?})", w.dims());
+    }
+    if super::linear_bf16::applies(x, w) {
+        return super::linear_bf16(x, w, None, layout);
     }
     if !(fusable(x) && fusable(w)) {
         return match layout {

@@ -13,9 +13,11 @@ pub mod gemm;
 pub mod inference_attention;
 pub mod layer_norm;
 pub mod linear;
+pub mod linear_bf16;
 pub mod math;
 pub mod simd;
 pub mod skinny;
+pub mod skinny_bf16;
 pub mod softmax;
 
 use candle_core::{CpuStorage, Layout, Tensor};
@@ -25,6 +27,7 @@ pub use gelu::gelu_tanh;
 pub use inference_attention::attention_inference;
 pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_no_bias, WeightLayout};
+pub use linear_bf16::linear_bf16;
 pub use softmax::masked_softmax;
 
 /// Whether `t` can take a fused CPU kernel (f32 on the CPU).

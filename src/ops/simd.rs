@@ -15,6 +15,12 @@ pub use imp::F32x;
 /// never faults).
 pub use imp::prefetch;
 
+/// A bf16 value's f32: its 16 bits are the f32's upper half.
+#[inline(always)]
+pub fn bf16_to_f32(x: half::bf16) -> f32 {
+    f32::from_bits((x.to_bits() as u32) << 16)
+}
+
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 mod imp {
     use std::arch::x86_64::*;
@@ -48,6 +54,18 @@ mod imp {
             Self(unsafe { _mm512_loadu_ps(s.as_ptr()) })
         }
 
+        /// The first [`LANES`] bf16 values of `s` widened to f32 (exact).
+        #[inline(always)]
+        pub fn load_bf16(s: &[half::bf16]) -> Self {
+            assert!(s.len() >= LANES);
+            // SAFETY: `s` holds LANES 2-byte values (32 bytes); unaligned load. Widening puts
+            // each value's bits in the upper half of a lane.
+            Self(unsafe {
+                let h = _mm256_loadu_si256(s.as_ptr().cast());
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            })
+        }
+
         /// `self + a·b`, one rounding.
         #[inline(always)]
         pub fn mul_add(self, a: Self, b: Self) -> Self {
@@ -73,7 +91,7 @@ mod imp {
 
     /// Asks for the cache line holding `p` (never faults, whatever `p` is).
     #[inline(always)]
-    pub fn prefetch(p: *const f32) {
+    pub fn prefetch<T>(p: *const T) {
         // SAFETY: a prefetch is a hint; it neither faults nor reads architecturally.
         unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
     }
@@ -112,6 +130,18 @@ mod imp {
             Self(unsafe { _mm256_loadu_ps(s.as_ptr()) })
         }
 
+        /// The first [`LANES`] bf16 values of `s` widened to f32 (exact).
+        #[inline(always)]
+        pub fn load_bf16(s: &[half::bf16]) -> Self {
+            assert!(s.len() >= LANES);
+            // SAFETY: `s` holds LANES 2-byte values (16 bytes); unaligned load. Widening puts
+            // each value's bits in the upper half of a lane.
+            Self(unsafe {
+                let h = _mm_loadu_si128(s.as_ptr().cast());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            })
+        }
+
         /// `self + a·b`, one rounding.
         #[inline(always)]
         pub fn mul_add(self, a: Self, b: Self) -> Self {
@@ -141,7 +171,7 @@ mod imp {
 
     /// Asks for the cache line holding `p` (never faults, whatever `p` is).
     #[inline(always)]
-    pub fn prefetch(p: *const f32) {
+    pub fn prefetch<T>(p: *const T) {
         // SAFETY: a prefetch is a hint; it neither faults nor reads architecturally.
         unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
     }
@@ -177,6 +207,12 @@ mod imp {
             Self(s[..LANES].try_into().expect("LANES values"))
         }
 
+        /// The first [`LANES`] bf16 values of `s` widened to f32 (exact).
+        #[inline(always)]
+        pub fn load_bf16(s: &[half::bf16]) -> Self {
+            Self(std::array::from_fn(|i| super::bf16_to_f32(s[i])))
+        }
+
         /// `self + a·b` (two roundings: `mul_add` without the instruction is a library call).
         #[inline(always)]
         pub fn mul_add(self, a: Self, b: Self) -> Self {
@@ -200,7 +236,7 @@ mod imp {
 
     /// A cache hint where the build has none: nothing.
     #[inline(always)]
-    pub fn prefetch(_: *const f32) {}
+    pub fn prefetch<T>(_: *const T) {}
 }
 
 #[cfg(test)]
@@ -218,5 +254,15 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(v.sum(), want.iter().sum::<f32>());
         assert_eq!(F32x::zero().sum(), 0.0);
+    }
+
+    #[test]
+    fn bf16_loads_widen_exactly() {
+        let v: Vec<half::bf16> = (0..LANES).map(|i| half::bf16::from_f32(i as f32 * -1.375 + 0.0078125)).collect();
+        let mut got = vec![0.0; LANES];
+        F32x::load_bf16(&v).add_to(&mut got);
+        let want: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+        assert_eq!(got, want);
+        assert_eq!(bf16_to_f32(half::bf16::from_f32(-3.5)), -3.5);
     }
 }

@@ -15,25 +15,79 @@
 //!
 //! The accumulators are arrays of [`F32x`] registers (16 lanes with AVX-512, 8 with AVX2);
 //! block sizes are chosen so they fit the register file of each (32 or 16 registers).
+//!
+//! The weight may be stored in bf16 (a frozen teacher's, [`super::linear_bf16`]): it is
+//! widened to f32 as it is loaded (exact), so the arithmetic is f32 and only half the bytes
+//! come from memory.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
 use super::gemm::MatRef;
-use super::simd::{prefetch, F32x, LANES};
+use super::simd::{bf16_to_f32, prefetch, F32x, LANES};
+
+/// A weight entry the kernels read: f32, or bf16 widened to f32 as it is loaded.
+pub trait WeightEntry: Copy + Send + Sync + 'static {
+    /// The first [`LANES`] entries of `s` as f32.
+    fn load(s: &[Self]) -> F32x;
+    /// One entry as f32.
+    fn to_f32(self) -> f32;
+    /// `dst[i] = src[i]` as f32, for equal lengths.
+    fn widen(src: &[Self], dst: &mut [f32]);
+}
+
+impl WeightEntry for f32 {
+    #[inline(always)]
+    fn load(s: &[Self]) -> F32x {
+        F32x::load(s)
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl WeightEntry for half::bf16 {
+    #[inline(always)]
+    fn load(s: &[Self]) -> F32x {
+        F32x::load_bf16(s)
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16_to_f32(self)
+    }
+
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        // A shift per entry: the compiler vectorises this loop.
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = bf16_to_f32(v);
+        }
+    }
+}
 
 /// Rows of `x` per dot-product block (`DOT_ROWS × DOT_COLS` accumulator registers).
-const DOT_ROWS: usize = if cfg!(target_feature = "avx512f") { 4 } else { 2 };
+pub(super) const DOT_ROWS: usize = if cfg!(target_feature = "avx512f") { 4 } else { 2 };
 /// Weight columns per dot-product block.
-const DOT_COLS: usize = 4;
+pub(super) const DOT_COLS: usize = 4;
 
 /// Rows of `x` per strip block (`AXPY_ROWS × 2` accumulator registers).
-const AXPY_ROWS: usize = if cfg!(target_feature = "avx512f") { 8 } else { 4 };
+pub(super) const AXPY_ROWS: usize = if cfg!(target_feature = "avx512f") { 8 } else { 4 };
 /// Output columns per strip: two registers.
-const STRIP: usize = 2 * LANES;
+pub(super) const STRIP: usize = 2 * LANES;
 /// Weight rows per band of the strip kernel.
-const AXPY_DEPTH: usize = 32;
-/// f32 values per 64-byte cache line (the prefetch granularity).
-const LINE_FLOATS: usize = 16;
+pub(super) const AXPY_DEPTH: usize = 32;
+/// Bytes per cache line (the prefetch granularity).
+pub(super) const LINE_BYTES: usize = 64;
 /// Most columns of one strip-kernel task (its band: 256 KiB).
 const MAX_BAND_COLUMNS: usize = 2048;
 
@@ -47,19 +101,19 @@ pub const MIN_WEIGHT: usize = 1 << 18;
 
 /// Whether [`super::gemm::matmul_parallel`] hands this product to [`matmul`]: few rows, a
 /// large weight, and layouts [`matmul`] reads.
-pub fn applies(x: &MatRef, w: &MatRef) -> bool {
+pub fn applies<T>(x: &MatRef, w: &MatRef<T>) -> bool {
     x.shape.0 <= MAX_ROWS && w.shape.0 * w.shape.1 >= MIN_WEIGHT && readable(x, w)
 }
 
 /// Layouts [`matmul`] reads: a row-major `x` and a weight with one unit stride.
-fn readable(x: &MatRef, w: &MatRef) -> bool {
+fn readable<T>(x: &MatRef, w: &MatRef<T>) -> bool {
     x.strides.1 == 1 && (w.strides.0 == 1 || w.strides.1 == 1)
 }
 
 /// `dst ← (accumulate ? dst : 0) + x·w`, `dst` row-major `rows × cols` (row stride `cols`),
 /// on all of rayon's threads (split over output columns). `x` must have unit column stride and
 /// `w` one unit stride; any number of rows works (fastest up to [`MAX_ROWS`]).
-pub fn matmul(dst: &mut [f32], x: MatRef, w: MatRef, accumulate: bool) {
+pub fn matmul<T: WeightEntry>(dst: &mut [f32], x: MatRef, w: MatRef<T>, accumulate: bool) {
     let (rows, k) = x.shape;
     let cols = w.shape.1;
     assert!(readable(&x, &w), "skinny matmul: x needs unit column stride, w one unit stride");
@@ -74,23 +128,34 @@ pub fn matmul(dst: &mut [f32], x: MatRef, w: MatRef, accumulate: bool) {
     }
     let columns_contiguous = w.strides.0 == 1 && w.strides.1 != 1;
     let xs: Vec<&[f32]> = (0..rows).map(|r| &x.data[x.offset + r * x.strides.0..][..k]).collect();
-    // Column chunks per task: enough tasks to balance the threads, enough work to amortise one.
+    for_column_tasks(dst, cols, columns_contiguous, |c0, c1, out| {
+        if columns_contiguous {
+            dot_columns(&xs, &w, c0, c1, out);
+        } else {
+            axpy_strips(&xs, &w, c0, c1, out);
+        }
+    });
+}
+
+/// Runs `kernel(c0, c1, out)` for ranges of the `cols` output columns of `dst` on all of
+/// rayon's threads: enough ranges to balance the threads, each wide enough to amortise a task
+/// (and, for weights with contiguous rows, narrow enough that a band of [`AXPY_DEPTH`] of its
+/// rows stays in L2).
+pub(super) fn for_column_tasks(
+    dst: &mut [f32],
+    cols: usize,
+    columns_contiguous: bool,
+    kernel: impl Fn(usize, usize, &SharedRows) + Sync,
+) {
     let threads = rayon::current_num_threads();
     let per_task = if columns_contiguous {
         (cols.div_ceil(4 * threads)).next_multiple_of(STRIP).max(STRIP * 4)
     } else {
-        // Wide column ranges (long sequential reads per weight row), bounded so that a band
-        // of AXPY_DEPTH rows stays in L2.
         cols.div_ceil(threads).next_multiple_of(STRIP).clamp(STRIP, MAX_BAND_COLUMNS)
     };
     let out = SharedRows { ptr: dst.as_mut_ptr(), stride: cols };
     (0..cols.div_ceil(per_task)).into_par_iter().for_each(|task| {
-        let (c0, c1) = (task * per_task, ((task + 1) * per_task).min(cols));
-        if columns_contiguous {
-            dot_columns(&xs, &w, c0, c1, &out);
-        } else {
-            axpy_strips(&xs, &w, c0, c1, &out);
-        }
+        kernel(task * per_task, ((task + 1) * per_task).min(cols), &out);
     });
 }
 
@@ -98,7 +163,7 @@ pub fn matmul(dst: &mut [f32], x: MatRef, w: MatRef, accumulate: bool) {
 /// exact count, so that the kernel's row count is a constant (its accumulators registers).
 macro_rules! with_rows {
     ($rows:expr, |$xs:ident| $body:expr) => {{
-        let rows: &[&[f32]] = &$rows;
+        let rows = &$rows[..];
         match rows.len() {
             1 => with_rows!(@ rows, $xs, $body, 1),
             2 => with_rows!(@ rows, $xs, $body, 2),
@@ -112,13 +177,14 @@ macro_rules! with_rows {
         }
     }};
     (@ $rows:ident, $xs:ident, $body:expr, $n:literal) => {{
-        let $xs: [&[f32]; $n] = std::array::from_fn(|i| $rows[i]);
+        let $xs: [_; $n] = std::array::from_fn(|i| $rows[i]);
         $body
     }};
 }
+pub(super) use with_rows;
 
 /// The destination shared by the column tasks, each writing only its own columns.
-struct SharedRows {
+pub(super) struct SharedRows {
     ptr: *mut f32,
     stride: usize,
 }
@@ -132,7 +198,7 @@ impl SharedRows {
     /// # Safety
     /// In bounds, and no other task touches column `col`.
     #[inline(always)]
-    unsafe fn add(&self, row: usize, col: usize, v: f32) {
+    pub(super) unsafe fn add(&self, row: usize, col: usize, v: f32) {
         *self.ptr.add(row * self.stride + col) += v;
     }
 
@@ -142,18 +208,18 @@ impl SharedRows {
     /// In bounds, and no other task touches these columns while the slice lives.
     #[inline(always)]
     #[allow(clippy::mut_from_ref)]
-    unsafe fn row_range(&self, row: usize, col: usize, len: usize) -> &mut [f32] {
+    pub(super) unsafe fn row_range(&self, row: usize, col: usize, len: usize) -> &mut [f32] {
         std::slice::from_raw_parts_mut(self.ptr.add(row * self.stride + col), len)
     }
 }
 
 /// Columns `c0..c1` of `x·w` for `w` with contiguous columns.
-fn dot_columns(xs: &[&[f32]], w: &MatRef, c0: usize, c1: usize, out: &SharedRows) {
+fn dot_columns<T: WeightEntry>(xs: &[&[f32]], w: &MatRef<T>, c0: usize, c1: usize, out: &SharedRows) {
     let k = xs[0].len();
     let col = |c: usize| &w.data[w.offset + c * w.strides.1..][..k];
     let mut c = c0;
     while c + DOT_COLS <= c1 {
-        let ws: [&[f32]; DOT_COLS] = std::array::from_fn(|j| col(c + j));
+        let ws: [&[T]; DOT_COLS] = std::array::from_fn(|j| col(c + j));
         dot_block_rows(xs, ws, c, out);
         c += DOT_COLS;
     }
@@ -165,7 +231,7 @@ fn dot_columns(xs: &[&[f32]], w: &MatRef, c0: usize, c1: usize, out: &SharedRows
 
 /// Every row of `x` against the `C` weight columns `ws` (starting at column `c`).
 #[inline(always)]
-fn dot_block_rows<const C: usize>(xs: &[&[f32]], ws: [&[f32]; C], c: usize, out: &SharedRows) {
+fn dot_block_rows<T: WeightEntry, const C: usize>(xs: &[&[f32]], ws: [&[T]; C], c: usize, out: &SharedRows) {
     for (r, rows) in xs.chunks(DOT_ROWS).enumerate() {
         with_rows!(rows, |block| dot_block(block, ws, r * DOT_ROWS, c, out));
     }
@@ -173,12 +239,18 @@ fn dot_block_rows<const C: usize>(xs: &[&[f32]], ws: [&[f32]; C], c: usize, out:
 
 /// `R × C` dot products over the inner dimension, `LANES` partial sums each.
 #[inline(always)]
-fn dot_block<const R: usize, const C: usize>(xs: [&[f32]; R], ws: [&[f32]; C], r0: usize, c0: usize, out: &SharedRows) {
+fn dot_block<T: WeightEntry, const R: usize, const C: usize>(
+    xs: [&[f32]; R],
+    ws: [&[T]; C],
+    r0: usize,
+    c0: usize,
+    out: &SharedRows,
+) {
     let k = xs[0].len();
     let body = k / LANES * LANES;
     let mut acc = [[F32x::zero(); C]; R];
     for i in (0..body).step_by(LANES) {
-        let wv: [F32x; C] = std::array::from_fn(|j| F32x::load(&ws[j][i..]));
+        let wv: [F32x; C] = std::array::from_fn(|j| T::load(&ws[j][i..]));
         for r in 0..R {
             let xv = F32x::load(&xs[r][i..]);
             for j in 0..C {
@@ -188,7 +260,7 @@ fn dot_block<const R: usize, const C: usize>(xs: [&[f32]; R], ws: [&[f32]; C], r
     }
     for r in 0..R {
         for j in 0..C {
-            let tail: f32 = (body..k).map(|t| xs[r][t] * ws[j][t]).sum();
+            let tail: f32 = (body..k).map(|t| xs[r][t] * ws[j][t].to_f32()).sum();
             // SAFETY: row r0 + r < rows and column c0 + j is inside this task's range.
             unsafe { out.add(r0 + r, c0 + j, acc[r][j].sum() + tail) };
         }
@@ -199,30 +271,23 @@ fn dot_block<const R: usize, const C: usize>(xs: [&[f32]; R], ws: [&[f32]; C], r
 /// rows: each band's columns are first copied out contiguously (long sequential reads are
 /// what streams a weight from memory at full speed; reading the strips where they lie, one
 /// 128-byte piece per weight row, reached a third of it), then multiplied strip by strip.
-fn axpy_strips(xs: &[&[f32]], w: &MatRef, c0: usize, c1: usize, out: &SharedRows) {
+/// A bf16 band is widened to f32 as it is copied.
+fn axpy_strips<T: WeightEntry>(xs: &[&[f32]], w: &MatRef<T>, c0: usize, c1: usize, out: &SharedRows) {
     let k = xs[0].len();
     let width = c1 - c0;
     let mut band = vec![0f32; AXPY_DEPTH * width];
     let strips = width.div_ceil(STRIP);
-    let lines_per_row = width.div_ceil(LINE_FLOATS);
     for d0 in (0..k).step_by(AXPY_DEPTH) {
         let depth = d0..(d0 + AXPY_DEPTH).min(k);
         for (i, dst) in band.chunks_exact_mut(width).take(depth.len()).enumerate() {
-            dst.copy_from_slice(&w.data[w.offset + (d0 + i) * w.strides.0 + c0..][..width]);
+            T::widen(&w.data[w.offset + (d0 + i) * w.strides.0 + c0..][..width], dst);
         }
         let band_rows: Vec<&[f32]> = xs.iter().map(|x| &x[depth.clone()]).collect();
         // The next band streams into L2 while this one is multiplied, a share per strip, so
         // that its copy above finds it there.
         let next = (d0 + AXPY_DEPTH)..(d0 + 2 * AXPY_DEPTH).min(k);
-        let next_lines = next.len() * lines_per_row;
-        let per_strip = next_lines.div_ceil(strips);
         for (s, s0) in (0..width).step_by(STRIP).enumerate() {
-            for line in
-                (s * per_strip..((s + 1) * per_strip).min(next_lines)).map(|j| (j / lines_per_row, j % lines_per_row))
-            {
-                let at = w.offset + (next.start + line.0) * w.strides.0 + c0 + line.1 * LINE_FLOATS;
-                prefetch(w.data.as_ptr().wrapping_add(at));
-            }
+            prefetch_share(w, next.clone(), c0..c1, s, strips);
             let place_width = STRIP.min(width - s0);
             for (r, rows) in band_rows.chunks(AXPY_ROWS).enumerate() {
                 let place = Place { r0: r * AXPY_ROWS, c0: c0 + s0, width: place_width };
@@ -232,12 +297,25 @@ fn axpy_strips(xs: &[&[f32]], w: &MatRef, c0: usize, c1: usize, out: &SharedRows
     }
 }
 
+/// Asks for share `s` of `shares` of the cache lines holding rows `rows`, columns `cols`, of
+/// `w` (contiguous rows) to be brought into L2.
+pub(super) fn prefetch_share<T>(w: &MatRef<T>, rows: Range<usize>, cols: Range<usize>, s: usize, shares: usize) {
+    let line_len = LINE_BYTES / std::mem::size_of::<T>();
+    let lines_per_row = cols.len().div_ceil(line_len);
+    let lines = rows.len() * lines_per_row;
+    let per_share = lines.div_ceil(shares.max(1));
+    for j in s * per_share..((s + 1) * per_share).min(lines) {
+        let at = w.offset + (rows.start + j / lines_per_row) * w.strides.0 + cols.start + j % lines_per_row * line_len;
+        prefetch(w.data.as_ptr().wrapping_add(at));
+    }
+}
+
 /// Where a block's results go: rows `r0..`, columns `c0..c0 + width`.
 #[derive(Clone, Copy)]
-struct Place {
-    r0: usize,
-    c0: usize,
-    width: usize,
+pub(super) struct Place {
+    pub(super) r0: usize,
+    pub(super) c0: usize,
+    pub(super) width: usize,
 }
 
 /// `R` rows of `x` (entries of one pass) times the matching rows of a strip of
@@ -287,14 +365,15 @@ mod tests {
     }
 
     /// `x·w` in f64 with the sum of |terms| per entry (the scale of its rounding error).
-    fn reference(x: &MatRef, w: &MatRef) -> Vec<(f64, f64)> {
-        let at = |m: &MatRef, i: usize, j: usize| m.data[m.offset + i * m.strides.0 + j * m.strides.1] as f64;
+    fn reference<T: WeightEntry>(x: &MatRef, w: &MatRef<T>) -> Vec<(f64, f64)> {
         let (rows, k) = x.shape;
         let cols = w.shape.1;
+        let xat = |i: usize, j: usize| x.data[x.offset + i * x.strides.0 + j * x.strides.1] as f64;
+        let wat = |i: usize, j: usize| w.data[w.offset + i * w.strides.0 + j * w.strides.1].to_f32() as f64;
         let mut out = Vec::with_capacity(rows * cols);
         for r in 0..rows {
             for c in 0..cols {
-                let terms = (0..k).map(|i| at(x, r, i) * at(w, i, c));
+                let terms = (0..k).map(|i| xat(r, i) * wat(i, c));
                 out.push(terms.clone().fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs())));
             }
         }
@@ -302,13 +381,19 @@ mod tests {
     }
 
     /// Checks `matmul` for `rows × k` times `k × cols` with the weight stored both ways, inside
-    /// larger buffers (offsets and strides beyond the shape), fresh and accumulating.
+    /// larger buffers (offsets and strides beyond the shape), fresh and accumulating; the
+    /// weight in f32 and in bf16.
     fn check(rows: usize, k: usize, cols: usize) {
+        let w_data = values(5 + (k + 1) * (cols + 3), 2);
+        check_with(rows, k, cols, &w_data);
+        check_with(rows, k, cols, &w_data.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>());
+    }
+
+    fn check_with<T: WeightEntry>(rows: usize, k: usize, cols: usize, w_data: &[T]) {
         let x_data = values(3 + rows * (k + 2), 1);
         let x = MatRef { data: &x_data, offset: 3, shape: (rows, k), strides: (k + 2, 1) };
-        let w_data = values(5 + (k + 1) * (cols + 3), 2);
-        let in_out = MatRef { data: &w_data, offset: 5, shape: (k, cols), strides: (cols + 3, 1) };
-        let out_in = MatRef { data: &w_data, offset: 5, shape: (k, cols), strides: (1, k + 1) };
+        let in_out = MatRef { data: w_data, offset: 5, shape: (k, cols), strides: (cols + 3, 1) };
+        let out_in = MatRef { data: w_data, offset: 5, shape: (k, cols), strides: (1, k + 1) };
         for w in [in_out, out_in] {
             let want = reference(&x, &w);
             let start = values(rows * cols, 3);
@@ -320,7 +405,8 @@ mod tests {
                     let tol = 1e-6 * (scale + 1.0);
                     assert!(
                         (g as f64 - v).abs() <= tol,
-                        "{rows}x{k}x{cols} strides {:?} accumulate {accumulate}: entry {i} is {g}, want {v}",
+                        "{rows}x{k}x{cols} {} strides {:?} accumulate {accumulate}: entry {i} is {g}, want {v}",
+                        std::any::type_name::<T>(),
                         w.strides
                     );
                 }

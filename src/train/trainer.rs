@@ -56,6 +56,11 @@ pub trait Task {
     fn data_stats(&self) -> Stats {
         Stats::new()
     }
+    /// Seconds the task spent in its own phases since the last call (e.g. distillation's
+    /// rollout collection, its pre-training term), logged with the loop's phases.
+    fn take_phase_seconds(&mut self) -> Stats {
+        Stats::new()
+    }
 }
 
 /// A task's resumable state: small values as JSON, bulk data (a rollout buffer) as tensors.
@@ -260,7 +265,8 @@ pub fn train(
         let t0 = Instant::now();
         let lr = cfg.schedule.lr(cfg.lr, step, cfg.max_steps);
         task.begin_step(student, step, cfg.window())?;
-        match accumulate(task, student, &vars)? {
+        let mut phases = Stats::from([("prepare".to_string(), t0.elapsed().as_secs_f64())]);
+        match accumulate(task, student, &vars, &mut phases)? {
             Err(problem) => {
                 state.bad_in_a_row += 1;
                 tracing::warn!("step {step}: skipped the update because {problem}");
@@ -274,15 +280,18 @@ pub fn train(
             }
             Ok((mut grads, gnorm, stats)) => {
                 state.bad_in_a_row = 0;
+                let t_update = Instant::now();
                 if let Some(max) = cfg.clip_grad {
                     clip_grad_norm(&mut grads, max)?;
                 }
                 opt.step(&grads, lr)?;
                 state.optimizer_steps = opt.steps_taken();
+                phases.insert("update".into(), t_update.elapsed().as_secs_f64());
+                phases.extend(task.take_phase_seconds());
                 let secs = t0.elapsed().as_secs_f64();
                 let tokens = stats.get("tokens").copied().unwrap_or(0.0);
-                let mut row =
-                    json!({"step": step, "lr": lr, "grad_norm": gnorm, "seconds": secs, "tokens_per_s": tokens / secs});
+                let mut row = json!({"step": step, "lr": lr, "grad_norm": gnorm, "seconds": secs,
+                    "tokens_per_s": tokens / secs, "phases": phases});
                 for (k, v) in &stats {
                     row[k] = json!(v);
                 }
@@ -317,15 +326,22 @@ pub fn train(
 /// micro-batches, or what made the step unusable (a non-finite loss or gradient).
 type Accumulated = std::result::Result<(Vec<Option<Tensor>>, f64, Stats), String>;
 
-fn accumulate(task: &mut dyn Task, student: &Model, vars: &[Var]) -> Result<Accumulated> {
+/// Runs the window's micro-batches, adding the seconds of their forward and backward passes
+/// to `phases`.
+fn accumulate(task: &mut dyn Task, student: &Model, vars: &[Var], phases: &mut Stats) -> Result<Accumulated> {
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     let mut stats = Stats::new();
+    let mut add =
+        |phase: &str, since: Instant| *phases.entry(phase.into()).or_default() += since.elapsed().as_secs_f64();
     for i in 0..task.micro_batches() {
+        let t = Instant::now();
         let (loss, s) = task.micro_loss(student, i)?;
         let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        add("forward", t);
         if !value.is_finite() {
             return Ok(Err(format!("the loss of micro-batch {i} is {value}")));
         }
+        let t = Instant::now();
         let store = loss.backward()?;
         // Blocks under activation checkpointing report their parameters' gradients aside.
         let mut aside = student.lm.take_checkpoint_grads();
@@ -333,6 +349,7 @@ fn accumulate(task: &mut dyn Task, student: &Model, vars: &[Var]) -> Result<Accu
             let g = sum_grads(g, aside.remove(&v.id()))?;
             *acc = sum_grads(acc.take(), g)?;
         }
+        add("backward", t);
         *stats.entry("loss".into()).or_default() += value as f64;
         for (k, v) in s {
             *stats.entry(k).or_default() += v;

@@ -195,8 +195,8 @@ pub fn letters_teacher(dir: &std::path::Path, seed: u64) -> PathBuf {
     run.best()
 }
 
-/// The rows of a run's `metrics.jsonl` without their timings (`seconds`, `tokens_per_s`), for
-/// comparing two runs that must compute the same.
+/// The rows of a run's `metrics.jsonl` without their timings (`seconds`, `tokens_per_s`,
+/// `phases`), for comparing two runs that must compute the same.
 pub fn metrics_without_timings(run: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
@@ -206,6 +206,7 @@ pub fn metrics_without_timings(run: &std::path::Path) -> Vec<serde_json::Value> 
             if let Some(o) = v.as_object_mut() {
                 o.remove("seconds");
                 o.remove("tokens_per_s");
+                o.remove("phases");
             }
             v
         })

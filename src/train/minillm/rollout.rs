@@ -106,7 +106,8 @@ fn target_log_probs(model: &Model, hidden: &Tensor, targets: &[u32], vocab: usiz
     let mut out = Vec::with_capacity(targets.len());
     for start in (0..targets.len()).step_by(256) {
         let n = 256.min(targets.len() - start);
-        let logits = hidden.narrow(0, start, n)?.matmul(&head.t()?)?;
+        // The fused layer: also reads a bf16-stored teacher head without widening it all.
+        let logits = crate::ops::linear_no_bias(&hidden.narrow(0, start, n)?, &head, crate::ops::WeightLayout::OutIn)?;
         let rows = &targets[start..start + n];
         if logits.device().is_cpu() {
             // One pass per row (its log-normaliser) instead of a log-softmax tensor and a

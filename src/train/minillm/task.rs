@@ -26,6 +26,7 @@ use crate::train::objective::{batch_head_loss, TeacherTerm};
 use crate::train::responses::sample_pairs;
 use crate::train::trainer::{Stats, Task, TaskState, Window};
 use crate::train::validation::{reference_loss, samples_rouge_l};
+use std::time::Instant;
 
 /// Salt of the validation sampling seed, so validation samples never share a stream with
 /// training rollouts.
@@ -61,6 +62,8 @@ pub struct DistillTask {
     window_pt_tokens: usize,
     rollout_stats: Stats,
     data_stats: Stats,
+    /// Seconds spent collecting rollouts and in the pre-training term since last reported.
+    phase_seconds: Stats,
 }
 
 impl DistillTask {
@@ -94,6 +97,7 @@ impl DistillTask {
             window_pt_tokens: 0,
             rollout_stats: Stats::new(),
             data_stats: Stats::new(),
+            phase_seconds: Stats::new(),
         })
     }
 
@@ -126,6 +130,7 @@ impl DistillTask {
 
     /// Collects a new buffer of rollouts with the current student and plans its minibatches.
     fn collect(&mut self, student: &Model, batch_size: usize) -> Result<()> {
+        let t0 = Instant::now();
         let n = self.cfg.num_rollouts;
         let chunk = self.cfg.rollout_batch.min(self.data.prompts.len());
         let mut prompts = Vec::with_capacity(n);
@@ -142,7 +147,10 @@ impl DistillTask {
                 ..SamplingConfig::sampling(self.cfg.max_new_tokens)
             };
             let pairs = sample_pairs(student, &sampling, self.seed, &prompts, first_row, chunk)?;
-            rescore_rollouts(student, &self.teacher, &pairs, &self.cfg)?
+            let t_score = Instant::now();
+            let scored = rescore_rollouts(student, &self.teacher, &pairs, &self.cfg)?;
+            self.add_phase("collect_scoring", t_score);
+            scored
         } else {
             let cfg = self.sampling(self.cfg.alpha, self.cfg.single_step);
             let rows = consecutive_rows(first_row, n);
@@ -156,7 +164,13 @@ impl DistillTask {
             rollouts_from_samples(samples, chunk, &self.cfg)
         };
         self.replace_buffer(buffer, batch_size);
+        self.add_phase("collect", t0);
         Ok(())
+    }
+
+    /// Adds the seconds since `since` to phase `phase`.
+    fn add_phase(&mut self, phase: &str, since: Instant) {
+        *self.phase_seconds.entry(phase.into()).or_default() += since.elapsed().as_secs_f64();
     }
 
     /// The pre-training term of one micro-batch: `(1 − r)·CE + r·H(p, q)`, token-averaged over
@@ -184,6 +198,10 @@ impl Task for DistillTask {
         let mut s = self.data_stats.clone();
         s.insert("corpus_chunks".into(), self.data.corpus.len() as f64);
         s
+    }
+
+    fn take_phase_seconds(&mut self) -> Stats {
+        std::mem::take(&mut self.phase_seconds)
     }
 
     fn begin_step(&mut self, student: &Model, _step: usize, window: Window) -> Result<()> {
@@ -295,7 +313,9 @@ impl Task for DistillTask {
         }
         let mut loss = out.loss;
         if self.cfg.pt {
+            let t = Instant::now();
             let (pt, s) = self.pt_loss(student, &self.pt_window[i])?;
+            self.add_phase("pt_forward", t);
             stats.insert("pt".into(), pt.to_scalar::<f32>()? as f64);
             *stats.entry("tokens".into()).or_default() += self.pt_window[i].num_targets() as f64;
             stats.extend(s);
