@@ -355,10 +355,12 @@ def real_distill_iteration(root, teacher_size, teacher_dtype, data):
     kept teacher states and the PT term over 8 x 512-token chunks (0.5 CE + 0.5 teacher soft CE,
     the teacher forward without gradients), backward and AdamW."""
     import json
-    tok = transformers.GPT2TokenizerFast(tokenizer_file=os.path.join(data, "gpt2_tokenizer", "tokenizer.json"))
+    import tokenizers
+    tok = tokenizers.Tokenizer.from_file(os.path.join(root, "gpt2-124m", "tokenizer.json"))
     with open(os.path.join(data, "minillm_dolly_train", "train.jsonl")) as f:
         rows = [json.loads(next(f)) for _ in range(16)]
-    prompts = [tok(format_prompt(r["instruction"], r["input"]))["input_ids"] for r in rows]
+    prompts = [tok.encode(format_prompt(r["instruction"], r["input"])).ids for r in rows]
+    assert all(prompts), "empty prompt"
     student = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(root, "gpt2-124m")).train()
     teacher = transformers.GPT2LMHeadModel.from_pretrained(os.path.join(root, f"gpt2-{teacher_size}"),
                                                            torch_dtype=teacher_dtype).eval()
