@@ -74,6 +74,24 @@ fn sft_then_distill_then_seqkd_and_kd_run_from_configuration() {
     run_method(Method::Distill, &cfg).unwrap();
     let text = std::fs::read_to_string(distill_out.join("metrics.jsonl")).unwrap();
     assert!(text.contains("\"single\"") && !text.contains("\"pt\""));
+    // Each step row times its phases; the loop's own phases account for (almost) all of the
+    // step, and the steps that collected rollouts say how long collection took.
+    let steps: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r.get("lr").is_some())
+        .collect();
+    assert_eq!(steps.len(), 4);
+    for r in &steps {
+        let p = &r["phases"];
+        let loop_phases: f64 =
+            ["prepare", "forward", "backward", "update"].iter().map(|k| p[*k].as_f64().unwrap()).sum();
+        let secs = r["seconds"].as_f64().unwrap();
+        assert!(loop_phases <= secs && loop_phases >= 0.8 * secs, "phases {p} in a step of {secs} s");
+        assert!(p.get("pt_forward").is_none(), "no PT term, no PT phase: {p}");
+    }
+    let collect = steps[0]["phases"]["collect"].as_f64().unwrap();
+    assert!(collect > 0.0 && collect <= steps[0]["phases"]["prepare"].as_f64().unwrap(), "{}", steps[0]);
     // Validation at the start and after steps 2 and 4.
     assert_eq!(eval_values(&distill_out, "val_rougeL").len(), 3, "distill validation reports Rouge-L");
 

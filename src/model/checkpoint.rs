@@ -159,7 +159,8 @@ pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
 
 /// Loads a model directory onto `device`, trainable or frozen (a teacher: no autograd graph
 /// on its forward passes), converting weights to `dtype`. A frozen bf16 model on the CPU
-/// stores its matrices in bf16 and computes in f32 ([`crate::ops::linear_bf16`]).
+/// stores its matrices in bf16 and multiplies in bf16 with f32 sums, everything else in f32
+/// ([`crate::ops::linear_bf16`]).
 pub fn load_model_as(dir: &Path, device: &Device, dtype: DType, weights: Weights) -> Result<Model> {
     if !dir.is_dir() {
         bail!("model directory {} does not exist", dir.display());
@@ -179,9 +180,9 @@ pub fn load_model_as(dir: &Path, device: &Device, dtype: DType, weights: Weights
     let arch = ArchConfig::parse(&config, &config_path.display().to_string())?;
     let files = weight_files(dir)?;
     let builder = if dtype == DType::BF16 && weights == Weights::Frozen && device.is_cpu() {
-        // A frozen bf16 model on the CPU keeps bf16 matrices but computes in f32: half the
-        // memory and the decoding traffic, and no bf16 rounding of activations (candle's CPU
-        // bf16 matmul would widen both operands to f32 on every call anyway).
+        // A frozen bf16 model on the CPU keeps bf16 matrices but f32 activations: half the
+        // memory and the decoding traffic, bf16 only where the products need it (candle's
+        // CPU bf16 matmul would widen both operands to f32 on every call anyway).
         ParamBuilder::new(ParamSource::from_files(&files)?, device, DType::F32)
             .weights(weights)
             .store_matrices_in(DType::BF16)?

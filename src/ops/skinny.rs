@@ -16,9 +16,9 @@
 //! The accumulators are arrays of [`F32x`] registers (16 lanes with AVX-512, 8 with AVX2);
 //! block sizes are chosen so they fit the register file of each (32 or 16 registers).
 //!
-//! The weight may be stored in bf16 (a frozen teacher's, [`super::linear_bf16`]): it is
-//! widened to f32 as it is loaded (exact), so the arithmetic is f32 and only half the bytes
-//! come from memory.
+//! The weight may be stored in bf16 ([`super::skinny_bf16`] on CPUs without bf16 dot
+//! products): it is widened to f32 as it is loaded (exact), so the arithmetic is f32 and only
+//! half the bytes come from memory.
 
 use std::ops::Range;
 

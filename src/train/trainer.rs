@@ -266,7 +266,9 @@ pub fn train(
         let lr = cfg.schedule.lr(cfg.lr, step, cfg.max_steps);
         task.begin_step(student, step, cfg.window())?;
         let mut phases = Stats::from([("prepare".to_string(), t0.elapsed().as_secs_f64())]);
-        match accumulate(task, student, &vars, &mut phases)? {
+        let accumulated = accumulate(task, student, &vars, &mut phases)?;
+        phases.extend(task.take_phase_seconds());
+        match accumulated {
             Err(problem) => {
                 state.bad_in_a_row += 1;
                 tracing::warn!("step {step}: skipped the update because {problem}");
@@ -287,7 +289,6 @@ pub fn train(
                 opt.step(&grads, lr)?;
                 state.optimizer_steps = opt.steps_taken();
                 phases.insert("update".into(), t_update.elapsed().as_secs_f64());
-                phases.extend(task.take_phase_seconds());
                 let secs = t0.elapsed().as_secs_f64();
                 let tokens = stats.get("tokens").copied().unwrap_or(0.0);
                 let mut row = json!({"step": step, "lr": lr, "grad_norm": gnorm, "seconds": secs,
