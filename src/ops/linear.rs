@@ -119,11 +119,27 @@ impl candle_core::CustomOp2 for Matmul {
 impl Linear {
     /// The weight as an `[in, out]` matrix view.
     fn weight<'a>(&self, w: &'a [f32], din: usize, dout: usize) -> MatRef<'a> {
-        match self.layout {
-            WeightLayout::InOut => MatRef { data: w, offset: 0, shape: (din, dout), strides: (dout, 1) },
-            WeightLayout::OutIn => MatRef { data: w, offset: 0, shape: (din, dout), strides: (1, din) },
-        }
+        weight_view(w, din, dout, self.layout)
     }
+}
+
+/// A weight stored in `layout` as an `[in, out]` matrix view.
+pub(super) fn weight_view<T>(w: &[T], din: usize, dout: usize, layout: WeightLayout) -> MatRef<'_, T> {
+    match layout {
+        WeightLayout::InOut => MatRef { data: w, offset: 0, shape: (din, dout), strides: (dout, 1) },
+        WeightLayout::OutIn => MatRef { data: w, offset: 0, shape: (din, dout), strides: (1, din) },
+    }
+}
+
+/// A `rows × dout` output with every row set to `bias` (zeros without one), for a product to
+/// accumulate into.
+pub(super) fn seeded_output(rows: usize, dout: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut y = vec![0f32; rows * dout];
+    if let Some(b) = bias {
+        y.par_chunks_mut(rows_per_task(dout) * dout)
+            .for_each(|y| y.chunks_mut(dout).for_each(|r| r.copy_from_slice(b)));
+    }
+    y
 }
 
 impl CustomOp3 for Linear {
@@ -147,9 +163,7 @@ impl CustomOp3 for Linear {
         );
         let (rows, din) = lx.shape().dims2()?;
         let dout = b.len();
-        let mut y = vec![0f32; rows * dout];
-        y.par_chunks_mut(rows_per_task(dout) * dout)
-            .for_each(|y| y.chunks_mut(dout).for_each(|r| r.copy_from_slice(b)));
+        let mut y = seeded_output(rows, dout, Some(b));
         let xm = MatRef { data: x, offset: 0, shape: (rows, din), strides: (din, 1) };
         matmul_parallel(&mut y, xm, self.weight(w, din, dout), true);
         Ok((CpuStorage::F32(y), Shape::from((rows, dout))))

@@ -20,9 +20,10 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::gemm::{matmul_parallel, MatRef};
+use super::linear::{seeded_output, weight_view};
 use super::skinny::{self, WeightEntry};
 use super::skinny_bf16;
-use super::{contiguous_f32, rows_per_task, WeightLayout};
+use super::{contiguous_f32, WeightLayout};
 
 /// Whether [`linear_bf16`] serves this layer: f32 input, bf16 weight, both on the CPU.
 pub(crate) fn applies(x: &Tensor, w: &Tensor) -> bool {
@@ -70,11 +71,7 @@ impl LinearBf16 {
                 bias.map(<[f32]>::len)
             );
         }
-        let mut y = vec![0f32; rows * dout];
-        if let Some(b) = bias {
-            y.par_chunks_mut(rows_per_task(dout) * dout)
-                .for_each(|y| y.chunks_mut(dout).for_each(|r| r.copy_from_slice(b)));
-        }
+        let mut y = seeded_output(rows, dout, bias);
         let xm = MatRef { data: x, offset: 0, shape: (rows, din), strides: (din, 1) };
         let wm = weight_view(w, din, dout, self.layout);
         if skinny::applies(&xm, &wm) {
@@ -87,14 +84,6 @@ impl LinearBf16 {
             matmul_parallel(&mut y, xm, weight_view(&wide, din, dout, self.layout), true);
         }
         Ok((CpuStorage::F32(y), Shape::from((rows, dout))))
-    }
-}
-
-/// The weight as an `[in, out]` matrix view.
-fn weight_view<T>(w: &[T], din: usize, dout: usize, layout: WeightLayout) -> MatRef<'_, T> {
-    match layout {
-        WeightLayout::InOut => MatRef { data: w, offset: 0, shape: (din, dout), strides: (dout, 1) },
-        WeightLayout::OutIn => MatRef { data: w, offset: 0, shape: (din, dout), strides: (1, din) },
     }
 }
 
