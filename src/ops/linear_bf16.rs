@@ -4,8 +4,8 @@
 //! The product multiplies in bf16 and sums in f32: the input is rounded to bf16, each product
 //! of two bf16 values is exact, the sums, the bias and everything outside the products stay
 //! f32. Storing the weight in bf16 halves the memory a teacher takes and the bytes each
-//! decoding step streams, and the CPU's bf16 dot products (AVX512-BF16) do twice the
-//! multiply-adds of f32 ones. candle's bf16 matmul instead widens both operands to fresh f32
+//! decoding step streams, and the rounded input lets the CPU's bf16 dot products
+//! (AVX512-BF16) take half the bytes per multiply-add. candle's bf16 matmul instead widens both operands to fresh f32
 //! buffers on every call and rounds the product back to bf16, and a bf16 model rounds every
 //! activation.
 //!

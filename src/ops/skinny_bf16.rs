@@ -4,8 +4,8 @@
 //! The arithmetic is bf16 multiplication with f32 sums: `x` is rounded to bf16 once per call,
 //! each product of two bf16 values is exact in f32, and the products are summed in f32. On a
 //! CPU with AVX512-BF16 this is what `vdpbf16ps` does — 32 products summed pairwise into 16
-//! f32 lanes per instruction, twice the multiply-adds of an f32 FMA and half the bytes per
-//! weight — with the same two kernels as [`super::skinny`] (dot-product blocks for `[out, in]`
+//! f32 lanes per instruction (an FMA does 16) from half the bytes; where it issues at half an
+//! FMA's rate (the benchmark EPYC, BENCHMARKS.md) the gain is the bytes — with the same two kernels as [`super::skinny`] (dot-product blocks for `[out, in]`
 //! weights; bands of `[in, out]` weight rows, here interleaved in pairs as the instruction
 //! wants them). Elsewhere the rounded `x` goes through [`super::skinny`]'s f32 kernels with the
 //! weight widened as it is loaded: the same products, summed in another order.
