@@ -160,7 +160,7 @@ pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
 /// Loads a model directory onto `device`, trainable or frozen (a teacher: no autograd graph
 /// on its forward passes), converting weights to `dtype`. A frozen bf16 model on the CPU
 /// stores its matrices in bf16 and multiplies in bf16 with f32 sums, everything else in f32
-/// ([`crate::ops::linear_bf16`]).
+/// ([`linear_bf16`](mod@crate::ops::linear_bf16)).
 pub fn load_model_as(dir: &Path, device: &Device, dtype: DType, weights: Weights) -> Result<Model> {
     if !dir.is_dir() {
         bail!("model directory {} does not exist", dir.display());

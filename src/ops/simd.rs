@@ -201,13 +201,13 @@ mod imp {
             Self([x; LANES])
         }
 
-        /// The first [`LANES`] values of `s` (which must hold that many).
+        /// The first `LANES` values of `s` (which must hold that many).
         #[inline(always)]
         pub fn load(s: &[f32]) -> Self {
             Self(s[..LANES].try_into().expect("LANES values"))
         }
 
-        /// The first [`LANES`] bf16 values of `s` widened to f32 (exact).
+        /// The first `LANES` bf16 values of `s` widened to f32 (exact).
         #[inline(always)]
         pub fn load_bf16(s: &[half::bf16]) -> Self {
             Self(std::array::from_fn(|i| super::bf16_to_f32(s[i])))
@@ -225,7 +225,7 @@ mod imp {
             self.0.iter().sum()
         }
 
-        /// Adds the lanes to the first [`LANES`] values of `s`.
+        /// Adds the lanes to the first `LANES` values of `s`.
         #[inline(always)]
         pub fn add_to(self, s: &mut [f32]) {
             for (d, v) in s[..LANES].iter_mut().zip(self.0) {
