@@ -114,19 +114,8 @@ fn readable<T>(x: &MatRef, w: &MatRef<T>) -> bool {
 /// on all of rayon's threads (split over output columns). `x` must have unit column stride and
 /// `w` one unit stride; any number of rows works (fastest up to [`MAX_ROWS`]).
 pub fn matmul<T: WeightEntry>(dst: &mut [f32], x: MatRef, w: MatRef<T>, accumulate: bool) {
-    let (rows, k) = x.shape;
-    let cols = w.shape.1;
-    assert!(readable(&x, &w), "skinny matmul: x needs unit column stride, w one unit stride");
-    assert!(w.shape.0 == k && dst.len() >= rows * cols, "skinny matmul: bad shapes");
-    x.check(x.data.len());
-    w.check(w.data.len());
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    if !accumulate {
-        dst[..rows * cols].fill(0.0);
-    }
-    let columns_contiguous = w.strides.0 == 1 && w.strides.1 != 1;
+    let Some(columns_contiguous) = prepare(dst, &x, &w, accumulate) else { return };
+    let ((rows, k), cols) = (x.shape, w.shape.1);
     let xs: Vec<&[f32]> = (0..rows).map(|r| &x.data[x.offset + r * x.strides.0..][..k]).collect();
     for_column_tasks(dst, cols, columns_contiguous, |c0, c1, out| {
         if columns_contiguous {
@@ -135,6 +124,25 @@ pub fn matmul<T: WeightEntry>(dst: &mut [f32], x: MatRef, w: MatRef<T>, accumula
             axpy_strips(&xs, &w, c0, c1, out);
         }
     });
+}
+
+/// Checks a product's operands (a row-major `x`, a weight with one unit stride, matching
+/// shapes, views inside their buffers) and zeroes `dst` unless accumulating. `None` when the
+/// product is empty, else whether the weight's columns are contiguous (`[out, in]` storage).
+pub(super) fn prepare<T>(dst: &mut [f32], x: &MatRef, w: &MatRef<T>, accumulate: bool) -> Option<bool> {
+    let (rows, k) = x.shape;
+    let cols = w.shape.1;
+    assert!(readable(x, w), "skinny matmul: x needs unit column stride, w one unit stride");
+    assert!(w.shape.0 == k && dst.len() >= rows * cols, "skinny matmul: bad shapes");
+    x.check(x.data.len());
+    w.check(w.data.len());
+    if rows == 0 || cols == 0 {
+        return None;
+    }
+    if !accumulate {
+        dst[..rows * cols].fill(0.0);
+    }
+    Some(w.strides.0 == 1 && w.strides.1 != 1)
 }
 
 /// Runs `kernel(c0, c1, out)` for ranges of the `cols` output columns of `dst` on all of

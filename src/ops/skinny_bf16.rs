@@ -46,8 +46,8 @@ mod dot_products {
 
     use super::super::gemm::MatRef;
     use super::super::skinny::{
-        for_column_tasks, prefetch_share, with_rows, Place, SharedRows, AXPY_DEPTH, AXPY_ROWS, DOT_COLS, DOT_ROWS,
-        STRIP,
+        for_column_tasks, prefetch_share, prepare, with_rows, Place, SharedRows, AXPY_DEPTH, AXPY_ROWS, DOT_COLS,
+        DOT_ROWS, STRIP,
     };
 
     /// bf16 values per register.
@@ -57,20 +57,11 @@ mod dot_products {
     const _: () = assert!(STRIP == 2 * LANES && AXPY_DEPTH.is_multiple_of(2));
 
     pub fn matmul(dst: &mut [f32], x: MatRef, w: MatRef<bf16>, accumulate: bool) {
+        let Some(columns_contiguous) = prepare(dst, &x, &w, accumulate) else { return };
         let (rows, k) = x.shape;
         let cols = w.shape.1;
-        assert!(x.strides.1 == 1 && (w.strides.0 == 1 || w.strides.1 == 1), "bf16 matmul: unreadable layout");
-        assert!(w.shape.0 == k && dst.len() >= rows * cols, "bf16 matmul: bad shapes");
-        x.check(x.data.len());
-        w.check(w.data.len());
-        if rows == 0 || cols == 0 {
-            return;
-        }
-        if !accumulate {
-            dst[..rows * cols].fill(0.0);
-        }
         let x_row = |r: usize| &x.data[x.offset + r * x.strides.0..][..k];
-        if w.strides.0 == 1 && w.strides.1 != 1 {
+        if columns_contiguous {
             let xb: Vec<bf16> = (0..rows).flat_map(|r| x_row(r).iter().map(|&v| bf16::from_f32(v))).collect();
             let xs: Vec<&[bf16]> = xb.chunks(k.max(1)).collect();
             for_column_tasks(dst, cols, true, |c0, c1, out| dot_columns(&xs, &w, c0, c1, out));

@@ -26,6 +26,11 @@ use crate::progress::Progress;
 /// Named scalar statistics of a step or an evaluation.
 pub type Stats = BTreeMap<String, f64>;
 
+/// Adds the seconds since `since` to phase `phase` of `phases`.
+pub fn add_seconds(phases: &mut Stats, phase: &str, since: Instant) {
+    *phases.entry(phase.into()).or_default() += since.elapsed().as_secs_f64();
+}
+
 /// The shape of one optimizer step: `grad_accum` micro-batches of `batch_size` sequences.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
@@ -265,7 +270,8 @@ pub fn train(
         let t0 = Instant::now();
         let lr = cfg.schedule.lr(cfg.lr, step, cfg.max_steps);
         task.begin_step(student, step, cfg.window())?;
-        let mut phases = Stats::from([("prepare".to_string(), t0.elapsed().as_secs_f64())]);
+        let mut phases = Stats::new();
+        add_seconds(&mut phases, "prepare", t0);
         let accumulated = accumulate(task, student, &vars, &mut phases)?;
         phases.extend(task.take_phase_seconds());
         match accumulated {
@@ -288,7 +294,7 @@ pub fn train(
                 }
                 opt.step(&grads, lr)?;
                 state.optimizer_steps = opt.steps_taken();
-                phases.insert("update".into(), t_update.elapsed().as_secs_f64());
+                add_seconds(&mut phases, "update", t_update);
                 let secs = t0.elapsed().as_secs_f64();
                 let tokens = stats.get("tokens").copied().unwrap_or(0.0);
                 let mut row = json!({"step": step, "lr": lr, "grad_norm": gnorm, "seconds": secs,
@@ -332,13 +338,11 @@ type Accumulated = std::result::Result<(Vec<Option<Tensor>>, f64, Stats), String
 fn accumulate(task: &mut dyn Task, student: &Model, vars: &[Var], phases: &mut Stats) -> Result<Accumulated> {
     let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
     let mut stats = Stats::new();
-    let mut add =
-        |phase: &str, since: Instant| *phases.entry(phase.into()).or_default() += since.elapsed().as_secs_f64();
     for i in 0..task.micro_batches() {
         let t = Instant::now();
         let (loss, s) = task.micro_loss(student, i)?;
         let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        add("forward", t);
+        add_seconds(phases, "forward", t);
         if !value.is_finite() {
             return Ok(Err(format!("the loss of micro-batch {i} is {value}")));
         }
@@ -350,7 +354,7 @@ fn accumulate(task: &mut dyn Task, student: &Model, vars: &[Var], phases: &mut S
             let g = sum_grads(g, aside.remove(&v.id()))?;
             *acc = sum_grads(acc.take(), g)?;
         }
-        add("backward", t);
+        add_seconds(phases, "backward", t);
         *stats.entry("loss".into()).or_default() += value as f64;
         for (k, v) in s {
             *stats.entry(k).or_default() += v;

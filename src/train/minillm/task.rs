@@ -24,7 +24,7 @@ use crate::model::Model;
 use crate::train::data_order::DataOrder;
 use crate::train::objective::{batch_head_loss, TeacherTerm};
 use crate::train::responses::sample_pairs;
-use crate::train::trainer::{Stats, Task, TaskState, Window};
+use crate::train::trainer::{add_seconds, Stats, Task, TaskState, Window};
 use crate::train::validation::{reference_loss, samples_rouge_l};
 use std::time::Instant;
 
@@ -149,7 +149,7 @@ impl DistillTask {
             let pairs = sample_pairs(student, &sampling, self.seed, &prompts, first_row, chunk)?;
             let t_score = Instant::now();
             let scored = rescore_rollouts(student, &self.teacher, &pairs, &self.cfg)?;
-            self.add_phase("collect_scoring", t_score);
+            add_seconds(&mut self.phase_seconds, "collect_scoring", t_score);
             scored
         } else {
             let cfg = self.sampling(self.cfg.alpha, self.cfg.single_step);
@@ -164,13 +164,8 @@ impl DistillTask {
             rollouts_from_samples(samples, chunk, &self.cfg)
         };
         self.replace_buffer(buffer, batch_size);
-        self.add_phase("collect", t0);
+        add_seconds(&mut self.phase_seconds, "collect", t0);
         Ok(())
-    }
-
-    /// Adds the seconds since `since` to phase `phase`.
-    fn add_phase(&mut self, phase: &str, since: Instant) {
-        *self.phase_seconds.entry(phase.into()).or_default() += since.elapsed().as_secs_f64();
     }
 
     /// The pre-training term of one micro-batch: `(1 − r)·CE + r·H(p, q)`, token-averaged over
@@ -315,7 +310,7 @@ impl Task for DistillTask {
         if self.cfg.pt {
             let t = Instant::now();
             let (pt, s) = self.pt_loss(student, &self.pt_window[i])?;
-            self.add_phase("pt_forward", t);
+            add_seconds(&mut self.phase_seconds, "pt_forward", t);
             stats.insert("pt".into(), pt.to_scalar::<f32>()? as f64);
             *stats.entry("tokens".into()).or_default() += self.pt_window[i].num_targets() as f64;
             stats.extend(s);
