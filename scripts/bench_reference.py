@@ -58,20 +58,24 @@ def timed(fn, warmup, reps):
     return statistics.median(ts)
 
 
+def sft_step(model, opt, ids):
+    """One SFT step on `ids` (next-token cross-entropy, backward, optimizer step), as a closure."""
+    def step():
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def sft_step_bench():
     model = gpt2(4, 256, 1).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-6)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(1, V, (8, 128), generator=g)
-
-    def step():
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return timed(step, 3, 10)
+    return timed(sft_step(model, opt, ids), 3, 10)
 
 
 def matmul_bench():
@@ -88,25 +92,33 @@ def whiten(x):
 
 
 @torch.no_grad()
-def mixed_rollouts(student, teacher, prompts, new_tokens, alpha, g):
+def mixed_rollouts(student, teacher, prompts, new_tokens, alpha, g, mask=None):
     """Teacher-mixed sampling: both models decode in lockstep with their caches; returns the
-    tokens, log q and log p of each, and the teacher's final hidden state at each position."""
-    s_out = student(input_ids=prompts, use_cache=True)
-    t_out = teacher(input_ids=prompts, use_cache=True, output_hidden_states=True)
-    s_past, t_past = s_out.past_key_values, t_out.past_key_values
-    s_logits, t_logits, t_h = s_out.logits[:, -1], t_out.logits[:, -1], t_out.hidden_states[-1][:, -1]
+    tokens, log q and log p of each, and the teacher's final hidden state at each position.
+    With `mask` (left-padded prompts), the attention mask and the position ids transformers'
+    generation derives from it go with every forward."""
+    extra = {}
+    if mask is not None:
+        extra = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+
+    def step(ids, s_past=None, t_past=None):
+        s_out = student(input_ids=ids, past_key_values=s_past, use_cache=True, **extra)
+        t_out = teacher(input_ids=ids, past_key_values=t_past, use_cache=True, output_hidden_states=True, **extra)
+        # A bf16 model's logits mix in f32.
+        return (s_out.past_key_values, t_out.past_key_values, s_out.logits[:, -1].float(),
+                t_out.logits[:, -1].float(), t_out.hidden_states[-1][:, -1])
+
+    s_past, t_past, s_logits, t_logits, t_h = step(prompts)
     toks, lqs, lps, hs = [], [], [], []
-    s_logits, t_logits = s_logits.float(), t_logits.float()  # a bf16 model's logits mix in f32
     for _ in range(new_tokens):
         lq, lp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
         mix = (1 - alpha) * lq.exp() + alpha * lp.exp()
         y = torch.multinomial(mix, 1, generator=g)
         toks.append(y[:, 0]); lqs.append(lq.gather(1, y)[:, 0]); lps.append(lp.gather(1, y)[:, 0]); hs.append(t_h)
-        s_out = student(input_ids=y, past_key_values=s_past, use_cache=True)
-        t_out = teacher(input_ids=y, past_key_values=t_past, use_cache=True, output_hidden_states=True)
-        s_past, t_past = s_out.past_key_values, t_out.past_key_values
-        s_logits, t_logits, t_h = s_out.logits[:, -1], t_out.logits[:, -1], t_out.hidden_states[-1][:, -1]
-        s_logits, t_logits = s_logits.float(), t_logits.float()
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(y)], 1)
+            extra = {"attention_mask": mask, "position_ids": extra["position_ids"][:, -1:] + 1}
+        s_past, t_past, s_logits, t_logits, t_h = step(y, s_past, t_past)
     return torch.stack(toks, 1), torch.stack(lqs, 1), torch.stack(lps, 1), torch.stack(hs, 1)
 
 
@@ -118,6 +130,35 @@ def mixed_decoding_bench():
 
 
 ROLLOUTS, ROLLOUT_BATCH, MINIBATCH = 256, 32, 8
+
+
+def importance_weights(logq_old, logp, alpha):
+    """q / ((1 - alpha) q + alpha p) of each sampled token: teacher-mixed sampling's correction."""
+    mix_lp = torch.log((1 - alpha) * logq_old.exp() + alpha * logp.exp())
+    return torch.exp(logq_old - mix_lp)
+
+
+def clipped_pg(lq, logq_old, w, rewards, gamma, eps_clip):
+    """The clipped policy-gradient surrogate on returns (discount `gamma`) normalised by the
+    number of future tokens and whitened, importance-weighted by `w`."""
+    n = rewards.shape[1]
+    ret, last = [], 0
+    for t in reversed(range(n)):
+        last = rewards[:, t] + gamma * last
+        ret.append(last)
+    adv = whiten(torch.stack(ret[::-1], 1) / torch.arange(n, 0, -1))
+    ratio = torch.exp(lq - logq_old) * w
+    return torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps_clip, 1 + eps_clip)).mean()
+
+
+def pt_term(student, teacher, chunk):
+    """The PT term on corpus chunks: 0.5 CE + 0.5 soft CE against the teacher (no gradients)."""
+    pl = student(input_ids=chunk).logits[:, :-1]
+    with torch.no_grad():
+        tp = F.softmax(teacher(input_ids=chunk).logits[:, :-1].float(), -1)
+    lps = F.log_softmax(pl, -1)
+    ce = F.nll_loss(lps.reshape(-1, lps.shape[-1]), chunk[:, 1:].reshape(-1))
+    return 0.5 * ce - 0.5 * (tp * lps).sum(-1).mean()
 
 
 def distill_iteration_bench():
@@ -134,8 +175,7 @@ def distill_iteration_bench():
             parts = [mixed_rollouts(student, teacher, batch[i:i + ROLLOUT_BATCH], 32, alpha, g)
                      for i in range(0, ROLLOUTS, ROLLOUT_BATCH)]
             resp, logq_old, logp, t_hidden = (torch.cat(x) for x in zip(*parts))
-            mix_lp = torch.log((1 - alpha) * logq_old.exp() + alpha * logp.exp())
-            w = torch.exp(logq_old - mix_lp)
+            w = importance_weights(logq_old, logp, alpha)
             rewards = torch.clip((logp - logq_old) / 0.5, -100, 100)
         full = torch.cat([batch, resp], 1)
         for epoch in range(4):
@@ -145,24 +185,12 @@ def distill_iteration_bench():
                 logits = student(input_ids=full[idx]).logits[:, 31:63]
                 lq_all = F.log_softmax(logits, -1)
                 lq = lq_all.gather(2, resp[idx, :, None])[..., 0]
-                ret, last = [], 0
-                for t in reversed(range(32)):
-                    last = rewards[idx, t] + gamma * last
-                    ret.append(last)
-                adv = whiten(torch.stack(ret[::-1], 1) / torch.arange(32, 0, -1))
-                ratio = torch.exp(lq - logq_old[idx]) * w[idx]
-                pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps_clip, 1 + eps_clip)).mean()
+                pg = clipped_pg(lq, logq_old[idx], w[idx], rewards[idx], gamma, eps_clip)
                 with torch.no_grad():
                     tl = F.log_softmax(teacher.lm_head(t_hidden[idx]), -1)
                 single = (lq_all.exp() * (lq_all - tl)).sum(-1).mean()
                 chunk = corpus[torch.randint(0, 512, (MINIBATCH,), generator=g)]
-                pl = student(input_ids=chunk).logits[:, :-1]
-                with torch.no_grad():
-                    tp = F.softmax(teacher(input_ids=chunk).logits[:, :-1], -1)
-                lps_pt = F.log_softmax(pl, -1)
-                ce = F.nll_loss(lps_pt.reshape(-1, V), chunk[:, 1:].reshape(-1))
-                sce = -(tp * lps_pt).sum(-1).mean()
-                loss = pg + single + 0.5 * ce + 0.5 * sce
+                loss = pg + single + pt_term(student, teacher, chunk)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -276,15 +304,7 @@ def real_benches(root):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-6)
     for rows, length in [(4, 298), (8, 512)]:
         ids = torch.randint(0, REAL_V - 1, (rows, length), generator=g)
-
-        def step():
-            logits = model(input_ids=ids).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, REAL_V), ids[:, 1:].reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        results[f"sft_step gpt2-124m b{rows}x{length}"] = (timed(step, 2, 6), None)
+        results[f"sft_step gpt2-124m b{rows}x{length}"] = (timed(sft_step(model, opt, ids), 2, 6), None)
     del opt
     model.eval()
     model_bf16 = load("124m").eval().to(torch.bfloat16)
@@ -320,31 +340,13 @@ def format_prompt(instruction, inp):
             f"completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{inp}\n\n### Response:\n")
 
 
-@torch.no_grad()
-def padded_mixed_rollouts(student, teacher, prompts, new_tokens, alpha, g):
-    """mixed_rollouts for prompts of different lengths: left-padded, with the attention mask and
-    the position ids transformers' generation derives from it."""
+def left_pad(prompts, extra=0):
+    """Token lists left-padded to the longest (GPT-2's EOS as the pad) and their attention mask,
+    with `extra` more real positions to come after each row."""
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[REAL_V - 1] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    s_out = student(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    t_out = teacher(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, output_hidden_states=True)
-    s_past, t_past = s_out.past_key_values, t_out.past_key_values
-    s_logits, t_logits, t_h = s_out.logits[:, -1].float(), t_out.logits[:, -1].float(), t_out.hidden_states[-1][:, -1]
-    toks, lqs, lps, hs = [], [], [], []
-    for _ in range(new_tokens):
-        lq, lp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
-        y = torch.multinomial((1 - alpha) * lq.exp() + alpha * lp.exp(), 1, generator=g)
-        toks.append(y[:, 0]); lqs.append(lq.gather(1, y)[:, 0]); lps.append(lp.gather(1, y)[:, 0]); hs.append(t_h)
-        mask = torch.cat([mask, torch.ones_like(y)], 1)
-        pos = pos[:, -1:] + 1
-        s_out = student(input_ids=y, attention_mask=mask, position_ids=pos, past_key_values=s_past, use_cache=True)
-        t_out = teacher(input_ids=y, attention_mask=mask, position_ids=pos, past_key_values=t_past, use_cache=True,
-                        output_hidden_states=True)
-        s_past, t_past = s_out.past_key_values, t_out.past_key_values
-        s_logits, t_logits, t_h = s_out.logits[:, -1].float(), t_out.logits[:, -1].float(), t_out.hidden_states[-1][:, -1]
-    return torch.stack(toks, 1), torch.stack(lqs, 1), torch.stack(lps, 1), torch.stack(hs, 1)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + extra) for p in prompts])
+    return ids, mask
 
 
 def real_distill_iteration(root, teacher_size, teacher_dtype, data):
@@ -376,44 +378,33 @@ def real_distill_iteration(root, teacher_size, teacher_dtype, data):
         return out
 
     t_all = time.perf_counter()
-    parts = timed_phase("collect", lambda: [
-        (prompts[i:i + 8], padded_mixed_rollouts(student, teacher, prompts[i:i + 8], new, alpha, g)) for i in (0, 8)])
+    def collect():
+        out = []
+        for chunk in (prompts[:8], prompts[8:]):
+            ids, mask = left_pad(chunk)
+            out.append((chunk, mixed_rollouts(student, teacher, ids, new, alpha, g, mask=mask)))
+        return out
+
+    parts = timed_phase("collect", collect)
     for chunk, (resp, logq_old, logp, t_hidden) in parts:
         def forward():
-            width = max(len(p) for p in chunk)
-            full = torch.tensor([[REAL_V - 1] * (width - len(p)) + p for p in chunk])
-            full = torch.cat([full, resp], 1)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * (len(p) + new) for p in chunk])
+            ids, mask = left_pad(chunk, extra=new)
+            width = ids.shape[1]
+            full = torch.cat([ids, resp], 1)
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             logits = student(input_ids=full, attention_mask=mask, position_ids=pos).logits[:, width - 1:-1]
             lq_all = F.log_softmax(logits.float(), -1)
             lq = lq_all.gather(2, resp[:, :, None])[..., 0]
             with torch.no_grad():
-                mix_lp = torch.log((1 - alpha) * logq_old.exp() + alpha * logp.exp())
-                w = torch.exp(logq_old - mix_lp)
-                rewards = logp - logq_old
-                ret, last = [], 0
-                for t in reversed(range(new)):
-                    last = rewards[:, t] + gamma * last
-                    ret.append(last)
-                adv = whiten(torch.stack(ret[::-1], 1) / torch.arange(new, 0, -1))
+                w = importance_weights(logq_old, logp, alpha)
                 tl = F.log_softmax(teacher.lm_head(t_hidden).float(), -1)
-            ratio = torch.exp(lq - logq_old) * w
-            pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps_clip, 1 + eps_clip)).mean()
+            pg = clipped_pg(lq, logq_old, w, logp - logq_old, gamma, eps_clip)
             single = (lq_all.exp() * (lq_all - tl)).sum(-1).mean()
             return pg + single
 
-        def pt_forward():
-            chunk_ids = torch.randint(0, REAL_V - 1, (8, 512), generator=g)
-            pl = student(input_ids=chunk_ids).logits[:, :-1]
-            with torch.no_grad():
-                tp = F.softmax(teacher(input_ids=chunk_ids).logits[:, :-1].float(), -1)
-            lps_pt = F.log_softmax(pl, -1)
-            ce = F.nll_loss(lps_pt.reshape(-1, REAL_V), chunk_ids[:, 1:].reshape(-1))
-            return 0.5 * ce - 0.5 * (tp * lps_pt).sum(-1).mean()
-
         loss = timed_phase("forward", forward)
-        loss = loss + timed_phase("pt_forward", pt_forward)
+        chunk_ids = torch.randint(0, REAL_V - 1, (8, 512), generator=g)
+        loss = loss + timed_phase("pt_forward", lambda: pt_term(student, teacher, chunk_ids))
         timed_phase("backward", loss.backward)
 
         def update():
