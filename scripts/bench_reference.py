@@ -295,17 +295,19 @@ def method_benches():
 
 
 
-def real_benches(root):
-    """The work of benches/real_sizes.rs on the models of scripts/make_real_size_models.sh."""
+def real_benches(root, sft=True):
+    """The work of benches/real_sizes.rs on the models of scripts/make_real_size_models.sh
+    (without the SFT steps when `sft` is false)."""
     results = {}
     load = lambda size: transformers.GPT2LMHeadModel.from_pretrained(os.path.join(root, f"gpt2-{size}"))
     g = torch.Generator().manual_seed(2)
     model = load("124m").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-6)
-    for rows, length in [(4, 298), (8, 512)]:
-        ids = torch.randint(0, REAL_V - 1, (rows, length), generator=g)
-        results[f"sft_step gpt2-124m b{rows}x{length}"] = (timed(sft_step(model, opt, ids), 2, 6), None)
-    del opt
+    if sft:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-6)
+        for rows, length in [(4, 298), (8, 512)]:
+            ids = torch.randint(0, REAL_V - 1, (rows, length), generator=g)
+            results[f"sft_step gpt2-124m b{rows}x{length}"] = (timed(sft_step(model, opt, ids), 2, 6), None)
+        del opt
     model.eval()
     model_bf16 = load("124m").eval().to(torch.bfloat16)
     for rows, m, dtype in [(16, model, ""), (64, model, ""), (16, model_bf16, "-bf16"), (64, model_bf16, "-bf16")]:
@@ -421,6 +423,7 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", action="store_true", help="the steps of benches/methods.rs")
     ap.add_argument("--real", metavar="DIR", help="the benches of benches/real_sizes.rs on DIR/gpt2-{124m,355m}")
+    ap.add_argument("--no-sft", action="store_true", help="--real without the SFT steps")
     ap.add_argument("--real-distill", metavar="DIR", help="one distill iteration of DIR/gpt2-124m with a teacher")
     ap.add_argument("--teacher", default="1.5b", help="--real-distill's teacher size (DIR/gpt2-SIZE)")
     ap.add_argument("--teacher-dtype", default="f32", choices=["f32", "bf16"])
@@ -435,7 +438,7 @@ if __name__ == "__main__":
               + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
         raise SystemExit
     if a.real:
-        for name, (t, tokens) in real_benches(a.real).items():
+        for name, (t, tokens) in real_benches(a.real, sft=not a.no_sft).items():
             rate = f" = {tokens / t:.0f} tokens/s" if tokens else ""
             print(f"{name}: {t * 1e3:.0f} ms{rate} (median)")
         raise SystemExit

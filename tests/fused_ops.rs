@@ -85,12 +85,19 @@ fn packed_attention_matches_composite() {
 
 /// The decoding kernel against the composition, on the layouts decoding gives it: queries
 /// as a transposed view, keys and values as the filled part of a larger cache buffer,
-/// grouped-query heads, a prefill (t > 1 with padded rows) and single steps.
+/// grouped-query heads, a prefill (t > 1 with padded rows) and single steps, head widths
+/// that are and are not a whole number of SIMD registers (16, 32, 64, 128 vs 1, 7, 8).
 #[test]
 fn inference_attention_matches_composite() {
-    for (b, heads, kv_heads, t, s, d) in
-        [(1, 1, 1, 1, 1, 1), (2, 4, 4, 1, 9, 8), (3, 6, 2, 5, 5, 7), (2, 4, 1, 1, 33, 16)]
-    {
+    for (b, heads, kv_heads, t, s, d) in [
+        (1, 1, 1, 1, 1, 1),
+        (2, 4, 4, 1, 9, 8),
+        (3, 6, 2, 5, 5, 7),
+        (2, 4, 1, 1, 33, 16),
+        (2, 3, 3, 1, 40, 64),
+        (3, 2, 2, 6, 6, 32),
+        (2, 2, 1, 4, 4, 128),
+    ] {
         // q: [b, t, heads, d] transposed to [b, heads, t, d] without a copy.
         let q = var(&[b, t, heads, d], 8, 2.0).as_tensor().transpose(1, 2).unwrap();
         // k, v: the first s positions of a cache with room for s + 3.

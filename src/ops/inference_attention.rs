@@ -9,6 +9,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::simd::{F32x, LANES};
 use super::{fusable, math};
 
 /// `softmax(scale·q·kᵀ + bias)·v` for `q` `[b, heads, t, d]`, `k` and `v`
@@ -102,18 +103,82 @@ impl CustomOp3 for InferenceAttention {
             let bias = &bias[row * s..(row + 1) * s];
             let mut p = vec![0f32; s];
             for (h, out) in out.chunks_mut(d).enumerate() {
-                let qr = q.row(bi, h, ti, d);
-                for (j, (p, &bj)) in p.iter_mut().zip(bias).enumerate() {
-                    *p = self.scale * math::dot(qr, k.row(bi, h / group, j, d)) + bj;
-                }
-                math::softmax_in_place(&mut p);
-                for (j, &pj) in p.iter().enumerate() {
-                    if pj != 0.0 {
-                        out.iter_mut().zip(v.row(bi, h / group, j, d)).for_each(|(o, &x)| *o += pj * x);
-                    }
+                let one = Query {
+                    q: q.row(bi, h, ti, d),
+                    key: |j| k.row(bi, h / group, j, d),
+                    value: |j| v.row(bi, h / group, j, d),
+                    bias,
+                    scale: self.scale,
+                };
+                // Head widths that are a whole number of registers keep the query and the
+                // output in registers; others take the plain loops.
+                match d / LANES {
+                    1 if d % LANES == 0 => one.attend_in_registers::<1>(&mut p, out),
+                    2 if d % LANES == 0 => one.attend_in_registers::<2>(&mut p, out),
+                    4 if d % LANES == 0 => one.attend_in_registers::<4>(&mut p, out),
+                    8 if d % LANES == 0 => one.attend_in_registers::<8>(&mut p, out),
+                    16 if d % LANES == 0 => one.attend_in_registers::<16>(&mut p, out),
+                    _ => one.attend(&mut p, out),
                 }
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, t, heads * d))))
+    }
+}
+
+/// One query row of one head against its `s` cached keys and values.
+struct Query<'a, K, V> {
+    q: &'a [f32],
+    key: K,
+    value: V,
+    /// `[s]`: the mask's additive bias for this query.
+    bias: &'a [f32],
+    scale: f32,
+}
+
+impl<'a, K: Fn(usize) -> &'a [f32], V: Fn(usize) -> &'a [f32]> Query<'a, K, V> {
+    /// `scale·q·k_j + bias_j` into `p[j]`. A masked position (bias `f32::MIN`) keeps the bias
+    /// alone, as the sum would: `f32::MIN` absorbs any score below 10³¹ in magnitude.
+    fn scores(&self, p: &mut [f32], dot: impl Fn(&[f32]) -> f32) {
+        for (j, (p, &bj)) in p.iter_mut().zip(self.bias).enumerate() {
+            *p = if bj == f32::MIN { bj } else { self.scale * dot((self.key)(j)) + bj };
+        }
+    }
+
+    /// `Σ_j softmax(p)_j · v_j` into `out` (zeroed), with plain loops.
+    fn attend(&self, p: &mut [f32], out: &mut [f32]) {
+        self.scores(p, |k| math::dot(self.q, k));
+        math::softmax_in_place(p);
+        for (j, &pj) in p.iter().enumerate() {
+            if pj != 0.0 {
+                out.iter_mut().zip((self.value)(j)).for_each(|(o, &x)| *o += pj * x);
+            }
+        }
+    }
+
+    /// [`Self::attend`] for a head of `C` registers: the query and the output stay in
+    /// registers across all keys, one horizontal sum per key.
+    fn attend_in_registers<const C: usize>(&self, p: &mut [f32], out: &mut [f32]) {
+        let q: [F32x; C] = std::array::from_fn(|c| F32x::load(&self.q[c * LANES..]));
+        self.scores(p, |k| {
+            let mut acc = F32x::zero();
+            for c in 0..C {
+                acc = acc.mul_add(q[c], F32x::load(&k[c * LANES..]));
+            }
+            acc.sum()
+        });
+        math::softmax_in_place(p);
+        let mut acc = [F32x::zero(); C];
+        for (j, &pj) in p.iter().enumerate() {
+            if pj != 0.0 {
+                let (w, v) = (F32x::splat(pj), (self.value)(j));
+                for c in 0..C {
+                    acc[c] = acc[c].mul_add(w, F32x::load(&v[c * LANES..]));
+                }
+            }
+        }
+        for c in 0..C {
+            acc[c].add_to(&mut out[c * LANES..]);
+        }
     }
 }
