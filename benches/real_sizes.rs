@@ -7,13 +7,16 @@
 //!   64-token prompts (no EOS stop, so both sides do the same work).
 //! - Teacher-mixed rollouts: the 124M student and a 355M teacher decode 16 rows in lockstep,
 //!   32 new tokens, the teacher's final hidden state kept.
+//! - The matrix products of one decoding step alone, 1 to 64 rows (random weights of GPT-2
+//!   124M's shapes), in weight bytes per second.
 //!
 //! Decoding and rollouts also run with bf16 weights (`eval --dtype bf16`, `--teacher-dtype
-//! bf16`: bf16 matrices, f32 arithmetic), beside PyTorch's bf16 models.
+//! bf16`: bf16 matrices, f32 activations), beside PyTorch's bf16 models, and decoding with f16
+//! weights (no PyTorch side: its CPU f16 products are not a fair baseline).
 //!
 //! The models come from `scripts/make_real_size_models.sh DIR 124m 355m`; set
 //! `MINILLM_REAL_SIZES=DIR` (default `/tmp/realsize`). Benches whose models are missing are
-//! skipped with a message.
+//! skipped with a message (the decoding products need none).
 
 use candle_core::{DType, Device};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -37,7 +40,7 @@ fn model(size: &str, weights: Weights) -> Option<Model> {
     model_in(size, weights, DType::F32)
 }
 
-/// The model loaded in `dtype` (bf16 and frozen: bf16 matrices, f32 arithmetic).
+/// The model loaded in `dtype` (bf16 or f16 and frozen: 16-bit matrices, f32 activations).
 fn model_in(size: &str, weights: Weights, dtype: DType) -> Option<Model> {
     let root = std::env::var_os("MINILLM_REAL_SIZES").map_or_else(|| PathBuf::from("/tmp/realsize"), PathBuf::from);
     let dir = root.join(format!("gpt2-{size}"));
@@ -78,9 +81,11 @@ fn sft_step(c: &mut Criterion) {
 
 fn decoding(c: &mut Criterion) {
     minillm::runtime::configure();
-    let (Some(model), Some(model_bf16)) =
-        (model("124m", Weights::Frozen), model_in("124m", Weights::Frozen, DType::BF16))
-    else {
+    let (Some(model), Some(model_bf16), Some(model_f16)) = (
+        model("124m", Weights::Frozen),
+        model_in("124m", Weights::Frozen, DType::BF16),
+        model_in("124m", Weights::Frozen, DType::F16),
+    ) else {
         return;
     };
     let cfg = SamplingConfig {
@@ -93,9 +98,13 @@ fn decoding(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("real");
     group.sample_size(10).measurement_time(Duration::from_secs(30));
-    for (rows, model, dtype) in
-        [(16, &model, ""), (64, &model, ""), (16, &model_bf16, "-bf16"), (64, &model_bf16, "-bf16")]
-    {
+    for (rows, model, dtype) in [
+        (16, &model, ""),
+        (64, &model, ""),
+        (16, &model_bf16, "-bf16"),
+        (64, &model_bf16, "-bf16"),
+        (16, &model_f16, "-f16"),
+    ] {
         let prompts = random_ids(rows, 64, 3);
         group.throughput(Throughput::Elements((rows * 64) as u64));
         group.bench_function(format!("decode gpt2-124m{dtype} b{rows} 64+64"), |b| {
@@ -140,5 +149,44 @@ fn mixed_rollouts(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sft_step, decoding, mixed_rollouts);
+/// The matrix products of one GPT-2 124M decoding step (12 layers of `[in, out]` qkv, proj,
+/// fc and fc-proj weights, then the `[out, in]` LM head: 497 MB of f32, from memory every
+/// step) for 1 to 64 rows, in weight bytes per second: where the products turn from bound by
+/// memory (few rows) to bound by arithmetic (BENCHMARKS.md, "Decoding's ceilings"). Random
+/// weights of GPT-2's shapes; needs no model directory.
+fn decoding_products(c: &mut Criterion) {
+    use minillm::ops::gemm::MatRef;
+    use minillm::ops::skinny;
+    minillm::runtime::configure();
+    const HIDDEN: usize = 768;
+    let shapes = [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, 4 * HIDDEN), (4 * HIDDEN, HIDDEN)];
+    let values = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| ((i * 7 + seed) % 13) as f32 * 0.01).collect() };
+    let layers: Vec<Vec<Vec<f32>>> =
+        (0..12).map(|l| shapes.iter().enumerate().map(|(s, &(k, n))| values(k * n, l * 4 + s)).collect()).collect();
+    let head = values(VOCAB as usize * HIDDEN, 99);
+    let bytes = 4 * (layers.iter().flatten().map(Vec::len).sum::<usize>() + head.len());
+    let mut group = c.benchmark_group("real");
+    group.sample_size(10).measurement_time(Duration::from_secs(5)).throughput(Throughput::Bytes(bytes as u64));
+    for rows in [1, 4, 8, 16, 32, 64] {
+        let x = values(rows * 4 * HIDDEN, 7);
+        let mut dst = vec![0f32; rows * VOCAB as usize];
+        group.bench_function(format!("decoding products gpt2-124m {rows} rows"), |b| {
+            b.iter(|| {
+                for layer in &layers {
+                    for (w, &(k, n)) in layer.iter().zip(&shapes) {
+                        let x = MatRef { data: &x, offset: 0, shape: (rows, k), strides: (k, 1) };
+                        let w = MatRef { data: w, offset: 0, shape: (k, n), strides: (n, 1) };
+                        skinny::matmul(&mut dst, x, w, false);
+                    }
+                }
+                let x = MatRef { data: &x, offset: 0, shape: (rows, HIDDEN), strides: (HIDDEN, 1) };
+                let w = MatRef { data: &head, offset: 0, shape: (HIDDEN, VOCAB as usize), strides: (1, HIDDEN) };
+                skinny::matmul(&mut dst, x, w, false);
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, sft_step, decoding, mixed_rollouts, decoding_products);
 criterion_main!(benches);

@@ -7,7 +7,7 @@
 /// decoding): the answer is fixed once here. mimalloc returns freed memory to the OS after
 /// 10 ms by default, so a training step's large, short-lived buffers were faulted in afresh
 /// (and zeroed by the kernel) at every step; it now keeps them for reuse. candle's worker
-/// pool spins briefly instead of for a millisecond between ops (see [`CANDLE_SPIN_LIMIT`]).
+/// pool spins briefly instead of for a millisecond between ops (see `CANDLE_SPIN_LIMIT`).
 pub fn configure() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());

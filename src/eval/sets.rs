@@ -81,7 +81,7 @@ pub fn load_set(name: &str, data_dir: &Path) -> Result<EvalSet> {
     Ok(EvalSet { name, path, examples })
 }
 
-/// The paper's reference-length buckets (in tokens of the first reference): [0,5], [6,10],
+/// The paper's reference-length buckets (in tokens of the first reference): \[0,5\], \[6,10\],
 /// [11,∞).
 pub fn length_bucket(tokens: usize) -> &'static str {
     match tokens {

@@ -202,8 +202,8 @@ pub fn head_loss(
     Ok(HeadLoss { loss, target: p.target, kd: p.kd })
 }
 
-/// The materialised composition: whole logits, then [`cross_entropy`] or `log_softmax` and
-/// [`pg_loss`], and [`divergence`].
+/// The materialised composition: whole logits, then [`cross_entropy()`] or `log_softmax` and
+/// [`pg_loss`], and [`divergence()`].
 pub fn head_loss_reference(
     hidden: &Tensor,
     head: &Tensor,

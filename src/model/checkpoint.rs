@@ -158,9 +158,9 @@ pub fn load_model(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
 }
 
 /// Loads a model directory onto `device`, trainable or frozen (a teacher: no autograd graph
-/// on its forward passes), converting weights to `dtype`. A frozen bf16 model on the CPU
-/// stores its matrices in bf16 and multiplies in bf16 with f32 sums, everything else in f32
-/// ([`linear_bf16`](mod@crate::ops::linear_bf16)).
+/// on its forward passes), converting weights to `dtype`. A frozen bf16 or f16 model on the
+/// CPU stores its matrices in that dtype and computes everything else in f32
+/// ([`linear_half`](mod@crate::ops::linear_half)).
 pub fn load_model_as(dir: &Path, device: &Device, dtype: DType, weights: Weights) -> Result<Model> {
     if !dir.is_dir() {
         bail!("model directory {} does not exist", dir.display());
@@ -179,13 +179,15 @@ pub fn load_model_as(dir: &Path, device: &Device, dtype: DType, weights: Weights
     let config = read_json(&config_path)?;
     let arch = ArchConfig::parse(&config, &config_path.display().to_string())?;
     let files = weight_files(dir)?;
-    let builder = if dtype == DType::BF16 && weights == Weights::Frozen && device.is_cpu() {
-        // A frozen bf16 model on the CPU keeps bf16 matrices but f32 activations: half the
-        // memory and the decoding traffic, bf16 only where the products need it (candle's
-        // CPU bf16 matmul would widen both operands to f32 on every call anyway).
+    let half = matches!(dtype, DType::BF16 | DType::F16);
+    let builder = if half && weights == Weights::Frozen && device.is_cpu() {
+        // A frozen bf16/f16 model on the CPU keeps 16-bit matrices but f32 activations: half
+        // the memory and the decoding traffic, 16 bits only where the products read weights
+        // (candle's CPU half-precision matmul would widen both operands to f32 on every call
+        // anyway).
         ParamBuilder::new(ParamSource::from_files(&files)?, device, DType::F32)
             .weights(weights)
-            .store_matrices_in(DType::BF16)?
+            .store_matrices_in(dtype)?
     } else {
         ParamBuilder::new(ParamSource::from_files(&files)?, device, dtype).weights(weights)
     };

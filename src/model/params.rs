@@ -182,8 +182,8 @@ impl ParamBuilder {
     }
 
     /// Stores matrices (linear and embedding weights) in `dtype` while vectors (biases,
-    /// normalisation weights) and the computation stay in the builder's dtype: bf16 weights
-    /// read by [`linear_bf16`](mod@crate::ops::linear_bf16) for a frozen model. Refused for a trainable one (its
+    /// normalisation weights) and the computation stay in the builder's dtype: bf16 or f16 weights
+    /// read by [`linear_half`](mod@crate::ops::linear_half) for a frozen model. Refused for a trainable one (its
     /// optimizer and gradients work in one dtype).
     pub fn store_matrices_in(mut self, dtype: DType) -> Result<Self> {
         if self.weights == Weights::Trainable && dtype != self.dtype {

@@ -33,8 +33,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor, layout: WeightLayout) -> candl
     if wi != din || b.dims() != [wo] {
         candle_core::bail!("linear: input width {din}, weight {:?} ({layout:?}), bias {:?}", w.dims(), b.dims());
     }
-    if super::linear_bf16::applies(x, w) {
-        return super::linear_bf16(x, w, Some(b), layout);
+    if super::linear_half::applies(x, w) {
+        return super::linear_half(x, w, Some(b), layout);
     }
     if !(fusable(x) && fusable(w) && fusable(b)) {
         return linear_composite(x, w, b, layout);
@@ -53,8 +53,8 @@ pub fn linear_no_bias(x: &Tensor, w: &Tensor, layout: WeightLayout) -> candle_co
     if wi != din {
         candle_core::bail!("linear: input width {din}, weight {:?} ({layout:?})", w.dims());
     }
-    if super::linear_bf16::applies(x, w) {
-        return super::linear_bf16(x, w, None, layout);
+    if super::linear_half::applies(x, w) {
+        return super::linear_half(x, w, None, layout);
     }
     if !(fusable(x) && fusable(w)) {
         return match layout {

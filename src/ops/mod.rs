@@ -13,7 +13,7 @@ pub mod gemm;
 pub mod inference_attention;
 pub mod layer_norm;
 pub mod linear;
-pub mod linear_bf16;
+pub mod linear_half;
 pub mod math;
 pub mod simd;
 pub mod skinny;
@@ -27,7 +27,7 @@ pub use gelu::gelu_tanh;
 pub use inference_attention::attention_inference;
 pub use layer_norm::layer_norm;
 pub use linear::{linear, linear_no_bias, WeightLayout};
-pub use linear_bf16::linear_bf16;
+pub use linear_half::linear_half;
 pub use softmax::masked_softmax;
 
 /// Whether `t` can take a fused CPU kernel (f32 on the CPU).

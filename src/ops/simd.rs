@@ -66,6 +66,14 @@ mod imp {
             })
         }
 
+        /// The first [`LANES`] f16 values of `s` widened to f32 (exact; AVX-512F converts).
+        #[inline(always)]
+        pub fn load_f16(s: &[half::f16]) -> Self {
+            assert!(s.len() >= LANES);
+            // SAFETY: `s` holds LANES 2-byte values (32 bytes); unaligned load.
+            Self(unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().cast())) })
+        }
+
         /// `self + a·b`, one rounding.
         #[inline(always)]
         pub fn mul_add(self, a: Self, b: Self) -> Self {
@@ -142,6 +150,14 @@ mod imp {
             })
         }
 
+        /// The first [`LANES`] f16 values of `s` widened to f32 (exact).
+        #[inline(always)]
+        pub fn load_f16(s: &[half::f16]) -> Self {
+            assert!(s.len() >= LANES);
+            // `half` converts with F16C where the build targets it; every AVX2 CPU has it.
+            Self::load(&std::array::from_fn::<f32, LANES, _>(|i| s[i].to_f32()))
+        }
+
         /// `self + a·b`, one rounding.
         #[inline(always)]
         pub fn mul_add(self, a: Self, b: Self) -> Self {
@@ -213,6 +229,12 @@ mod imp {
             Self(std::array::from_fn(|i| super::bf16_to_f32(s[i])))
         }
 
+        /// The first `LANES` f16 values of `s` widened to f32 (exact).
+        #[inline(always)]
+        pub fn load_f16(s: &[half::f16]) -> Self {
+            Self(std::array::from_fn(|i| s[i].to_f32()))
+        }
+
         /// `self + a·b` (two roundings: `mul_add` without the instruction is a library call).
         #[inline(always)]
         pub fn mul_add(self, a: Self, b: Self) -> Self {
@@ -264,5 +286,16 @@ mod tests {
         let want: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
         assert_eq!(got, want);
         assert_eq!(bf16_to_f32(half::bf16::from_f32(-3.5)), -3.5);
+    }
+
+    #[test]
+    fn f16_loads_widen_exactly() {
+        // Normal, subnormal (6e-8 is below f16's smallest normal) and large values.
+        let v: Vec<half::f16> =
+            (0..LANES).map(|i| half::f16::from_f32(i as f32 * -1.375 + 6e-8 + (i % 3) as f32 * 4000.0)).collect();
+        let mut got = vec![0.0; LANES];
+        F32x::load_f16(&v).add_to(&mut got);
+        let want: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+        assert_eq!(got, want);
     }
 }

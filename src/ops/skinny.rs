@@ -16,9 +16,9 @@
 //! The accumulators are arrays of [`F32x`] registers (16 lanes with AVX-512, 8 with AVX2);
 //! block sizes are chosen so they fit the register file of each (32 or 16 registers).
 //!
-//! The weight may be stored in bf16 ([`super::skinny_bf16`] on CPUs without bf16 dot
-//! products): it is widened to f32 as it is loaded (exact), so the arithmetic is f32 and only
-//! half the bytes come from memory.
+//! The weight may be stored in f16, or in bf16 ([`super::skinny_bf16`] on CPUs without bf16
+//! dot products): it is widened to f32 as it is loaded (exact), so the arithmetic is f32 and
+//! only half the bytes come from memory.
 
 use std::ops::Range;
 
@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use super::gemm::MatRef;
 use super::simd::{bf16_to_f32, prefetch, F32x, LANES};
 
-/// A weight entry the kernels read: f32, or bf16 widened to f32 as it is loaded.
+/// A weight entry the kernels read: f32, or bf16 or f16 widened to f32 as it is loaded.
 pub trait WeightEntry: Copy + Send + Sync + 'static {
     /// The first [`LANES`] entries of `s` as f32.
     fn load(s: &[Self]) -> F32x;
@@ -71,6 +71,31 @@ impl WeightEntry for half::bf16 {
         // A shift per entry: the compiler vectorises this loop.
         for (d, &v) in dst.iter_mut().zip(src) {
             *d = bf16_to_f32(v);
+        }
+    }
+}
+
+impl WeightEntry for half::f16 {
+    #[inline(always)]
+    fn load(s: &[Self]) -> F32x {
+        F32x::load_f16(s)
+    }
+
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        let body = src.len() / LANES * LANES;
+        for (d, s) in dst[..body].chunks_exact_mut(LANES).zip(src[..body].chunks_exact(LANES)) {
+            d.fill(0.0);
+            F32x::load_f16(s).add_to(d);
+        }
+        for (d, &v) in dst[body..].iter_mut().zip(&src[body..]) {
+            *d = v.to_f32();
         }
     }
 }
@@ -390,11 +415,12 @@ mod tests {
 
     /// Checks `matmul` for `rows × k` times `k × cols` with the weight stored both ways, inside
     /// larger buffers (offsets and strides beyond the shape), fresh and accumulating; the
-    /// weight in f32 and in bf16.
+    /// weight in f32, bf16 and f16.
     fn check(rows: usize, k: usize, cols: usize) {
         let w_data = values(5 + (k + 1) * (cols + 3), 2);
         check_with(rows, k, cols, &w_data);
         check_with(rows, k, cols, &w_data.iter().map(|&v| half::bf16::from_f32(v)).collect::<Vec<_>>());
+        check_with(rows, k, cols, &w_data.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>());
     }
 
     fn check_with<T: WeightEntry>(rows: usize, k: usize, cols: usize, w_data: &[T]) {

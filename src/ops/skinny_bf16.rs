@@ -1,5 +1,5 @@
 //! `dst = bf16(x)·W` for a few rows of `x` and a bf16 weight `W`: the decoding products of a
-//! model stored in bf16 ([`linear_bf16`](mod@super::linear_bf16)).
+//! model stored in bf16 ([`linear_half`](mod@super::linear_half)).
 //!
 //! The arithmetic is bf16 multiplication with f32 sums: `x` is rounded to bf16 once per call,
 //! each product of two bf16 values is exact in f32, and the products are summed in f32. On a

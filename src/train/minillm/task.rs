@@ -118,7 +118,7 @@ impl DistillTask {
     }
 
     /// Replaces the rollout buffer with `buffer` (e.g. stored responses re-scored with
-    /// [`rescore_rollouts`](super::rollout::rescore_rollouts)) and plans its minibatches of
+    /// [`rescore_rollouts`]) and plans its minibatches of
     /// `batch_size`, as a collection would; the next steps train on it.
     pub fn replace_buffer(&mut self, buffer: Vec<Rollout>, batch_size: usize) {
         self.rollout_stats = rollout_stats(&buffer, &self.cfg);
