@@ -78,9 +78,9 @@ def sft_step_bench():
     return timed(sft_step(model, opt, ids), 3, 10)
 
 
-def matmul_bench():
+def matmul_bench(shapes=((1024, 256, 8192), (1024, 256, 1024), (1024, 1024, 256), (1024, 256, 768))):
     rates = {}
-    for m, k, n in [(1024, 256, 8192), (1024, 256, 1024), (1024, 1024, 256), (1024, 256, 768)]:
+    for m, k, n in shapes:
         a, b = torch.randn(m, k), torch.randn(k, n)
         rates[f"{m}x{k}x{n}"] = 2 * m * k * n / timed(lambda: a @ b, 3, 20) / 1e9
     return rates
@@ -424,6 +424,8 @@ if __name__ == "__main__":
     ap.add_argument("--methods", action="store_true", help="the steps of benches/methods.rs")
     ap.add_argument("--real", metavar="DIR", help="the benches of benches/real_sizes.rs on DIR/gpt2-{124m,355m}")
     ap.add_argument("--no-sft", action="store_true", help="--real without the SFT steps")
+    ap.add_argument("--matmul-real", action="store_true",
+                    help="torch.mm's rate on 4096^3 and GPT-2 124M's training products")
     ap.add_argument("--real-distill", metavar="DIR", help="one distill iteration of DIR/gpt2-124m with a teacher")
     ap.add_argument("--teacher", default="1.5b", help="--real-distill's teacher size (DIR/gpt2-SIZE)")
     ap.add_argument("--teacher-dtype", default="f32", choices=["f32", "bf16"])
@@ -436,6 +438,11 @@ if __name__ == "__main__":
         phases = real_distill_iteration(a.real_distill, a.teacher, dtype, a.data)
         print("distill iteration, 124m + " + a.teacher + f" ({a.teacher_dtype}): "
               + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
+        raise SystemExit
+    if a.matmul_real:
+        real_shapes = ((4096, 4096, 4096), (1192, 768, 3072), (1192, 3072, 768), (2048, 768, REAL_V))
+        for shape, rate in matmul_bench(real_shapes).items():
+            print(f"matmul {shape}: {rate:.0f} GFLOP/s")
         raise SystemExit
     if a.real:
         for name, (t, tokens) in real_benches(a.real, sft=not a.no_sft).items():

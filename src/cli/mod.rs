@@ -31,8 +31,8 @@ pub struct ModelArgs {
 /// How to load models: precision and device.
 #[derive(Args, Clone, Copy, Debug)]
 pub struct LoadArgs {
-    /// Working precision: f32, bf16 or f16 (bf16 on the CPU: bf16 matrices and products with
-    /// f32 sums, f32 activations).
+    /// Working precision: f32, bf16 or f16 (on the CPU: 16-bit matrices, f32 activations; bf16
+    /// multiplies bf16-rounded inputs with f32 sums, f16 the f32 inputs).
     #[arg(long, default_value = "f32")]
     pub dtype: Precision,
     /// Run on the GPU with this index (needs the `cuda` feature).

@@ -66,8 +66,8 @@ pub struct TeacherArgs {
     #[arg(long)]
     teacher: Option<PathBuf>,
     /// Precision of the teacher's weights, f32, bf16 or f16 (model.teacher_dtype; default: the
-    /// working precision). bf16 halves the memory of a large teacher (on the CPU only its
-    /// matrices and products are bf16; its activations stay f32).
+    /// working precision). bf16 or f16 halves the memory of a large teacher (on the CPU only
+    /// its matrices are stored in 16 bits; its activations stay f32).
     #[arg(long)]
     teacher_dtype: Option<Precision>,
 }
