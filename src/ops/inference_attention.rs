@@ -112,12 +112,12 @@ impl CustomOp3 for InferenceAttention {
                 };
                 // Head widths that are a whole number of registers keep the query and the
                 // output in registers; others take the plain loops.
-                match d / LANES {
-                    1 if d % LANES == 0 => one.attend_in_registers::<1>(&mut p, out),
-                    2 if d % LANES == 0 => one.attend_in_registers::<2>(&mut p, out),
-                    4 if d % LANES == 0 => one.attend_in_registers::<4>(&mut p, out),
-                    8 if d % LANES == 0 => one.attend_in_registers::<8>(&mut p, out),
-                    16 if d % LANES == 0 => one.attend_in_registers::<16>(&mut p, out),
+                match (d % LANES == 0).then_some(d / LANES) {
+                    Some(1) => one.attend_in_registers::<1>(&mut p, out),
+                    Some(2) => one.attend_in_registers::<2>(&mut p, out),
+                    Some(4) => one.attend_in_registers::<4>(&mut p, out),
+                    Some(8) => one.attend_in_registers::<8>(&mut p, out),
+                    Some(16) => one.attend_in_registers::<16>(&mut p, out),
                     _ => one.attend(&mut p, out),
                 }
             }

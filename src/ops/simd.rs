@@ -154,7 +154,10 @@ mod imp {
         #[inline(always)]
         pub fn load_f16(s: &[half::f16]) -> Self {
             assert!(s.len() >= LANES);
-            // `half` converts with F16C where the build targets it; every AVX2 CPU has it.
+            #[cfg(target_feature = "f16c")]
+            // SAFETY: `s` holds LANES 2-byte values (16 bytes); unaligned load; F16C converts.
+            return Self(unsafe { _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast())) });
+            #[cfg(not(target_feature = "f16c"))]
             Self::load(&std::array::from_fn::<f32, LANES, _>(|i| s[i].to_f32()))
         }
 

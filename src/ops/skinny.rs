@@ -88,15 +88,8 @@ impl WeightEntry for half::f16 {
 
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
-        assert_eq!(src.len(), dst.len());
-        let body = src.len() / LANES * LANES;
-        for (d, s) in dst[..body].chunks_exact_mut(LANES).zip(src[..body].chunks_exact(LANES)) {
-            d.fill(0.0);
-            F32x::load_f16(s).add_to(d);
-        }
-        for (d, &v) in dst[body..].iter_mut().zip(&src[body..]) {
-            *d = v.to_f32();
-        }
+        // `half`'s slice conversion (F16C where the CPU has it; it checks the lengths).
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
     }
 }
 
@@ -214,6 +207,11 @@ macro_rules! with_rows {
         $body
     }};
 }
+// Used only by skinny_bf16's dot-product kernels, which exist in AVX512-BF16 builds.
+#[cfg_attr(
+    not(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f")),
+    allow(unused_imports)
+)]
 pub(super) use with_rows;
 
 /// The destination shared by the column tasks, each writing only its own columns.
