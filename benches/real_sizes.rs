@@ -24,6 +24,7 @@ use minillm::data::batch::LmBatch;
 use minillm::generate::{generate, generate_mixed, row_rngs, MixedSampling, SamplingConfig};
 use minillm::loss::{head_loss, TargetTerm};
 use minillm::model::{load_model_as, Model, Weights};
+use minillm::runtime::on_workers;
 use minillm::train::optim::{AdamW, AdamWConfig};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -68,11 +69,14 @@ fn sft_step(c: &mut Criterion) {
         let w = vec![1.0 / batch.num_targets() as f32; batch.num_targets()];
         group.bench_function(format!("sft_step gpt2-124m b{rows}x{len}"), |b| {
             b.iter(|| {
-                let hidden = model.lm.forward_hidden(&batch.input_ids, &batch.mask, None).unwrap();
-                let hidden = batch.gather(&hidden).unwrap();
-                let ce = TargetTerm::CrossEntropy { weights: &w, coef: 1.0 };
-                let loss = head_loss(&hidden, model.lm.lm_head_weight(), &batch.targets, ce, None, None).unwrap().loss;
-                common::update(&model, &mut opt, &loss);
+                on_workers(|| {
+                    let hidden = model.lm.forward_hidden(&batch.input_ids, &batch.mask, None).unwrap();
+                    let hidden = batch.gather(&hidden).unwrap();
+                    let ce = TargetTerm::CrossEntropy { weights: &w, coef: 1.0 };
+                    let loss =
+                        head_loss(&hidden, model.lm.lm_head_weight(), &batch.targets, ce, None, None).unwrap().loss;
+                    common::update(&model, &mut opt, &loss);
+                })
             })
         });
     }
@@ -110,7 +114,7 @@ fn decoding(c: &mut Criterion) {
         group.bench_function(format!("decode gpt2-124m{dtype} b{rows} 64+64"), |b| {
             b.iter(|| {
                 let mut rngs = row_rngs(1, 0..rows as u64);
-                let out = generate(model.lm.as_ref(), &prompts, &[], 0, &cfg, &mut rngs).unwrap();
+                let out = on_workers(|| generate(model.lm.as_ref(), &prompts, &[], 0, &cfg, &mut rngs)).unwrap();
                 assert_eq!(out.responses[0].len(), 64);
             })
         });
@@ -141,7 +145,9 @@ fn mixed_rollouts(c: &mut Criterion) {
         group.bench_function(format!("teacher-mixed gpt2-124m + gpt2-355m{dtype} b16 64+32"), |b| {
             b.iter(|| {
                 let mut rngs = row_rngs(1, 0..16);
-                let r = generate_mixed(student.lm.as_ref(), teacher.lm.as_ref(), &prompts, &[], 0, &cfg, &mut rngs);
+                let r = on_workers(|| {
+                    generate_mixed(student.lm.as_ref(), teacher.lm.as_ref(), &prompts, &[], 0, &cfg, &mut rngs)
+                });
                 assert_eq!(r.unwrap().logq[0].len(), 32);
             })
         });

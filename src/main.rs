@@ -66,7 +66,9 @@ fn main() {
         .init();
     minillm::progress::enable();
     cli::signals::install();
-    let result = match Cli::parse().command {
+    let command = Cli::parse().command;
+    // The whole command runs on a worker of the thread pool (see `on_workers`).
+    let result = minillm::runtime::on_workers(|| match command {
         Command::Generate(c) => c.run(),
         Command::Score(c) => c.run(),
         Command::Convert(c) => c.run(),
@@ -84,7 +86,7 @@ fn main() {
         Command::Calibrate(c) => c.run(),
         Command::Exposure(c) => c.run(),
         Command::Demo(c) => c.run(),
-    };
+    });
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

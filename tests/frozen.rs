@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use minillm::model::{load_model, load_model_as, AttentionMask, Model, Weights};
+use minillm::model::{load_model, load_model_as, save_model, AttentionMask, Model, Weights};
 
 fn ids(rows: usize, len: usize) -> Tensor {
     let v: Vec<u32> = (0..rows * len).map(|i| ((i * 37 + 11) % 383 + 1) as u32).collect();
@@ -35,6 +35,37 @@ fn a_frozen_model_computes_the_same_logits_without_a_graph() {
         assert_eq!(frozen.lm.params().num_elements(), trainable.lm.params().num_elements());
         let err = frozen.load_weights(&dir).unwrap_err().to_string();
         assert!(err.contains("frozen"), "{err}");
+    }
+}
+
+/// A frozen GPT-2 stores its `Conv1D` weights with at least as many outputs as inputs
+/// `[out, in]` (the decoding kernels read them faster that way), yet its parameter list shows
+/// the checkpoint's `[in, out]` values: saving it (`convert`) writes back exactly the tensors
+/// it read.
+#[test]
+fn a_frozen_gpt2_stores_wide_weights_transposed_and_saves_them_as_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny_model_dir(&tmp.path().join("gpt2"), "gpt2", 64, 2, 3);
+    let frozen = load_model_as(&dir, &Device::Cpu, DType::F32, Weights::Frozen).unwrap();
+    let param = |name: &str| frozen.lm.params().get(name).unwrap().clone();
+    for layer in ["attn.c_attn", "mlp.c_fc"] {
+        let w = param(&format!("transformer.h.0.{layer}.weight"));
+        assert!(w.dim(0).unwrap() < w.dim(1).unwrap(), "{layer} is [in, out] with more outputs: {:?}", w.dims());
+        assert!(!w.is_contiguous(), "{layer}: stored [out, in], listed as its transpose");
+    }
+    let narrow = param("transformer.h.0.mlp.c_proj.weight");
+    assert!(narrow.dim(0).unwrap() > narrow.dim(1).unwrap() && narrow.is_contiguous(), "c_proj stays [in, out]");
+    let out = tmp.path().join("saved");
+    save_model(&frozen, &out, DType::F32).unwrap();
+    let read = |d: &std::path::Path| candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
+    let (original, saved) = (read(&dir), read(&out));
+    assert_eq!(saved.len(), frozen.lm.params().len());
+    for (name, t) in &saved {
+        let want = original.get(name).or_else(|| original.get(name.trim_start_matches("transformer.")));
+        let want = want.unwrap_or_else(|| panic!("{name} is not in the checkpoint"));
+        assert_eq!(t.dims(), want.dims(), "{name}");
+        let diff = (t - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{name} was saved with other values than it was read with");
     }
 }
 

@@ -236,6 +236,25 @@ impl ParamBuilder {
         Ok(t)
     }
 
+    /// Whether the parameters are built frozen.
+    pub fn is_frozen(&self) -> bool {
+        self.weights == Weights::Frozen
+    }
+
+    /// Fetches the `[rows, cols]` matrix `name` of a frozen model and stores it transposed
+    /// (`[cols, rows]`, contiguous), which it returns. The parameter list records the
+    /// transpose's view under `name`, so saving and fingerprints see the checkpoint's layout.
+    /// Refused for a trainable model, whose gradients and optimizer state keep the
+    /// checkpoint's layout.
+    pub fn get_transposed(&mut self, name: &str, shape: [usize; 2], init: Init) -> Result<Tensor> {
+        if self.weights == Weights::Trainable {
+            bail!("only a frozen model can store `{name}` transposed");
+        }
+        let stored = self.fetch(name, &shape, init)?.t()?.contiguous()?;
+        self.params.named.push((name.to_string(), Param::Frozen(stored.t()?)));
+        Ok(stored)
+    }
+
     fn fetch(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let resolved = self.resolve(name);
         let dtype = if shape.len() >= 2 { self.matrix_dtype } else { self.dtype };

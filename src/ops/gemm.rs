@@ -55,6 +55,13 @@ pub fn matmul_parallel(dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) 
     matmul_with(dst, 0, n, a, b, 1.0, accumulate, gemm::Parallelism::Rayon(rayon::current_num_threads()))
 }
 
+/// [`matmul`] on all of rayon's threads, into a block of a larger `dst` (no dispatch to
+/// [`super::skinny`]).
+pub fn matmul_parallel_at(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: MatRef, accumulate: bool) {
+    let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
+    matmul_with(dst, dst_offset, dst_rs, a, b, 1.0, accumulate, threads)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn matmul_with(
     dst: &mut [f32],

@@ -244,35 +244,50 @@ impl SharedRows {
     }
 }
 
-/// Columns `c0..c1` of `x·w` for `w` with contiguous columns.
+/// Columns `c0..c1` of `x·w` for `w` with contiguous columns, [`DOT_COLS`] at a time. While
+/// one block of columns is multiplied, the next block's are prefetched: left to the hardware,
+/// a block's columns arrived only once the block asked for them, so that reading and
+/// computing took turns (16-row GPT-2 products streamed 11 GB/s; 15 with the prefetch).
 fn dot_columns<T: WeightEntry>(xs: &[&[f32]], w: &MatRef<T>, c0: usize, c1: usize, out: &SharedRows) {
     let k = xs[0].len();
     let col = |c: usize| &w.data[w.offset + c * w.strides.1..][..k];
     let mut c = c0;
     while c + DOT_COLS <= c1 {
         let ws: [&[T]; DOT_COLS] = std::array::from_fn(|j| col(c + j));
-        dot_block_rows(xs, ws, c, out);
+        let ahead = (c1 - c - DOT_COLS).min(DOT_COLS);
+        let next: [&[T]; DOT_COLS] = std::array::from_fn(|j| if j < ahead { col(c + DOT_COLS + j) } else { &[] });
+        dot_block_rows(xs, ws, &next[..ahead], c, out);
         c += DOT_COLS;
     }
     while c < c1 {
-        dot_block_rows(xs, [col(c)], c, out);
+        dot_block_rows(xs, [col(c)], &[], c, out);
         c += 1;
     }
 }
 
-/// Every row of `x` against the `C` weight columns `ws` (starting at column `c`).
+/// Every row of `x` against the `C` weight columns `ws` (starting at column `c`), prefetching
+/// the columns `next` during the first block of rows.
 #[inline(always)]
-fn dot_block_rows<T: WeightEntry, const C: usize>(xs: &[&[f32]], ws: [&[T]; C], c: usize, out: &SharedRows) {
+fn dot_block_rows<T: WeightEntry, const C: usize>(
+    xs: &[&[f32]],
+    ws: [&[T]; C],
+    next: &[&[T]],
+    c: usize,
+    out: &SharedRows,
+) {
     for (r, rows) in xs.chunks(DOT_ROWS).enumerate() {
-        with_rows!(rows, |block| dot_block(block, ws, r * DOT_ROWS, c, out));
+        let next = if r == 0 { next } else { &[] };
+        with_rows!(rows, |block| dot_block(block, ws, next, r * DOT_ROWS, c, out));
     }
 }
 
-/// `R × C` dot products over the inner dimension, `LANES` partial sums each.
+/// `R × C` dot products over the inner dimension, `LANES` partial sums each; prefetches the
+/// columns `next` (as long as the block's) into L2 alongside.
 #[inline(always)]
 fn dot_block<T: WeightEntry, const R: usize, const C: usize>(
     xs: [&[f32]; R],
     ws: [&[T]; C],
+    next: &[&[T]],
     r0: usize,
     c0: usize,
     out: &SharedRows,
@@ -281,6 +296,9 @@ fn dot_block<T: WeightEntry, const R: usize, const C: usize>(
     let body = k / LANES * LANES;
     let mut acc = [[F32x::zero(); C]; R];
     for i in (0..body).step_by(LANES) {
+        for n in next {
+            prefetch(n.as_ptr().wrapping_add(i));
+        }
         let wv: [F32x; C] = std::array::from_fn(|j| T::load(&ws[j][i..]));
         for r in 0..R {
             let xv = F32x::load(&xs[r][i..]);

@@ -45,6 +45,7 @@ mod dot_products {
     use half::bf16;
 
     use super::super::gemm::MatRef;
+    use super::super::simd::prefetch;
     use super::super::skinny::{
         for_column_tasks, prefetch_share, prepare, with_rows, Place, SharedRows, AXPY_DEPTH, AXPY_ROWS, DOT_COLS,
         DOT_ROWS, STRIP,
@@ -109,34 +110,41 @@ mod dot_products {
         lo(x) * lo(w) + hi(x) * hi(w)
     }
 
-    /// Columns `c0..c1` of `x·w` for `w` with contiguous columns.
+    /// Columns `c0..c1` of `x·w` for `w` with contiguous columns, prefetching the next block's
+    /// columns while one is multiplied (as [`super::super::skinny`]'s dot products do).
     fn dot_columns(xs: &[&[bf16]], w: &MatRef<bf16>, c0: usize, c1: usize, out: &SharedRows) {
         let k = xs[0].len();
         let col = |c: usize| &w.data[w.offset + c * w.strides.1..][..k];
         let mut c = c0;
         while c + DOT_COLS <= c1 {
             let ws: [&[bf16]; DOT_COLS] = std::array::from_fn(|j| col(c + j));
-            dot_block_rows(xs, ws, c, out);
+            let ahead = (c1 - c - DOT_COLS).min(DOT_COLS);
+            let next: [&[bf16]; DOT_COLS] =
+                std::array::from_fn(|j| if j < ahead { col(c + DOT_COLS + j) } else { &[] });
+            dot_block_rows(xs, ws, &next[..ahead], c, out);
             c += DOT_COLS;
         }
         while c < c1 {
-            dot_block_rows(xs, [col(c)], c, out);
+            dot_block_rows(xs, [col(c)], &[], c, out);
             c += 1;
         }
     }
 
     #[inline(always)]
-    fn dot_block_rows<const C: usize>(xs: &[&[bf16]], ws: [&[bf16]; C], c: usize, out: &SharedRows) {
+    fn dot_block_rows<const C: usize>(xs: &[&[bf16]], ws: [&[bf16]; C], next: &[&[bf16]], c: usize, out: &SharedRows) {
         for (r, rows) in xs.chunks(DOT_ROWS).enumerate() {
-            with_rows!(rows, |block| dot_block(block, ws, r * DOT_ROWS, c, out));
+            let next = if r == 0 { next } else { &[] };
+            with_rows!(rows, |block| dot_block(block, ws, next, r * DOT_ROWS, c, out));
         }
     }
 
-    /// `R × C` dot products over the inner dimension, 16 partial sums each.
+    /// `R × C` dot products over the inner dimension, 16 partial sums each; prefetches the
+    /// columns `next` into L2 alongside.
     #[inline(always)]
     fn dot_block<const R: usize, const C: usize>(
         xs: [&[bf16]; R],
         ws: [&[bf16]; C],
+        next: &[&[bf16]],
         r0: usize,
         c0: usize,
         out: &SharedRows,
@@ -146,6 +154,9 @@ mod dot_products {
         // SAFETY: the build has AVX-512 (cfg above).
         let mut acc = [[unsafe { _mm512_setzero_ps() }; C]; R];
         for i in (0..body).step_by(PER_REGISTER) {
+            for n in next {
+                prefetch(n.as_ptr().wrapping_add(i));
+            }
             let wv: [__m512bh; C] = std::array::from_fn(|j| load(&ws[j][i..]));
             for r in 0..R {
                 let xv = load(&xs[r][i..]);
