@@ -91,6 +91,13 @@ def whiten(x):
     return (x - mean) * torch.rsqrt(var + 1e-8)
 
 
+# transformers 5.2x renamed the models' cache argument and output field from `past_key_values`
+# to `cache` (the old name still works, with a deprecation warning); use whichever this
+# version has.
+CACHE = ("cache" if "cache" in getattr(transformers.modeling_outputs.CausalLMOutputWithCrossAttentions,
+                                      "__dataclass_fields__", {}) else "past_key_values")
+
+
 @torch.no_grad()
 def mixed_rollouts(student, teacher, prompts, new_tokens, alpha, g, mask=None):
     """Teacher-mixed sampling: both models decode in lockstep with their caches; returns the
@@ -102,10 +109,10 @@ def mixed_rollouts(student, teacher, prompts, new_tokens, alpha, g, mask=None):
         extra = {"attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
 
     def step(ids, s_past=None, t_past=None):
-        s_out = student(input_ids=ids, past_key_values=s_past, use_cache=True, **extra)
-        t_out = teacher(input_ids=ids, past_key_values=t_past, use_cache=True, output_hidden_states=True, **extra)
+        s_out = student(input_ids=ids, use_cache=True, **{CACHE: s_past}, **extra)
+        t_out = teacher(input_ids=ids, use_cache=True, output_hidden_states=True, **{CACHE: t_past}, **extra)
         # A bf16 model's logits mix in f32.
-        return (s_out.past_key_values, t_out.past_key_values, s_out.logits[:, -1].float(),
+        return (getattr(s_out, CACHE), getattr(t_out, CACHE), s_out.logits[:, -1].float(),
                 t_out.logits[:, -1].float(), t_out.hidden_states[-1][:, -1])
 
     s_past, t_past, s_logits, t_logits, t_h = step(prompts)
