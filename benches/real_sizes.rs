@@ -14,6 +14,9 @@
 //! bf16`: bf16 matrices, f32 activations), beside PyTorch's bf16 models, and decoding with f16
 //! weights (no PyTorch side: its CPU f16 products are not a fair baseline).
 //!
+//! The SFT steps, decoding and rollouts run on a pool worker, as the commands do
+//! (`runtime::on_workers`).
+//!
 //! The models come from `scripts/make_real_size_models.sh DIR 124m 355m`; set
 //! `MINILLM_REAL_SIZES=DIR` (default `/tmp/realsize`). Benches whose models are missing are
 //! skipped with a message (the decoding products need none).
