@@ -33,7 +33,7 @@ pub fn configure() {
 /// issues each parallel op (a matrix product, a fused kernel) works on it alongside the other
 /// workers. Called from outside the pool, every such op instead hands its work to the workers
 /// and sleeps until they finish, and waking it again costs a scheduler round trip per op:
-/// hundreds per decoding step, 8% of a 16-row GPT-2 decoding run on two cores (BENCHMARKS.md).
+/// hundreds per decoding step, ~4% of a 16-row GPT-2 decoding run on two cores (BENCHMARKS.md).
 /// Commands run whole inside this (`main`), as do the benchmarks of what they do.
 pub fn on_workers<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     // From outside the pool, `scope` runs its body on a worker and blocks until it returns.

@@ -106,30 +106,28 @@ impl LinearHalf {
     }
 
     /// `y += x·W` by the packing product on `w` widened to f32 a panel of output columns at a
-    /// time, into one buffer of about [`PANEL_ENTRIES`]. Widening the whole weight at once
-    /// took a fresh buffer as large as it (an f32 LM head: 154 MB for GPT-2, 322 MB for GPT-2
-    /// XL) on every call, which the kernel zeroed page by page (8% of a bf16 64-row decoding
-    /// run); a panel stays in cache between its widening and its product.
+    /// time, into one buffer of about [`PANEL_ENTRIES`]: widening the whole weight at once
+    /// took a transient f32 copy as large as it on every call (an LM head: 154 MB for GPT-2,
+    /// 322 MB for GPT-2 XL). The speed measured the same either way (BENCHMARKS.md).
     fn widened_product<T: WeightEntry>(&self, y: &mut [f32], x: MatRef, w: &[T], (din, dout): (usize, usize)) {
         let width = (PANEL_ENTRIES / din.max(1)).next_multiple_of(16).min(dout.max(1));
         let mut panel = vec![0f32; din * width];
         for c0 in (0..dout).step_by(width) {
             let n = width.min(dout - c0);
             let panel = &mut panel[..din * n];
-            let view = match self.layout {
-                // Output columns c0.. are weight rows c0..: one contiguous run.
+            // The panel holds columns c0..c0 + n in the weight's own layout, `din × n`.
+            match self.layout {
+                // Weight rows c0..: one contiguous run.
                 WeightLayout::OutIn => {
                     let src = &w[c0 * din..(c0 + n) * din];
                     panel.par_chunks_mut(1 << 14).zip(src.par_chunks(1 << 14)).for_each(|(d, s)| T::widen(s, d));
-                    MatRef { data: &*panel, offset: 0, shape: (din, n), strides: (1, din) }
                 }
-                // Columns c0.. of every weight row, gathered into `din` rows of `n`.
+                // Columns c0.. of every weight row.
                 WeightLayout::InOut => {
                     panel.par_chunks_mut(n).enumerate().for_each(|(i, d)| T::widen(&w[i * dout + c0..][..n], d));
-                    MatRef { data: &*panel, offset: 0, shape: (din, n), strides: (n, 1) }
                 }
-            };
-            matmul_parallel_at(y, c0, dout, x, view, true);
+            }
+            matmul_parallel_at(y, c0, dout, x, weight_view(panel, din, n, self.layout), true);
         }
     }
 }

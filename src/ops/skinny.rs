@@ -254,8 +254,7 @@ fn dot_columns<T: WeightEntry>(xs: &[&[f32]], w: &MatRef<T>, c0: usize, c1: usiz
     let mut c = c0;
     while c + DOT_COLS <= c1 {
         let ws: [&[T]; DOT_COLS] = std::array::from_fn(|j| col(c + j));
-        let ahead = (c1 - c - DOT_COLS).min(DOT_COLS);
-        let next: [&[T]; DOT_COLS] = std::array::from_fn(|j| if j < ahead { col(c + DOT_COLS + j) } else { &[] });
+        let (next, ahead) = block_after(col, c, c1);
         dot_block_rows(xs, ws, &next[..ahead], c, out);
         c += DOT_COLS;
     }
@@ -263,6 +262,13 @@ fn dot_columns<T: WeightEntry>(xs: &[&[f32]], w: &MatRef<T>, c0: usize, c1: usiz
         dot_block_rows(xs, [col(c)], &[], c, out);
         c += 1;
     }
+}
+
+/// The columns of the dot-product block after the one at column `c` (up to [`DOT_COLS`] of
+/// them before `c1`, for prefetching), and how many there are.
+pub(super) fn block_after<'a, T>(col: impl Fn(usize) -> &'a [T], c: usize, c1: usize) -> ([&'a [T]; DOT_COLS], usize) {
+    let ahead = (c1 - c - DOT_COLS).min(DOT_COLS);
+    (std::array::from_fn(|j| if j < ahead { col(c + DOT_COLS + j) } else { &[] }), ahead)
 }
 
 /// Every row of `x` against the `C` weight columns `ws` (starting at column `c`), prefetching

@@ -47,8 +47,8 @@ mod dot_products {
     use super::super::gemm::MatRef;
     use super::super::simd::prefetch;
     use super::super::skinny::{
-        for_column_tasks, prefetch_share, prepare, with_rows, Place, SharedRows, AXPY_DEPTH, AXPY_ROWS, DOT_COLS,
-        DOT_ROWS, STRIP,
+        block_after, for_column_tasks, prefetch_share, prepare, with_rows, Place, SharedRows, AXPY_DEPTH, AXPY_ROWS,
+        DOT_COLS, DOT_ROWS, STRIP,
     };
 
     /// bf16 values per register.
@@ -118,9 +118,7 @@ mod dot_products {
         let mut c = c0;
         while c + DOT_COLS <= c1 {
             let ws: [&[bf16]; DOT_COLS] = std::array::from_fn(|j| col(c + j));
-            let ahead = (c1 - c - DOT_COLS).min(DOT_COLS);
-            let next: [&[bf16]; DOT_COLS] =
-                std::array::from_fn(|j| if j < ahead { col(c + DOT_COLS + j) } else { &[] });
+            let (next, ahead) = block_after(col, c, c1);
             dot_block_rows(xs, ws, &next[..ahead], c, out);
             c += DOT_COLS;
         }
