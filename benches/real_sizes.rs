@@ -9,6 +9,10 @@
 //!   32 new tokens, the teacher's final hidden state kept.
 //! - The matrix products of one decoding step alone, 1 to 64 rows (random weights of GPT-2
 //!   124M's shapes), in weight bytes per second.
+//! - The matrix products of one GPT-2 XL layer over 1,024 rows (a 1.5B teacher's forward over
+//!   a batch: prefill, the PT term), in FLOP per second: bf16 weights by the bf16 product
+//!   (`ops::gemm_bf16`) and f32 weights by `gemm`; `bench_reference.py --matmul-real` times
+//!   `torch.mm` on the same shapes in both dtypes.
 //!
 //! Decoding and rollouts also run with bf16 weights (`eval --dtype bf16`, `--teacher-dtype
 //! bf16`: bf16 matrices, f32 activations), beside PyTorch's bf16 models, and decoding with f16
@@ -197,5 +201,53 @@ fn decoding_products(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sft_step, decoding, mixed_rollouts, decoding_products);
+/// The four products of one GPT-2 XL layer (qkv 1,600 → 4,800, attention projection 1,600 →
+/// 1,600, MLP 1,600 → 6,400 → 1,600, `[in, out]` as GPT-2 stores them) over 1,024 rows, with
+/// bf16 weights (`gemm_bf16`, where the build has AVX512-BF16) and with f32 weights (`gemm`).
+/// Random weights; needs no model directory.
+fn many_row_products(c: &mut Criterion) {
+    use half::bf16;
+    use minillm::ops::gemm::{matmul_parallel, MatRef};
+    use minillm::ops::gemm_bf16;
+    minillm::runtime::configure();
+    const ROWS: usize = 1024;
+    const HIDDEN: usize = 1600;
+    let shapes = [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, 4 * HIDDEN), (4 * HIDDEN, HIDDEN)];
+    let values = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 + seed) % 1000) as f32 * 1e-3 - 0.5).collect()
+    };
+    let weights: Vec<Vec<f32>> = shapes.iter().enumerate().map(|(s, &(k, n))| values(k * n, s)).collect();
+    let weights_bf16: Vec<Vec<bf16>> = weights.iter().map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect()).collect();
+    let flops: usize = shapes.iter().map(|&(k, n)| 2 * ROWS * k * n).sum();
+    let x = values(ROWS * 4 * HIDDEN, 7);
+    let mut dst = vec![0f32; ROWS * 4 * HIDDEN];
+    let mut group = c.benchmark_group("real");
+    group.sample_size(10).measurement_time(Duration::from_secs(5)).throughput(Throughput::Elements(flops as u64));
+    let view = |k: usize| MatRef { data: &x, offset: 0, shape: (ROWS, k), strides: (k, 1) };
+    if gemm_bf16::AVAILABLE {
+        group.bench_function(format!("gpt2-xl layer products {ROWS} rows bf16"), |b| {
+            b.iter(|| {
+                on_workers(|| {
+                    for (w, &(k, n)) in weights_bf16.iter().zip(&shapes) {
+                        let w = MatRef { data: &w[..], offset: 0, shape: (k, n), strides: (n, 1) };
+                        gemm_bf16::matmul(&mut dst, view(k), w);
+                    }
+                })
+            })
+        });
+    }
+    group.bench_function(format!("gpt2-xl layer products {ROWS} rows f32"), |b| {
+        b.iter(|| {
+            on_workers(|| {
+                for (w, &(k, n)) in weights.iter().zip(&shapes) {
+                    let w = MatRef { data: &w[..], offset: 0, shape: (k, n), strides: (n, 1) };
+                    matmul_parallel(&mut dst, view(k), w, false);
+                }
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, sft_step, decoding, mixed_rollouts, decoding_products, many_row_products);
 criterion_main!(benches);

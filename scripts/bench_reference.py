@@ -78,12 +78,26 @@ def sft_step_bench():
     return timed(sft_step(model, opt, ids), 3, 10)
 
 
-def matmul_bench(shapes=((1024, 256, 8192), (1024, 256, 1024), (1024, 1024, 256), (1024, 256, 768))):
+def matmul_bench(shapes=((1024, 256, 8192), (1024, 256, 1024), (1024, 1024, 256), (1024, 256, 768)),
+                 dtype=torch.float32):
     rates = {}
     for m, k, n in shapes:
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
         rates[f"{m}x{k}x{n}"] = 2 * m * k * n / timed(lambda: a @ b, 3, 20) / 1e9
     return rates
+
+
+def xl_layer_bench(dtype, rows=1024, hidden=1600):
+    """GFLOP/s of one GPT-2 XL layer's four products over `rows` rows (benches/real_sizes.rs
+    "gpt2-xl layer products"), weights and activations in `dtype`."""
+    shapes = ((hidden, 3 * hidden), (hidden, hidden), (hidden, 4 * hidden), (4 * hidden, hidden))
+    ws = [torch.randn(k, n).to(dtype) for k, n in shapes]
+    xs = {k: torch.randn(rows, k).to(dtype) for k, _ in shapes}
+
+    def layer():
+        for (k, _), w in zip(shapes, ws):
+            xs[k] @ w
+    return sum(2 * rows * k * n for k, n in shapes) / timed(layer, 2, 10) / 1e9
 
 
 def whiten(x):
@@ -432,7 +446,8 @@ if __name__ == "__main__":
     ap.add_argument("--real", metavar="DIR", help="the benches of benches/real_sizes.rs on DIR/gpt2-{124m,355m}")
     ap.add_argument("--no-sft", action="store_true", help="--real without the SFT steps")
     ap.add_argument("--matmul-real", action="store_true",
-                    help="torch.mm's rate on 4096^3 and GPT-2 124M's training products")
+                    help="torch.mm's rate on 4096^3, GPT-2 124M's training products and one GPT-2 XL "
+                         "layer's products (f32 and bf16)")
     ap.add_argument("--real-distill", metavar="DIR", help="one distill iteration of DIR/gpt2-124m with a teacher")
     ap.add_argument("--teacher", default="1.5b", help="--real-distill's teacher size (DIR/gpt2-SIZE)")
     ap.add_argument("--teacher-dtype", default="f32", choices=["f32", "bf16"])
@@ -450,6 +465,8 @@ if __name__ == "__main__":
         real_shapes = ((4096, 4096, 4096), (1192, 768, 3072), (1192, 3072, 768), (2048, 768, REAL_V))
         for shape, rate in matmul_bench(real_shapes).items():
             print(f"matmul {shape}: {rate:.0f} GFLOP/s")
+        for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+            print(f"gpt2-xl layer products 1024 rows {name}: {xl_layer_bench(dtype):.0f} GFLOP/s")
         raise SystemExit
     if a.real:
         for name, (t, tokens) in real_benches(a.real, sft=not a.no_sft).items():

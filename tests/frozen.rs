@@ -130,11 +130,12 @@ fn a_half_precision_model_stores_16_bit_matrices_and_computes_in_f32() {
 }
 
 /// Cached decoding with a 16-bit model computes what its full forward does: at a width whose
-/// one-row products take the decoding kernels while the 72-row prefill takes the widened
-/// packing product, both multiply the same values. In f16 that leaves summation order
+/// one-row products take the decoding kernels while the 72-row prefill takes the many-row
+/// product (bf16: `ops::gemm_bf16` where the CPU has AVX512-BF16; else, and for f16, the
+/// widened packing product), both multiply the same values. In f16 that leaves summation order
 /// (measured: 1.2e-6 (GPT-2) and 1.6e-6 (Llama) of the largest logit; bound 1e-5). In bf16 the
 /// f32 noise of the two attention paths moves an input across a bf16 rounding boundary here and
-/// there (measured: 0.24% (GPT-2) and 0.33% (Llama); bound 2⁻⁷ = 0.78%).
+/// there (measured: 0.30% (GPT-2) and 0.33% (Llama); bound 2⁻⁷ = 0.78%).
 #[test]
 fn half_precision_cached_decoding_equals_the_full_forward() {
     let tmp = tempfile::tempdir().unwrap();

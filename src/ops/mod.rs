@@ -10,6 +10,7 @@ pub mod adamw;
 pub mod attention;
 pub mod gelu;
 pub mod gemm;
+pub mod gemm_bf16;
 pub mod inference_attention;
 pub mod layer_norm;
 pub mod linear;

@@ -15,6 +15,28 @@ pub use imp::F32x;
 /// never faults).
 pub use imp::prefetch;
 
+/// The lane sums of sixteen vectors, `[v[0].sum(), …, v[15].sum()]` (in another order of
+/// additions): with AVX-512 one transposing reduction of 45 instructions where sixteen
+/// separate reductions take ~140, which the dot-product kernels' 4 × 4 blocks pay once per
+/// block of outputs.
+pub use imp::lane_sums16;
+
+/// [`lane_sums16`] on raw AVX-512 registers (the bf16 kernels' accumulators).
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+pub use imp::lane_sums16_m512;
+
+/// The lane sums of an `R × C` block of accumulators, by one [`lane_sums16`] when the block
+/// has sixteen of them.
+#[inline(always)]
+pub fn block_sums<const R: usize, const C: usize>(acc: [[F32x; C]; R]) -> [[f32; C]; R] {
+    if R * C == 16 {
+        let sums = lane_sums16(std::array::from_fn(|i| acc[i / C][i % C]));
+        std::array::from_fn(|r| std::array::from_fn(|j| sums[r * C + j]))
+    } else {
+        acc.map(|row| row.map(F32x::sum))
+    }
+}
+
 /// A bf16 value's f32: its 16 bits are the f32's upper half.
 #[inline(always)]
 pub fn bf16_to_f32(x: half::bf16) -> f32 {
@@ -102,6 +124,44 @@ mod imp {
     pub fn prefetch<T>(p: *const T) {
         // SAFETY: a prefetch is a hint; it neither faults nor reads architecturally.
         unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
+    }
+
+    /// See [`super::lane_sums16`].
+    #[inline(always)]
+    pub fn lane_sums16(v: [F32x; 16]) -> [f32; 16] {
+        lane_sums16_m512(v.map(|v| v.0))
+    }
+
+    /// See [`super::lane_sums16_m512`]. Four rounds each halve the vectors and their lanes:
+    /// each adds the two halves of a pair of vectors side by side (128-bit blocks, then
+    /// pairs and single lanes within blocks). Taken in the order `a[m] = v[(m % 4)·4 + m / 4]`,
+    /// the last round leaves lane `i` holding `v[i]`'s sum.
+    #[inline(always)]
+    pub fn lane_sums16_m512(v: [__m512; 16]) -> [f32; 16] {
+        let a: [__m512; 16] = std::array::from_fn(|m| v[(m % 4) * 4 + m / 4]);
+        // SAFETY: the build targets AVX-512 (cfg above).
+        unsafe {
+            // Blocks 0, 1 of x and y + blocks 2, 3 of x and y: x's lanes folded to 8, then y's.
+            let c: [__m512; 8] = std::array::from_fn(|i| {
+                let (x, y) = (a[2 * i], a[2 * i + 1]);
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(x, y), _mm512_shuffle_f32x4::<0xee>(x, y))
+            });
+            // Blocks 0, 2 + blocks 1, 3: each block now holds 4 partial sums of one vector.
+            let e: [__m512; 4] = std::array::from_fn(|i| {
+                let (x, y) = (c[2 * i], c[2 * i + 1]);
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(x, y), _mm512_shuffle_f32x4::<0xdd>(x, y))
+            });
+            // Within each block, lanes 0, 1 + lanes 2, 3: 2 partial sums of x's, then y's.
+            let g: [__m512; 2] = std::array::from_fn(|i| {
+                let (x, y) = (e[2 * i], e[2 * i + 1]);
+                _mm512_add_ps(_mm512_shuffle_ps::<0x44>(x, y), _mm512_shuffle_ps::<0xee>(x, y))
+            });
+            // Even + odd lanes: block b's lane t is a[4t + b]'s sum, which is v[4b + t]'s.
+            let sums = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(g[0], g[1]), _mm512_shuffle_ps::<0xdd>(g[0], g[1]));
+            let mut out = [0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), sums);
+            out
+        }
     }
 }
 
@@ -194,6 +254,12 @@ mod imp {
         // SAFETY: a prefetch is a hint; it neither faults nor reads architecturally.
         unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
     }
+
+    /// See [`super::lane_sums16`].
+    #[inline(always)]
+    pub fn lane_sums16(v: [F32x; 16]) -> [f32; 16] {
+        v.map(F32x::sum)
+    }
 }
 
 #[cfg(not(any(
@@ -262,6 +328,12 @@ mod imp {
     /// A cache hint where the build has none: nothing.
     #[inline(always)]
     pub fn prefetch<T>(_: *const T) {}
+
+    /// See [`super::lane_sums16`].
+    #[inline(always)]
+    pub fn lane_sums16(v: [F32x; 16]) -> [f32; 16] {
+        v.map(F32x::sum)
+    }
 }
 
 #[cfg(test)]
@@ -279,6 +351,24 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(v.sum(), want.iter().sum::<f32>());
         assert_eq!(F32x::zero().sum(), 0.0);
+    }
+
+    /// Lane sums of sixteen vectors come back in their order, whatever the lane count;
+    /// integer values, so that any order of additions is exact.
+    #[test]
+    fn sixteen_lane_sums_come_back_in_order() {
+        let vectors: Vec<Vec<f32>> = (0..16)
+            .map(|v| (0..LANES).map(|l| ((v * 37 + l * 11) % 29) as f32 - 14.0 + v as f32 * 64.0).collect())
+            .collect();
+        let got = lane_sums16(std::array::from_fn(|v| F32x::load(&vectors[v])));
+        let want: Vec<f32> = vectors.iter().map(|v| v.iter().sum()).collect();
+        assert_eq!(got.to_vec(), want);
+        // And through the block form, for a 4 × 4 block and one that is not sixteen.
+        let block: [[F32x; 4]; 4] = std::array::from_fn(|r| std::array::from_fn(|j| F32x::load(&vectors[r * 4 + j])));
+        let sums = block_sums(block);
+        assert_eq!(sums.iter().flatten().copied().collect::<Vec<_>>(), want);
+        let block: [[F32x; 3]; 2] = std::array::from_fn(|r| std::array::from_fn(|j| F32x::load(&vectors[r * 3 + j])));
+        assert_eq!(block_sums(block).iter().flatten().copied().collect::<Vec<_>>(), want[..6].to_vec());
     }
 
     #[test]

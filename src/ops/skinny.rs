@@ -25,7 +25,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::MatRef;
-use super::simd::{bf16_to_f32, prefetch, F32x, LANES};
+use super::simd::{bf16_to_f32, block_sums, prefetch, F32x, LANES};
 
 /// A weight entry the kernels read: f32, or bf16 or f16 widened to f32 as it is loaded.
 pub trait WeightEntry: Copy + Send + Sync + 'static {
@@ -179,7 +179,7 @@ pub(super) fn for_column_tasks(
     } else {
         cols.div_ceil(threads).next_multiple_of(STRIP).clamp(STRIP, MAX_BAND_COLUMNS)
     };
-    let out = SharedRows { ptr: dst.as_mut_ptr(), stride: cols };
+    let out = SharedRows::new(dst, cols);
     (0..cols.div_ceil(per_task)).into_par_iter().for_each(|task| {
         kernel(task * per_task, ((task + 1) * per_task).min(cols), &out);
     });
@@ -224,6 +224,11 @@ pub(super) struct SharedRows {
 unsafe impl Sync for SharedRows {}
 
 impl SharedRows {
+    /// `dst` as rows of `stride` entries, for tasks that each write their own columns.
+    pub(super) fn new(dst: &mut [f32], stride: usize) -> Self {
+        Self { ptr: dst.as_mut_ptr(), stride }
+    }
+
     /// Adds `v` to element (`row`, `col`).
     ///
     /// # Safety
@@ -313,11 +318,12 @@ fn dot_block<T: WeightEntry, const R: usize, const C: usize>(
             }
         }
     }
+    let sums = block_sums(acc);
     for r in 0..R {
         for j in 0..C {
             let tail: f32 = (body..k).map(|t| xs[r][t] * ws[j][t].to_f32()).sum();
             // SAFETY: row r0 + r < rows and column c0 + j is inside this task's range.
-            unsafe { out.add(r0 + r, c0 + j, acc[r][j].sum() + tail) };
+            unsafe { out.add(r0 + r, c0 + j, sums[r][j] + tail) };
         }
     }
 }

@@ -4,10 +4,12 @@
 //! The arithmetic is bf16 multiplication with f32 sums: `x` is rounded to bf16 once per call,
 //! each product of two bf16 values is exact in f32, and the products are summed in f32. On a
 //! CPU with AVX512-BF16 this is what `vdpbf16ps` does — 32 products summed pairwise into 16
-//! f32 lanes per instruction (an FMA does 16) from half the bytes; where it issues at half an
-//! FMA's rate (the benchmark EPYC, BENCHMARKS.md) the gain is the bytes — with the same two kernels as [`super::skinny`] (dot-product blocks for `[out, in]`
-//! weights; bands of `[in, out]` weight rows, here interleaved in pairs as the instruction
-//! wants them). Elsewhere the rounded `x` goes through [`super::skinny`]'s f32 kernels with the
+//! f32 lanes per instruction (an FMA does 16) from half the bytes — with the same two kernels
+//! as [`super::skinny`] (dot-product blocks for `[out, in]` weights; bands of `[in, out]`
+//! weight rows, here interleaved in pairs as the instruction wants them). At these few rows
+//! the gain is mostly the bytes: the kernels read each weight once per call, in place, and
+//! are bound by that and by their sums' reductions rather than by the instruction's rate
+//! (which [`super::gemm_bf16`] reaches at many rows). Elsewhere the rounded `x` goes through [`super::skinny`]'s f32 kernels with the
 //! weight widened as it is loaded: the same products, summed in another order.
 
 use half::bf16;
@@ -45,7 +47,8 @@ mod dot_products {
     use half::bf16;
 
     use super::super::gemm::MatRef;
-    use super::super::simd::prefetch;
+    use super::super::gemm_bf16::round_into;
+    use super::super::simd::{lane_sums16_m512, prefetch};
     use super::super::skinny::{
         block_after, for_column_tasks, prefetch_share, prepare, with_rows, Place, SharedRows, AXPY_DEPTH, AXPY_ROWS,
         DOT_COLS, DOT_ROWS, STRIP,
@@ -62,20 +65,21 @@ mod dot_products {
         let (rows, k) = x.shape;
         let cols = w.shape.1;
         let x_row = |r: usize| &x.data[x.offset + r * x.strides.0..][..k];
+        // The rows rounded to bf16, each padded to an even length with a zero.
+        let width = k.next_multiple_of(2);
+        let mut xb = vec![bf16::ZERO; rows * width];
+        for (r, dst) in xb.chunks_exact_mut(width.max(1)).enumerate().take(rows) {
+            round_into(x_row(r), &mut dst[..k]);
+        }
         if columns_contiguous {
-            let xb: Vec<bf16> = (0..rows).flat_map(|r| x_row(r).iter().map(|&v| bf16::from_f32(v))).collect();
-            let xs: Vec<&[bf16]> = xb.chunks(k.max(1)).collect();
+            let xs: Vec<&[bf16]> = xb.chunks(width.max(1)).map(|row| &row[..k]).collect();
             for_column_tasks(dst, cols, true, |c0, c1, out| dot_columns(&xs, &w, c0, c1, out));
         } else {
             // Each row as pairs of consecutive entries, one 32-bit word each (an odd tail
             // paired with zero), as the band's interleaved weight rows are.
-            let pairs = k.div_ceil(2);
-            let mut xp = vec![0u32; rows * pairs];
-            for (r, dst) in xp.chunks_mut(pairs.max(1)).enumerate().take(rows) {
-                for (i, &v) in x_row(r).iter().enumerate() {
-                    dst[i / 2] |= (bf16::from_f32(v).to_bits() as u32) << (16 * (i % 2));
-                }
-            }
+            let pairs = width / 2;
+            let xp: Vec<u32> =
+                xb.chunks_exact(2).map(|two| two[0].to_bits() as u32 | (two[1].to_bits() as u32) << 16).collect();
             let xs: Vec<&[u32]> = xp.chunks(pairs.max(1)).collect();
             for_column_tasks(dst, cols, false, |c0, c1, out| axpy_strips(&xs, &w, k, c0, c1, out));
         }
@@ -163,12 +167,19 @@ mod dot_products {
                 }
             }
         }
+        // One transposing reduction for a full block (see `simd::lane_sums16`).
+        let sums: [[f32; C]; R] = if R * C == 16 {
+            let sums = lane_sums16_m512(std::array::from_fn(|i| acc[i / C][i % C]));
+            std::array::from_fn(|r| std::array::from_fn(|j| sums[r * C + j]))
+        } else {
+            // SAFETY: AVX-512 (cfg above).
+            acc.map(|row| row.map(|v| unsafe { _mm512_reduce_add_ps(v) }))
+        };
         for r in 0..R {
             for j in 0..C {
                 let tail: f32 = (body..k).map(|t| xs[r][t].to_f32() * ws[j][t].to_f32()).sum();
-                // SAFETY: AVX-512 (cfg above); row r0 + r < rows and column c0 + j is inside
-                // this task's range.
-                unsafe { out.add(r0 + r, c0 + j, _mm512_reduce_add_ps(acc[r][j]) + tail) };
+                // SAFETY: row r0 + r < rows and column c0 + j is inside this task's range.
+                unsafe { out.add(r0 + r, c0 + j, sums[r][j] + tail) };
             }
         }
     }
