@@ -12,11 +12,14 @@
 //! call into blocks of [`MR`] rows, each holding, for each pair of consecutive inner indices,
 //! the [`MR`] rows' pairs as 32-bit words (`vdpbf16ps` sums one pair per lane); the weight is
 //! packed per thread, a block of up to [`KC`] inner pairs × [`NC`] columns at a time, into
-//! panels of [`NR`] columns whose entries are the same pairs. The kernel keeps an `MR × NR` block of
-//! sums in 24 registers and, for each inner pair, broadcasts a row's pair against two
+//! panels of [`NR`] columns whose entries are the same pairs. The kernel keeps an `MR × NR`
+//! block of sums in 24 registers and, for each inner pair, broadcasts a row's pair against two
 //! registers of the panel. Threads split the output columns. On the benchmark EPYC this
-//! reaches ~360–400 GFLOP/s on GPT-2 XL's shapes at 4,096 rows and 250–300 on GPT-2's at
-//! 1,024 rows, against 185–210 and ~190 for the f32 `gemm` on the widened weight.
+//! reaches ~390–430 GFLOP/s on GPT-2 XL's shapes at 4,096 rows and 330–377 on GPT-2's at
+//! 1,024 rows, against 185–210 and ~200 for the f32 `gemm` on the widened weight
+//! (BENCHMARKS.md). At 64 rows and fewer the decoding kernels, which read the weight in
+//! place, are as fast or faster: packing the weight on each call costs what the faster
+//! arithmetic saves.
 
 use half::bf16;
 

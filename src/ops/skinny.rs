@@ -306,9 +306,13 @@ fn dot_block<T: WeightEntry, const R: usize, const C: usize>(
     let k = xs[0].len();
     let body = k / LANES * LANES;
     let mut acc = [[F32x::zero(); C]; R];
+    // One prefetch per cache line: every step for f32 weights, every other for 16-bit ones.
+    let line_len = LINE_BYTES / std::mem::size_of::<T>();
     for i in (0..body).step_by(LANES) {
-        for n in next {
-            prefetch(n.as_ptr().wrapping_add(i));
+        if i % line_len < LANES {
+            for n in next {
+                prefetch(n.as_ptr().wrapping_add(i));
+            }
         }
         let wv: [F32x; C] = std::array::from_fn(|j| T::load(&ws[j][i..]));
         for r in 0..R {
