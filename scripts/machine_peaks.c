@@ -37,72 +37,47 @@ static double read_bandwidth(const float *a, size_t n) {
     return best;
 }
 
-#define CHAIN(i) a##i = _mm512_fmadd_ps(a##i, x, y)
-
-static double fma_peak(void) {
-    double best = 0;
-    const long iters = 400000000;
-    for (int rep = 0; rep < 4; rep++) {
-        double t = omp_get_wtime();
-        float total = 0;
-#pragma omp parallel reduction(+ : total)
-        {
-            // Distinct starting values, so that no two chains compute the same thing.
-            __m512 x = _mm512_set1_ps(0.999f), y = _mm512_set1_ps(1e-4f);
-            __m512 a0 = _mm512_set1_ps(0.1f), a1 = _mm512_set1_ps(0.2f), a2 = _mm512_set1_ps(0.3f),
-                   a3 = _mm512_set1_ps(0.4f), a4 = _mm512_set1_ps(0.5f), a5 = _mm512_set1_ps(0.6f),
-                   a6 = _mm512_set1_ps(0.7f), a7 = _mm512_set1_ps(0.8f), a8 = _mm512_set1_ps(0.9f),
-                   a9 = _mm512_set1_ps(1.1f), a10 = _mm512_set1_ps(1.2f), a11 = _mm512_set1_ps(1.3f);
-            long n = iters / omp_get_num_threads();
-            for (long i = 0; i < n; i++) {
-                CHAIN(0); CHAIN(1); CHAIN(2); CHAIN(3); CHAIN(4); CHAIN(5);
-                CHAIN(6); CHAIN(7); CHAIN(8); CHAIN(9); CHAIN(10); CHAIN(11);
-            }
-            __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
-                                     _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
-            s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11)));
-            total += _mm512_reduce_add_ps(s);
-        }
-        double dt = omp_get_wtime() - t;
-        if (total < 0) fprintf(stderr, "unexpected sum %g\n", total);
-        double rate = (iters / omp_get_max_threads()) * omp_get_max_threads() * 12.0 * 32 / dt / 1e9;
-        if (rate > best) best = rate;
-    }
+// The best of four timings of twelve independent chains `a_i = OP(a_i, x, y)` per thread,
+// in GFLOP/s for FLOPS per instruction; X and Y are the operands' type and values.
+#define CHAINS_PEAK(OP, XY_TYPE, X, Y, FLOPS)                                                   \
+    double best = 0;                                                                            \
+    const long iters = 400000000;                                                               \
+    for (int rep = 0; rep < 4; rep++) {                                                         \
+        double t = omp_get_wtime();                                                             \
+        float total = 0;                                                                        \
+        _Pragma("omp parallel reduction(+ : total)") {                                          \
+            XY_TYPE x = X, y = Y;                                                               \
+            /* Distinct starting values, so that no two chains compute the same thing. */       \
+            __m512 a[12];                                                                       \
+            for (int c = 0; c < 12; c++) a[c] = _mm512_set1_ps(0.1f * (c + 1));                 \
+            long n = iters / omp_get_num_threads();                                             \
+            for (long i = 0; i < n; i++) {                                                      \
+                a[0] = OP(a[0], x, y); a[1] = OP(a[1], x, y); a[2] = OP(a[2], x, y);            \
+                a[3] = OP(a[3], x, y); a[4] = OP(a[4], x, y); a[5] = OP(a[5], x, y);            \
+                a[6] = OP(a[6], x, y); a[7] = OP(a[7], x, y); a[8] = OP(a[8], x, y);            \
+                a[9] = OP(a[9], x, y); a[10] = OP(a[10], x, y); a[11] = OP(a[11], x, y);        \
+            }                                                                                   \
+            __m512 s = a[0];                                                                    \
+            for (int c = 1; c < 12; c++) s = _mm512_add_ps(s, a[c]);                            \
+            total += _mm512_reduce_add_ps(s);                                                   \
+        }                                                                                       \
+        double dt = omp_get_wtime() - t;                                                        \
+        if (total < 0) fprintf(stderr, "unexpected sum %g\n", total);                           \
+        double rate = (iters / omp_get_max_threads()) * omp_get_max_threads() * 12.0 * (FLOPS) / dt / 1e9; \
+        if (rate > best) best = rate;                                                           \
+    }                                                                                           \
     return best;
-}
+
+static inline __m512 fma_op(__m512 a, __m512 x, __m512 y) { return _mm512_fmadd_ps(a, x, y); }
+
+static double fma_peak(void) { CHAINS_PEAK(fma_op, __m512, _mm512_set1_ps(0.999f), _mm512_set1_ps(1e-4f), 32) }
 
 #ifdef __AVX512BF16__
-#define DOT_CHAIN(i) a##i = _mm512_dpbf16_ps(a##i, x, y)
+static inline __m512 dot_op(__m512 a, __m512bh x, __m512bh y) { return _mm512_dpbf16_ps(a, x, y); }
 
+// x = 1, y = 2^-15 in every bf16 lane; each instruction is 32 multiply-adds.
 static double bf16_dot_peak(void) {
-    double best = 0;
-    const long iters = 400000000;
-    for (int rep = 0; rep < 4; rep++) {
-        double t = omp_get_wtime();
-        float total = 0;
-#pragma omp parallel reduction(+ : total)
-        {
-            __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80), y = (__m512bh)_mm512_set1_epi16(0x3800);  // 1, 2^-15
-            __m512 a0 = _mm512_set1_ps(0.1f), a1 = _mm512_set1_ps(0.2f), a2 = _mm512_set1_ps(0.3f),
-                   a3 = _mm512_set1_ps(0.4f), a4 = _mm512_set1_ps(0.5f), a5 = _mm512_set1_ps(0.6f),
-                   a6 = _mm512_set1_ps(0.7f), a7 = _mm512_set1_ps(0.8f), a8 = _mm512_set1_ps(0.9f),
-                   a9 = _mm512_set1_ps(1.1f), a10 = _mm512_set1_ps(1.2f), a11 = _mm512_set1_ps(1.3f);
-            long n = iters / omp_get_num_threads();
-            for (long i = 0; i < n; i++) {
-                DOT_CHAIN(0); DOT_CHAIN(1); DOT_CHAIN(2); DOT_CHAIN(3); DOT_CHAIN(4); DOT_CHAIN(5);
-                DOT_CHAIN(6); DOT_CHAIN(7); DOT_CHAIN(8); DOT_CHAIN(9); DOT_CHAIN(10); DOT_CHAIN(11);
-            }
-            __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
-                                     _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
-            s = _mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11)));
-            total += _mm512_reduce_add_ps(s);
-        }
-        double dt = omp_get_wtime() - t;
-        if (total < 0) fprintf(stderr, "unexpected sum %g\n", total);
-        double rate = (iters / omp_get_max_threads()) * omp_get_max_threads() * 12.0 * 64 / dt / 1e9;
-        if (rate > best) best = rate;
-    }
-    return best;
+    CHAINS_PEAK(dot_op, __m512bh, (__m512bh)_mm512_set1_epi16(0x3f80), (__m512bh)_mm512_set1_epi16(0x3800), 64)
 }
 #endif
 
