@@ -183,14 +183,10 @@ pub fn matmul(dst: &mut [f32], x: MatRef, w: MatRef<bf16>) {
     if rows == 0 || cols == 0 || k == 0 {
         return;
     }
-    let packed_x = pack_rows(&x);
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f"))]
-    kernel::product(dst, &packed_x, rows, k.div_ceil(2), &w);
+    kernel::product(dst, &pack_rows(&x), rows, k.div_ceil(2), &w);
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f")))]
-    {
-        let _ = packed_x;
-        panic!("gemm-bf16: this build has no AVX512-BF16");
-    }
+    panic!("gemm-bf16: this build has no AVX512-BF16");
 }
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f"))]
@@ -201,7 +197,7 @@ mod kernel {
     use rayon::prelude::*;
 
     use super::super::gemm::MatRef;
-    use super::super::skinny::SharedRows;
+    use super::super::skinny::{Place, SharedRows};
     use super::{pack_weight_block, KC, MC, MR, NC, NR};
 
     /// The product on packed rows `xp` (see [`super::pack_rows`]), threads splitting the
@@ -258,15 +254,6 @@ mod kernel {
                 }
             }
         }
-    }
-
-    /// Where a kernel block's sums go: its first row and column, and its columns inside the
-    /// output (up to [`NR`]).
-    #[derive(Clone, Copy)]
-    struct Place {
-        r0: usize,
-        c0: usize,
-        width: usize,
     }
 
     /// Adds the `R × NR` block of sums over `kc` inner pairs of the first `R` of the packed

@@ -21,10 +21,6 @@ pub use imp::prefetch;
 /// block of outputs.
 pub use imp::lane_sums16;
 
-/// [`lane_sums16`] on raw AVX-512 registers (the bf16 kernels' accumulators).
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-pub use imp::lane_sums16_m512;
-
 /// The lane sums of an `R × C` block of accumulators, by one [`lane_sums16`] when the block
 /// has sixteen of them.
 #[inline(always)]
@@ -66,6 +62,13 @@ mod imp {
         pub fn splat(x: f32) -> Self {
             // SAFETY: as above.
             Self(unsafe { _mm512_set1_ps(x) })
+        }
+
+        /// The register's sixteen lanes (for kernels that compute with AVX-512 intrinsics
+        /// directly, such as the bf16 dot products).
+        #[inline(always)]
+        pub fn from_m512(v: __m512) -> Self {
+            Self(v)
         }
 
         /// The first [`LANES`] values of `s` (which must hold that many).
@@ -126,19 +129,13 @@ mod imp {
         unsafe { _mm_prefetch::<_MM_HINT_T1>(p.cast()) }
     }
 
-    /// See [`super::lane_sums16`].
+    /// See [`super::lane_sums16`]. Four rounds each halve the vectors and their lanes: each
+    /// adds the two halves of a pair of vectors side by side (128-bit blocks, then pairs and
+    /// single lanes within blocks). Taken in the order `a[m] = v[(m % 4)·4 + m / 4]`, the
+    /// last round leaves lane `i` holding `v[i]`'s sum.
     #[inline(always)]
     pub fn lane_sums16(v: [F32x; 16]) -> [f32; 16] {
-        lane_sums16_m512(v.map(|v| v.0))
-    }
-
-    /// See [`super::lane_sums16_m512`]. Four rounds each halve the vectors and their lanes:
-    /// each adds the two halves of a pair of vectors side by side (128-bit blocks, then
-    /// pairs and single lanes within blocks). Taken in the order `a[m] = v[(m % 4)·4 + m / 4]`,
-    /// the last round leaves lane `i` holding `v[i]`'s sum.
-    #[inline(always)]
-    pub fn lane_sums16_m512(v: [__m512; 16]) -> [f32; 16] {
-        let a: [__m512; 16] = std::array::from_fn(|m| v[(m % 4) * 4 + m / 4]);
+        let a: [__m512; 16] = std::array::from_fn(|m| v[(m % 4) * 4 + m / 4].0);
         // SAFETY: the build targets AVX-512 (cfg above).
         unsafe {
             // Blocks 0, 1 of x and y + blocks 2, 3 of x and y: x's lanes folded to 8, then y's.

@@ -49,7 +49,7 @@ mod dot_products {
 
     use super::super::gemm::MatRef;
     use super::super::gemm_bf16::round_into;
-    use super::super::simd::{lane_sums16_m512, prefetch};
+    use super::super::simd::{block_sums, prefetch, F32x};
     use super::super::skinny::{
         block_after, for_column_tasks, prefetch_share, prepare, with_rows, Place, SharedRows, AXPY_DEPTH, AXPY_ROWS,
         DOT_COLS, DOT_ROWS, STRIP,
@@ -168,14 +168,7 @@ mod dot_products {
                 }
             }
         }
-        // One transposing reduction for a full block (see `simd::lane_sums16`).
-        let sums: [[f32; C]; R] = if R * C == 16 {
-            let sums = lane_sums16_m512(std::array::from_fn(|i| acc[i / C][i % C]));
-            std::array::from_fn(|r| std::array::from_fn(|j| sums[r * C + j]))
-        } else {
-            // SAFETY: AVX-512 (cfg above).
-            acc.map(|row| row.map(|v| unsafe { _mm512_reduce_add_ps(v) }))
-        };
+        let sums = block_sums(acc.map(|row| row.map(F32x::from_m512)));
         for r in 0..R {
             for j in 0..C {
                 let tail: f32 = (body..k).map(|t| xs[r][t].to_f32() * ws[j][t].to_f32()).sum();
