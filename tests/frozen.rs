@@ -69,6 +69,33 @@ fn a_frozen_gpt2_stores_wide_weights_transposed_and_saves_them_as_read() {
     }
 }
 
+/// A frozen bf16 model on a CPU with AVX512-BF16 keeps its dense layers' weights packed for
+/// the bf16 product, yet its parameter list shows every tensor in the checkpoint's shape and
+/// values, so saving it writes back exactly what it read (rounded to bf16), in every family.
+#[test]
+fn a_bf16_model_saves_its_packed_weights_as_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    for family in common::FAMILIES {
+        let dir = common::fixtures().join("models").join(family);
+        let m = load_model_as(&dir, &Device::Cpu, DType::BF16, Weights::Frozen).unwrap();
+        let out = tmp.path().join(family);
+        save_model(&m, &out, DType::BF16).unwrap();
+        let read =
+            |d: &std::path::Path| candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
+        let (original, saved) = (read(&dir), read(&out));
+        for (name, t) in &saved {
+            let want = original.get(name).or_else(|| original.get(name.trim_start_matches("transformer.")));
+            let want = want.unwrap_or_else(|| panic!("{family}: {name} is not in the checkpoint"));
+            assert_eq!(t.dims(), want.dims(), "{family}: {name}");
+            let (got, want) =
+                (t.to_dtype(DType::F32).unwrap(), want.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap());
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{family}: {name} was saved with other values than it was read with");
+        }
+        assert_eq!(saved.len(), m.lm.params().len(), "{family}: every parameter is saved");
+    }
+}
+
 /// bf16 and f16 weights (a teacher loaded with `--teacher-dtype`) against the f32 model. A
 /// frozen model on the CPU keeps its matrices in 16 bits and everything else in f32; bf16
 /// multiplies bf16-rounded inputs by its weights, f16 the f32 inputs by its widened weights
@@ -131,8 +158,9 @@ fn a_half_precision_model_stores_16_bit_matrices_and_computes_in_f32() {
 
 /// Cached decoding with a 16-bit model computes what its full forward does: at a width whose
 /// one-row products take the decoding kernels while the 72-row prefill takes the many-row
-/// product (bf16: `ops::gemm_bf16` where the CPU has AVX512-BF16; else, and for f16, the
-/// widened packing product), both multiply the same values. In f16 that leaves summation order
+/// product (bf16 where the CPU has AVX512-BF16: `ops::gemm_bf16` on weights packed at load
+/// for both; else, and for f16, the decoding kernels and the widened packing product), both
+/// multiply the same values. In f16 that leaves summation order
 /// (measured: 1.2e-6 (GPT-2) and 1.6e-6 (Llama) of the largest logit; bound 1e-5). In bf16 the
 /// f32 noise of the two attention paths moves an input across a bf16 rounding boundary here and
 /// there (measured: 0.30% (GPT-2) and 0.33% (Llama); bound 2⁻⁷ = 0.78%).

@@ -252,7 +252,7 @@ pub fn save_model(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
 /// to write non-finite weights.
 pub fn write_model_files(model: &Model, dir: &Path, dtype: DType) -> Result<()> {
     for (name, t) in model.lm.params().iter() {
-        if !super::params::all_finite(t)? {
+        if !super::params::all_finite(&t)? {
             bail!("parameter `{name}` holds NaN or infinite values; refusing to write a checkpoint");
         }
     }

@@ -5,33 +5,54 @@
 //! pieces use our fused ops with their own backward ([`crate::ops`]), the rest differentiable
 //! compositions.
 
+use std::sync::Arc;
+
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::params::{Init, ParamBuilder};
+use crate::ops::gemm_bf16::PackedWeight;
 use crate::ops::WeightLayout;
 
 /// A dense layer `y = x·W + b`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
-    /// Whether `weight` is `[out, in]` (`nn.Linear`, some frozen `Conv1D`s) rather than
+}
+
+/// How a [`Linear`] holds its weight.
+#[derive(Clone)]
+enum LinearWeight {
+    /// A tensor `[out, in]` when `out_in` (`nn.Linear`, some frozen `Conv1D`s), else
     /// `[in, out]` (GPT-2's `Conv1D` as saved).
-    out_in: bool,
+    Tensor { weight: Tensor, out_in: bool },
+    /// A frozen bf16 weight packed at load for the bf16 product ([`ParamBuilder::get_packed`]).
+    Packed(Arc<PackedWeight>),
 }
 
 impl Linear {
     /// An `nn.Linear` named `name` (`name.weight` `[out, in]`, optional `name.bias`).
     pub fn new(pb: &mut ParamBuilder, name: &str, din: usize, dout: usize, bias: bool) -> Result<Self> {
-        let weight = pb.get(&format!("{name}.weight"), &[dout, din], Init::Normal)?;
+        let name_w = format!("{name}.weight");
+        let weight = if pb.packs_matrices() {
+            LinearWeight::Packed(pb.get_packed(&name_w, (din, dout), true, Init::Normal)?)
+        } else {
+            LinearWeight::Tensor { weight: pb.get(&name_w, &[dout, din], Init::Normal)?, out_in: true }
+        };
         let bias = if bias { Some(pb.get(&format!("{name}.bias"), &[dout], Init::Zeros)?) } else { None };
-        Ok(Self { weight, bias, out_in: true })
+        Ok(Self { weight, bias })
     }
 
     /// A GPT-2 `Conv1D` named `name` (`name.weight` `[in, out]`, `name.bias`); a frozen model
-    /// may store the weight transposed (below).
+    /// may store the weight transposed or packed (below).
     pub fn conv1d(pb: &mut ParamBuilder, name: &str, din: usize, dout: usize) -> Result<Self> {
+        let name_w = format!("{name}.weight");
+        let bias = |pb: &mut ParamBuilder| pb.get(&format!("{name}.bias"), &[dout], Init::Zeros);
+        if pb.packs_matrices() {
+            let weight = LinearWeight::Packed(pb.get_packed(&name_w, (din, dout), false, Init::Normal)?);
+            return Ok(Self { weight, bias: Some(bias(pb)?) });
+        }
         // A frozen model stores a weight with at least as many outputs as inputs `[out, in]`:
         // decoding's products then read each output column as one contiguous run (the
         // dot-product kernel; `[in, out]` needs bands copied out first), 16-row GPT-2
@@ -40,19 +61,23 @@ impl Linear {
         // `gemm` packs it 25% faster that way (GPT-2's 3072 × 768 for 1,024 rows: 22 vs 29
         // ms). BENCHMARKS.md, "Real sizes".
         let out_in = pb.is_frozen() && din <= dout;
-        let (name_w, shape) = (format!("{name}.weight"), [din, dout]);
+        let shape = [din, dout];
         let weight = if out_in {
             pb.get_transposed(&name_w, shape, Init::Normal)?
         } else {
             pb.get(&name_w, &shape, Init::Normal)?
         };
-        let bias = Some(pb.get(&format!("{name}.bias"), &[dout], Init::Zeros)?);
-        Ok(Self { weight, bias, out_in })
+        Ok(Self { weight: LinearWeight::Tensor { weight, out_in }, bias: Some(bias(pb)?) })
     }
 
-    /// The weight and the bias (if any).
+    /// The weight and the bias (if any), for activation checkpointing, which recomputes a
+    /// trainable model's blocks; a packed weight (frozen, so never checkpointed) is left out.
     pub fn tensors(&self) -> Vec<Tensor> {
-        std::iter::once(self.weight.clone()).chain(self.bias.clone()).collect()
+        let weight = match &self.weight {
+            LinearWeight::Tensor { weight, .. } => Some(weight.clone()),
+            LinearWeight::Packed(_) => None,
+        };
+        weight.into_iter().chain(self.bias.clone()).collect()
     }
 
     /// Applies the layer to `x` of shape `[..., in]`.
@@ -61,10 +86,15 @@ impl Linear {
         let din = dims[dims.len() - 1];
         let rows = x.elem_count() / din.max(1);
         let x2 = x.reshape((rows, din))?;
-        let layout = if self.out_in { WeightLayout::OutIn } else { WeightLayout::InOut };
-        let y = match &self.bias {
-            Some(b) => crate::ops::linear(&x2, &self.weight, b, layout)?,
-            None => crate::ops::linear_no_bias(&x2, &self.weight, layout)?,
+        let y = match &self.weight {
+            LinearWeight::Packed(w) => crate::ops::linear_half::linear_packed(&x2, w, self.bias.as_ref())?,
+            LinearWeight::Tensor { weight, out_in } => {
+                let layout = if *out_in { WeightLayout::OutIn } else { WeightLayout::InOut };
+                match &self.bias {
+                    Some(b) => crate::ops::linear(&x2, weight, b, layout)?,
+                    None => crate::ops::linear_no_bias(&x2, weight, layout)?,
+                }
+            }
         };
         let mut out_dims = dims;
         let last = out_dims.len() - 1;

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -15,6 +16,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::safetensors_files::SafetensorsFiles;
+use crate::ops::gemm::MatRef;
+use crate::ops::gemm_bf16::{self, PackedWeight};
 
 /// How a freshly created (not loaded) parameter is initialised.
 #[derive(Clone, Copy, Debug)]
@@ -63,18 +66,43 @@ fn show_paths(files: &[PathBuf]) -> String {
     files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
-/// One parameter: trainable (a [`Var`]) or frozen (a plain tensor).
+/// One parameter: trainable (a [`Var`]) or frozen (a plain tensor, or a bf16 matrix packed
+/// for the bf16 product).
 #[derive(Clone)]
 enum Param {
     Trainable(Var),
     Frozen(Tensor),
+    /// A frozen bf16 matrix held only in [`PackedWeight`]'s layout; `out_in` says whether the
+    /// checkpoint stores it `[out, in]` (the packed weight is `in × out`).
+    Packed {
+        weight: Arc<PackedWeight>,
+        out_in: bool,
+    },
 }
 
 impl Param {
-    fn tensor(&self) -> &Tensor {
+    /// The parameter in the checkpoint's layout (a packed matrix is unpacked into a new tensor).
+    fn tensor(&self) -> Tensor {
         match self {
-            Self::Trainable(v) => v.as_tensor(),
-            Self::Frozen(t) => t,
+            Self::Trainable(v) => v.as_tensor().clone(),
+            Self::Frozen(t) => t.clone(),
+            Self::Packed { weight, out_in } => {
+                let (k, cols) = weight.shape();
+                // Infallible: the values are exactly `k × cols`, and a matrix has a transpose.
+                let t = Tensor::from_vec(weight.unpack(), (k, cols), &Device::Cpu).expect("unpacked weight shape");
+                if *out_in {
+                    t.t().expect("transpose of a matrix")
+                } else {
+                    t
+                }
+            }
+        }
+    }
+
+    fn elem_count(&self) -> usize {
+        match self {
+            Self::Packed { weight, .. } => weight.shape().0 * weight.shape().1,
+            other => other.tensor().elem_count(),
         }
     }
 }
@@ -96,8 +124,10 @@ pub struct Params {
 }
 
 impl Params {
-    /// Parameters in creation order (the order of the model's layers), trainable or not.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+    /// Parameters in creation order (the order of the model's layers), trainable or not, in
+    /// the checkpoint's layout. A matrix stored packed ([`ParamBuilder::get_packed`]) is
+    /// unpacked into a new tensor as the iterator reaches it.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Tensor)> {
         self.named.iter().map(|(n, p)| (n.as_str(), p.tensor()))
     }
 
@@ -105,13 +135,13 @@ impl Params {
     pub fn trainable(&self) -> impl Iterator<Item = (&str, &Var)> {
         self.named.iter().filter_map(|(n, p)| match p {
             Param::Trainable(v) => Some((n.as_str(), v)),
-            Param::Frozen(_) => None,
+            Param::Frozen(_) | Param::Packed { .. } => None,
         })
     }
 
     /// Whether the model was built frozen (no trainable parameter).
     pub fn is_frozen(&self) -> bool {
-        self.named.iter().all(|(_, p)| matches!(p, Param::Frozen(_)))
+        self.named.iter().all(|(_, p)| !matches!(p, Param::Trainable(_)))
     }
 
     /// Number of parameter tensors.
@@ -126,12 +156,12 @@ impl Params {
 
     /// Total number of scalar parameters.
     pub fn num_elements(&self) -> usize {
-        self.iter().map(|(_, t)| t.elem_count()).sum()
+        self.named.iter().map(|(_, p)| p.elem_count()).sum()
     }
 
-    /// Looks a parameter up by name.
-    pub fn get(&self, name: &str) -> Option<&Tensor> {
-        self.iter().find(|(n, _)| *n == name).map(|(_, t)| t)
+    /// Looks a parameter up by name (in the checkpoint's layout, as [`Self::iter`]).
+    pub fn get(&self, name: &str) -> Option<Tensor> {
+        self.named.iter().find(|(n, _)| n == name).map(|(_, p)| p.tensor())
     }
 
     /// All parameters as a name → tensor map, ready for `safetensors` serialisation.
@@ -231,9 +261,42 @@ impl ParamBuilder {
             Weights::Trainable => Param::Trainable(Var::from_tensor(&tensor)?),
             Weights::Frozen => Param::Frozen(tensor),
         };
-        let t = param.tensor().clone();
+        let t = param.tensor();
         self.params.named.push((name.to_string(), param));
         Ok(t)
+    }
+
+    /// Whether matrices fetched through [`Self::get_packed`] are packed: a frozen model on
+    /// the CPU whose matrices are stored in bf16, in a build with the bf16 product
+    /// ([`gemm_bf16::AVAILABLE`]).
+    pub fn packs_matrices(&self) -> bool {
+        gemm_bf16::AVAILABLE
+            && self.weights == Weights::Frozen
+            && self.matrix_dtype == DType::BF16
+            && self.device.is_cpu()
+    }
+
+    /// Fetches the matrix `name` of a dense layer with `din` inputs and `dout` outputs, stored
+    /// `[out, in]` by the checkpoint when `out_in` (else `[in, out]`), and keeps it only as a
+    /// [`PackedWeight`] (`din × dout`), which it returns: every product with it then skips
+    /// the packing (decoding's few rows ~1.5× faster; BENCHMARKS.md). The parameter list shows
+    /// it in the checkpoint's layout. Only where [`Self::packs_matrices`].
+    pub fn get_packed(
+        &mut self,
+        name: &str,
+        (din, dout): (usize, usize),
+        out_in: bool,
+        init: Init,
+    ) -> Result<Arc<PackedWeight>> {
+        if !self.packs_matrices() {
+            bail!("`{name}` can be packed only in a frozen bf16 model on a CPU with AVX512-BF16");
+        }
+        let shape = if out_in { [dout, din] } else { [din, dout] };
+        let values = self.fetch(name, &shape, init)?.flatten_all()?.to_vec1::<half::bf16>()?;
+        let strides = if out_in { (1, din) } else { (dout, 1) };
+        let weight = Arc::new(PackedWeight::new(&MatRef { data: &values, offset: 0, shape: (din, dout), strides }));
+        self.params.named.push((name.to_string(), Param::Packed { weight: weight.clone(), out_in }));
+        Ok(weight)
     }
 
     /// Whether the parameters are built frozen.

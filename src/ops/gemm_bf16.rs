@@ -18,8 +18,10 @@
 //! reaches ~390–430 GFLOP/s on GPT-2 XL's shapes at 4,096 rows and 330–377 on GPT-2's at
 //! 1,024 rows, against 185–210 and ~200 for the f32 `gemm` on the widened weight
 //! (BENCHMARKS.md). At 64 rows and fewer the decoding kernels, which read the weight in
-//! place, are as fast or faster: packing the weight on each call costs what the faster
-//! arithmetic saves.
+//! place, are as fast or faster when the weight must be packed on each call: the packing
+//! costs what the faster arithmetic saves. A frozen model's weights are therefore packed once,
+//! at load ([`PackedWeight`], [`matmul_packed`]), and then take this kernel at every row count:
+//! at 16–64 rows 1.4–1.9× the decoding kernel on GPT-2's products.
 
 use half::bf16;
 
@@ -184,7 +186,72 @@ pub fn matmul(dst: &mut [f32], x: MatRef, w: MatRef<bf16>) {
         return;
     }
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f"))]
-    kernel::product(dst, &pack_rows(&x), rows, k.div_ceil(2), &w);
+    kernel::product(dst, &pack_rows(&x), rows, k.div_ceil(2), cols, kernel::Weight::Unpacked(&w));
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f")))]
+    panic!("gemm-bf16: this build has no AVX512-BF16");
+}
+
+/// A `k × cols` bf16 weight packed once, whole, in the kernel's panel layout: panel `j`
+/// (columns `j·NR..`) holds, for each inner pair `p`, the [`NR`] columns' entries `2p` and
+/// `2p + 1` as words `(j·pairs + p)·NR + c` (zero past the last column or an odd inner
+/// dimension). A frozen weight packed at load spares every product the packing, which is what
+/// lets the kernel serve decoding's few rows: there, packing per call cost what the faster
+/// arithmetic saved. It takes the bytes the weight took (plus the padding of the last panel).
+#[derive(Clone)]
+pub struct PackedWeight {
+    words: Vec<u32>,
+    k: usize,
+    cols: usize,
+}
+
+impl PackedWeight {
+    /// Packs `w` (`k × cols`, either unit stride), panels in parallel.
+    pub fn new(w: &MatRef<bf16>) -> Self {
+        use rayon::prelude::*;
+        let (k, cols) = w.shape;
+        assert!(w.strides.0 == 1 || w.strides.1 == 1, "gemm-bf16: w needs one unit stride");
+        w.check(w.data.len());
+        let pairs = k.div_ceil(2);
+        let mut words = vec![0u32; cols.div_ceil(NR) * pairs * NR];
+        // Several panels per task: `pack_weight_block` walks a row-major weight along rows.
+        let per_task = (256 / NR).max(1);
+        words.par_chunks_mut((per_task * pairs * NR).max(1)).enumerate().for_each(|(t, out)| {
+            let c0 = t * per_task * NR;
+            pack_weight_block(w, (0, pairs), (c0, (per_task * NR).min(cols - c0)), out);
+        });
+        Self { words, k, cols }
+    }
+
+    /// The inner dimension (`in`) and the columns (`out`).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.k, self.cols)
+    }
+
+    /// The weight back in its `[k, cols]` row-major layout.
+    pub fn unpack(&self) -> Vec<bf16> {
+        let pairs = self.k.div_ceil(2);
+        let mut out = vec![bf16::ZERO; self.k * self.cols];
+        for (i, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate().take(self.k) {
+            for (c, v) in row.iter_mut().enumerate() {
+                let word = self.words[((c / NR) * pairs + i / 2) * NR + c % NR];
+                *v = bf16::from_bits((word >> (16 * (i % 2))) as u16);
+            }
+        }
+        out
+    }
+}
+
+/// `dst += bf16(x)·w` for a [`PackedWeight`] `w` (`x` `rows × k` with unit column stride,
+/// `dst` row-major `rows × cols`), on all of rayon's threads. Panics in a build without
+/// [`AVAILABLE`].
+pub fn matmul_packed(dst: &mut [f32], x: MatRef, w: &PackedWeight) {
+    let (rows, k) = x.shape;
+    assert!(w.k == k && dst.len() >= rows * w.cols, "gemm-bf16: bad shapes");
+    if rows == 0 || w.cols == 0 || k == 0 {
+        return;
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f"))]
+    kernel::product(dst, &pack_rows(&x), rows, k.div_ceil(2), w.cols, kernel::Weight::Packed(&w.words));
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f")))]
     panic!("gemm-bf16: this build has no AVX512-BF16");
 }
@@ -200,33 +267,48 @@ mod kernel {
     use super::super::skinny::{Place, SharedRows};
     use super::{pack_weight_block, KC, MC, MR, NC, NR};
 
+    /// The weight as the kernel gets it.
+    pub(super) enum Weight<'a> {
+        /// In its own layout: packed a block at a time by each thread.
+        Unpacked(&'a MatRef<'a, bf16>),
+        /// Already packed whole ([`super::PackedWeight`]'s words).
+        Packed(&'a [u32]),
+    }
+
     /// The product on packed rows `xp` (see [`super::pack_rows`]), threads splitting the
     /// columns into ranges of whole panels.
-    pub(super) fn product(dst: &mut [f32], xp: &[u32], rows: usize, pairs: usize, w: &MatRef<bf16>) {
-        let cols = w.shape.1;
+    pub(super) fn product(dst: &mut [f32], xp: &[u32], rows: usize, pairs: usize, cols: usize, w: Weight) {
         let threads = rayon::current_num_threads();
         let per_task = cols.div_ceil(threads).next_multiple_of(NR);
         let out = SharedRows::new(dst, cols);
         (0..cols.div_ceil(per_task)).into_par_iter().for_each(|task| {
             let c1 = ((task + 1) * per_task).min(cols);
-            columns(&out, xp, rows, pairs, w, task * per_task, c1);
+            columns(&out, xp, rows, pairs, &w, task * per_task, c1);
         });
     }
 
-    /// Columns `c0..c1` of the product, a packed weight block at a time: the inner pairs in
-    /// as few blocks of equal depth as [`KC`] allows.
-    fn columns(out: &SharedRows, xp: &[u32], rows: usize, pairs: usize, w: &MatRef<bf16>, c0: usize, c1: usize) {
+    /// Columns `c0..c1` of the product, a weight block at a time (packed here unless it
+    /// already is): the inner pairs in as few blocks of equal depth as [`KC`] allows.
+    fn columns(out: &SharedRows, xp: &[u32], rows: usize, pairs: usize, w: &Weight, c0: usize, c1: usize) {
         let depth = pairs.div_ceil(pairs.div_ceil(KC));
-        let mut wp = vec![0u32; depth * NC.min(c1 - c0).next_multiple_of(NR)];
+        let mut wp = match w {
+            Weight::Unpacked(_) => vec![0u32; depth * NC.min(c1 - c0).next_multiple_of(NR)],
+            Weight::Packed(_) => Vec::new(),
+        };
         let blocks = rows.div_ceil(MR);
         for jc in (c0..c1).step_by(NC) {
             let nc = NC.min(c1 - jc);
             for pc in (0..pairs).step_by(depth) {
                 let kc = depth.min(pairs - pc);
-                pack_weight_block(w, (pc, kc), (jc, nc), &mut wp);
+                if let Weight::Unpacked(w) = w {
+                    pack_weight_block(w, (pc, kc), (jc, nc), &mut wp);
+                }
                 for ic in (0..blocks).step_by(MC / MR) {
                     for j in 0..nc.div_ceil(NR) {
-                        let panel = &wp[j * kc * NR..][..kc * NR];
+                        let panel = match w {
+                            Weight::Unpacked(_) => &wp[j * kc * NR..][..kc * NR],
+                            Weight::Packed(words) => &words[((jc / NR + j) * pairs + pc) * NR..][..kc * NR],
+                        };
                         let (col, width) = (jc + j * NR, NR.min(nc - j * NR));
                         for block in ic..(ic + MC / MR).min(blocks) {
                             let xs = &xp[(block * pairs + pc) * MR..][..kc * MR];
@@ -336,7 +418,7 @@ mod tests {
     /// dimensions, columns not a multiple of [`NR`], both weight layouts, `x` inside a larger
     /// buffer, more rows than one pass takes ([`MC`]), and products deep and wide enough to
     /// take several weight blocks in both directions ([`KC`] pairs, [`NC`] columns per thread
-    /// on up to four threads).
+    /// on up to four threads); on the weight as it is and packed whole ([`PackedWeight`]).
     #[test]
     fn equals_the_definition_on_rounded_inputs() {
         if !AVAILABLE {
@@ -352,7 +434,7 @@ mod tests {
             (29, 4 * KC + 3, 4 * NC + 33),
         ];
         for (rows, k, cols) in shapes {
-            for in_out in [true, false] {
+            for (in_out, packed) in [(true, false), (false, false), (true, true), (false, true)] {
                 let stride = k + 5;
                 let xs = values(rows * stride + 3, rows as u64);
                 let x = MatRef { data: &xs, offset: 3, shape: (rows, k), strides: (stride, 1) };
@@ -361,17 +443,36 @@ mod tests {
                 let w = MatRef { data: &ws, offset: 0, shape: (k, cols), strides };
                 let mut dst = values(rows * cols, 7);
                 let (want, size) = reference(&dst, &x, &w);
-                matmul(&mut dst, x, w);
+                if packed {
+                    matmul_packed(&mut dst, x, &PackedWeight::new(&w));
+                } else {
+                    matmul(&mut dst, x, w);
+                }
                 for (i, ((&got, &want), &size)) in dst.iter().zip(&want).zip(&size).enumerate() {
                     // f32 sums of k + 1 terms: each addition rounds by at most 2^-24 of the
                     // running magnitude.
                     let bound = (k + 1) as f64 * size * f32::EPSILON as f64;
                     assert!(
                         (got as f64 - want).abs() <= bound,
-                        "{rows} × {k} × {cols}, in_out {in_out}, entry {i}: {got} against {want} (bound {bound:e})"
+                        "{rows} × {k} × {cols}, in_out {in_out}, packed {packed}, entry {i}: {got} against {want} (bound {bound:e})"
                     );
                 }
             }
+        }
+    }
+
+    /// A packed weight unpacks to the values it was packed from, in `[k, cols]` order, from
+    /// either layout, with odd inner dimensions and a last panel part full.
+    #[test]
+    fn a_packed_weight_unpacks_to_its_values() {
+        for (k, cols) in [(1, 1), (3, 2), (7, 45), (64, 100), (33, 2 * NR + 1)] {
+            let ws: Vec<bf16> = values(k * cols, 5).into_iter().map(bf16::from_f32).collect();
+            let in_out = MatRef { data: &ws, offset: 0, shape: (k, cols), strides: (cols, 1) };
+            assert_eq!(PackedWeight::new(&in_out).unpack(), ws, "{k} × {cols} [in, out]");
+            let transposed: Vec<bf16> = (0..cols * k).map(|i| ws[(i % k) * cols + i / k]).collect();
+            let out_in = MatRef { data: &transposed, offset: 0, shape: (k, cols), strides: (1, k) };
+            assert_eq!(PackedWeight::new(&out_in).unpack(), ws, "{k} × {cols} [out, in]");
+            assert_eq!(PackedWeight::new(&in_out).shape(), (k, cols));
         }
     }
 
