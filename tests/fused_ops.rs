@@ -86,7 +86,9 @@ fn packed_attention_matches_composite() {
 /// The decoding kernel against the composition, on the layouts decoding gives it: queries
 /// as a transposed view, keys and values as the filled part of a larger cache buffer,
 /// grouped-query heads, a prefill (t > 1 with padded rows) and single steps, head widths
-/// that are and are not a whole number of SIMD registers (16, 32, 64, 128 vs 1, 7, 8).
+/// that are and are not a whole number of SIMD registers (16, 32, 64, 128 vs 1, 7, 8); keys
+/// and values cached in f32 and in bf16 (a frozen bf16 model's cache), the latter against the
+/// composition on the same values widened to f32.
 #[test]
 fn inference_attention_matches_composite() {
     for (b, heads, kv_heads, t, s, d) in [
@@ -100,17 +102,24 @@ fn inference_attention_matches_composite() {
     ] {
         // q: [b, t, heads, d] transposed to [b, heads, t, d] without a copy.
         let q = var(&[b, t, heads, d], 8, 2.0).as_tensor().transpose(1, 2).unwrap();
-        // k, v: the first s positions of a cache with room for s + 3.
-        let cache = |seed| var(&[b, kv_heads, s + 3, d], seed, 2.0).as_tensor().narrow(2, 0, s).unwrap();
-        let (k, v) = (cache(9), cache(10));
-        assert!(t == 1 || heads == 1 || !q.is_contiguous());
-        assert!(b * kv_heads == 1 || !k.is_contiguous());
-        let bias =
-            if t == s { padded_bias(b, t) } else { Tensor::zeros((b, 1, t, s), DType::F32, &Device::Cpu).unwrap() };
-        let fused = minillm::ops::attention_inference(&q, &k, &v, &bias, 0.3).unwrap();
-        let composite = minillm::model::layers::attention(&q, &k, &v, &bias, 0.3).unwrap();
-        let what = format!("inference attention b{b} h{heads}/{kv_heads} t{t} s{s} d{d}");
-        assert!(rel_diff(&fused, &composite) < 2e-6, "{what}: differs by {}", rel_diff(&fused, &composite));
+        for dtype in [DType::F32, DType::BF16] {
+            // k, v: the first s positions of a cache with room for s + 3.
+            let cache = |seed| {
+                let buffer = var(&[b, kv_heads, s + 3, d], seed, 2.0).as_tensor().to_dtype(dtype).unwrap();
+                buffer.narrow(2, 0, s).unwrap()
+            };
+            let (k, v) = (cache(9), cache(10));
+            assert!(t == 1 || heads == 1 || !q.is_contiguous());
+            assert!(b * kv_heads == 1 || !k.is_contiguous());
+            let bias =
+                if t == s { padded_bias(b, t) } else { Tensor::zeros((b, 1, t, s), DType::F32, &Device::Cpu).unwrap() };
+            let fused = minillm::ops::attention_inference(&q, &k, &v, &bias, 0.3).unwrap();
+            assert_eq!(fused.dtype(), DType::F32);
+            let widened = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+            let composite = minillm::model::layers::attention(&q, &widened(&k), &widened(&v), &bias, 0.3).unwrap();
+            let what = format!("inference attention {dtype:?} b{b} h{heads}/{kv_heads} t{t} s{s} d{d}");
+            assert!(rel_diff(&fused, &composite) < 2e-6, "{what}: differs by {}", rel_diff(&fused, &composite));
+        }
     }
     // It has no backward pass: asking for one is an error, never a silent zero gradient.
     let q = var(&[1, 2, 1, 4], 11, 1.0);

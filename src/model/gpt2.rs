@@ -114,6 +114,7 @@ impl Gpt2 {
             pb.get("lm_head.weight", &[cfg.vocab_size, h], Init::Normal)?
         };
         let dtype = pb.dtype();
+        let cache_dtype = pb.cache_dtype();
         let params = pb.finish(&[".attn.bias", ".attn.masked_bias", "lm_head.weight"]);
         Ok(Self {
             info: ModelInfo {
@@ -123,6 +124,7 @@ impl Gpt2 {
                 num_layers: cfg.n_layer,
                 max_positions: Some(cfg.n_positions),
                 tied_embeddings: cfg.tie_word_embeddings,
+                cache_dtype,
             },
             wte,
             wpe,

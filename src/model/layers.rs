@@ -342,6 +342,8 @@ pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
+    /// The dtype keys and values are stored in, when not the one they are computed in.
+    storage: Option<DType>,
 }
 
 #[derive(Clone, Debug)]
@@ -365,7 +367,16 @@ impl LayerCache {
 impl KvCache {
     /// An empty cache for a model with `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![None; n_layers] }
+        Self { layers: vec![None; n_layers], storage: None }
+    }
+
+    /// The cache storing keys and values in `dtype` (`None`: as computed). A frozen bf16
+    /// model on the CPU stores them in bf16, as its products round their inputs to bf16
+    /// anyway: half the bytes for decoding's attention to read (the model's
+    /// [`ModelInfo::cache_dtype`](super::ModelInfo::cache_dtype)).
+    pub fn storing(mut self, dtype: Option<DType>) -> Self {
+        self.storage = dtype;
+        self
     }
 
     /// Number of cached positions.
@@ -377,7 +388,10 @@ impl KvCache {
     /// views of all cached keys/values.
     pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
-        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let (k, v) = match self.storage {
+            Some(dtype) => (k.to_dtype(dtype)?.contiguous()?, v.to_dtype(dtype)?.contiguous()?),
+            None => (k.contiguous()?, v.contiguous()?),
+        };
         let entry = &mut self.layers[layer];
         let needed = entry.as_ref().map_or(0, |c| c.len) + t;
         let capacity = entry.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
@@ -410,10 +424,10 @@ impl KvCache {
         scale: f64,
     ) -> Result<Tensor> {
         let (k, v) = self.append(layer, k, v)?;
-        if [q, &k, &v, bias].into_iter().all(crate::ops::fusable) {
+        if crate::ops::inference_attention::applies(q, &k, &v, bias) {
             Ok(crate::ops::attention_inference(q, &k, &v, bias, scale)?)
         } else {
-            attention(q, &k, &v, bias, scale)
+            attention(q, &k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?, bias, scale)
         }
     }
 }

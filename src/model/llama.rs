@@ -118,6 +118,7 @@ impl Llama {
             pb.get("lm_head.weight", &[cfg.vocab_size, h], Init::Normal)?
         };
         let dtype = pb.dtype();
+        let cache_dtype = pb.cache_dtype();
         let params = pb.finish(&["rotary_emb.inv_freq", "lm_head.weight"]);
         let window = if cfg.family == Family::Mistral { cfg.sliding_window } else { None };
         Ok(Self {
@@ -128,6 +129,7 @@ impl Llama {
                 num_layers: cfg.num_hidden_layers,
                 max_positions: None,
                 tied_embeddings: cfg.tie_word_embeddings,
+                cache_dtype,
             },
             embed_tokens,
             layers,

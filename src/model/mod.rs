@@ -108,6 +108,9 @@ pub struct ModelInfo {
     pub max_positions: Option<usize>,
     /// Whether the output projection shares the input embedding.
     pub tied_embeddings: bool,
+    /// The dtype its KV cache stores keys and values in, when not the one they are computed in
+    /// ([`KvCache::storing`]).
+    pub cache_dtype: Option<DType>,
 }
 
 /// A causal language model: hidden states and logits for a batch, with an optional cache.
@@ -184,7 +187,7 @@ pub trait CausalLm: Send + Sync {
 
     /// A new, empty KV cache for this model.
     fn new_cache(&self) -> KvCache {
-        KvCache::new(self.info().num_layers)
+        KvCache::new(self.info().num_layers).storing(self.info().cache_dtype)
     }
 }
 

@@ -90,6 +90,7 @@ impl Opt {
             pb.get("lm_head.weight", &[cfg.vocab_size, e], Init::Normal)?
         };
         let dtype = pb.dtype();
+        let cache_dtype = pb.cache_dtype();
         let params = pb.finish(&["lm_head.weight"]);
         Ok(Self {
             info: ModelInfo {
@@ -99,6 +100,7 @@ impl Opt {
                 num_layers: cfg.num_hidden_layers,
                 max_positions: Some(cfg.max_position_embeddings),
                 tied_embeddings: cfg.tie_word_embeddings,
+                cache_dtype,
             },
             embed_tokens,
             embed_positions,

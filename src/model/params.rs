@@ -266,6 +266,17 @@ impl ParamBuilder {
         Ok(t)
     }
 
+    /// The dtype a KV cache of the model stores keys and values in, when not the one they
+    /// are computed in: bf16 for a frozen model on the CPU that computes in f32 with its
+    /// matrices stored in bf16 ([`crate::model::KvCache::storing`]).
+    pub fn cache_dtype(&self) -> Option<DType> {
+        (self.weights == Weights::Frozen
+            && self.device.is_cpu()
+            && self.dtype == DType::F32
+            && self.matrix_dtype == DType::BF16)
+            .then_some(DType::BF16)
+    }
+
     /// Whether matrices fetched through [`Self::get_packed`] are packed: a frozen model on
     /// the CPU whose matrices are stored in bf16, in a build with the bf16 product
     /// ([`gemm_bf16::AVAILABLE`]).
