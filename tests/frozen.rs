@@ -96,6 +96,34 @@ fn a_bf16_model_saves_its_packed_weights_as_read() {
     }
 }
 
+/// A frozen bf16 model's logits come from its packed copy of the LM head where the CPU has
+/// AVX512-BF16 (decoding's products), and equal those of the head as read up to the order of
+/// the f32 sums, in every family.
+#[test]
+fn a_packed_lm_head_gives_the_logits_of_the_head_as_read() {
+    for family in common::FAMILIES {
+        let dir = common::fixtures().join("models").join(family);
+        let m = load_model_as(&dir, &Device::Cpu, DType::BF16, Weights::Frozen).unwrap();
+        assert_eq!(m.lm.lm_head_packed().is_some(), minillm::ops::gemm_bf16::AVAILABLE, "{family}");
+        let (b, t) = (3, 20);
+        let h = m.lm.forward_hidden(&ids(b, t), &AttentionMask::full(b, t), None).unwrap();
+        let got = m.lm.logits(&h).unwrap();
+        let rows = h.flatten_to(1).unwrap();
+        let head = m.lm.lm_head_weight();
+        let want = minillm::ops::linear_no_bias(&rows, head, minillm::ops::WeightLayout::OutIn).unwrap();
+        // Sums of `hidden` exact products of bf16 values in two orders: each addition rounds
+        // by at most 2^-24 of the magnitudes summed so far.
+        let rounded = rows.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().abs().unwrap();
+        let magnitudes = rounded.matmul(&head.to_dtype(DType::F32).unwrap().abs().unwrap().t().unwrap()).unwrap();
+        let bound = (magnitudes * (2.0 * h.dim(2).unwrap() as f64 * f32::EPSILON as f64)).unwrap();
+        let excess = ((got.reshape(want.dims()).unwrap() - want).unwrap().abs().unwrap() - bound).unwrap();
+        assert!(
+            excess.max_all().unwrap().to_scalar::<f32>().unwrap() <= 0.0,
+            "{family}: the logits differ by more than rounding"
+        );
+    }
+}
+
 /// bf16 and f16 weights (a teacher loaded with `--teacher-dtype`) against the f32 model. A
 /// frozen model on the CPU keeps its matrices in 16 bits and everything else in f32; bf16
 /// multiplies bf16-rounded inputs by its weights, f16 the f32 inputs by its widened weights

@@ -5,7 +5,7 @@ use candle_core::{DType, Tensor};
 
 use super::checkpointing::Checkpointing;
 use super::config::Gpt2Config;
-use super::layers::{position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear};
+use super::layers::{position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear, LmHead};
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
 use crate::ops::attention_packed;
@@ -69,7 +69,7 @@ pub struct Gpt2 {
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    lm_head: Tensor,
+    lm_head: LmHead,
     n_head: usize,
     act: Activation,
     /// The dtype activations are computed in (f32 also when the matrices are stored in bf16).
@@ -115,6 +115,7 @@ impl Gpt2 {
         };
         let dtype = pb.dtype();
         let cache_dtype = pb.cache_dtype();
+        let lm_head = LmHead::new(&pb, lm_head)?;
         let params = pb.finish(&[".attn.bias", ".attn.masked_bias", "lm_head.weight"]);
         Ok(Self {
             info: ModelInfo {
@@ -175,7 +176,11 @@ impl CausalLm for Gpt2 {
     }
 
     fn lm_head_weight(&self) -> &Tensor {
-        &self.lm_head
+        &self.lm_head.weight
+    }
+
+    fn lm_head_packed(&self) -> Option<&std::sync::Arc<crate::ops::gemm_bf16::PackedWeight>> {
+        self.lm_head.packed.as_ref()
     }
 
     fn params(&self) -> &Params {

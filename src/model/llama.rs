@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::checkpointing::Checkpointing;
 use super::config::LlamaConfig;
-use super::layers::{attention, split_heads, Activation, AttentionMask, KvCache, Linear, RmsNorm};
+use super::layers::{attention, split_heads, Activation, AttentionMask, KvCache, Linear, LmHead, RmsNorm};
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
 
@@ -30,7 +30,7 @@ pub struct Llama {
     embed_tokens: Tensor,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Tensor,
+    lm_head: LmHead,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -119,6 +119,7 @@ impl Llama {
         };
         let dtype = pb.dtype();
         let cache_dtype = pb.cache_dtype();
+        let lm_head = LmHead::new(&pb, lm_head)?;
         let params = pb.finish(&["rotary_emb.inv_freq", "lm_head.weight"]);
         let window = if cfg.family == Family::Mistral { cfg.sliding_window } else { None };
         Ok(Self {
@@ -214,7 +215,11 @@ impl CausalLm for Llama {
     }
 
     fn lm_head_weight(&self) -> &Tensor {
-        &self.lm_head
+        &self.lm_head.weight
+    }
+
+    fn lm_head_packed(&self) -> Option<&std::sync::Arc<crate::ops::gemm_bf16::PackedWeight>> {
+        self.lm_head.packed.as_ref()
     }
 
     fn params(&self) -> &Params {

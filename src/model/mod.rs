@@ -129,6 +129,12 @@ pub trait CausalLm: Send + Sync {
     /// The output projection (LM head) weight `[vocab, hidden]`.
     fn lm_head_weight(&self) -> &Tensor;
 
+    /// The LM head packed for the bf16 product, where the model keeps such a copy
+    /// ([`layers::LmHead`]); [`Self::logits`] then multiplies by it.
+    fn lm_head_packed(&self) -> Option<&std::sync::Arc<crate::ops::gemm_bf16::PackedWeight>> {
+        None
+    }
+
     /// All parameters (trainable, or frozen for a teacher), by Hugging Face name.
     fn params(&self) -> &Params;
 
@@ -163,7 +169,13 @@ pub trait CausalLm: Send + Sync {
         let dims = hidden.dims().to_vec();
         let h = dims[dims.len() - 1];
         let rows = hidden.elem_count() / h.max(1);
-        let logits = crate::ops::linear_no_bias(&hidden.reshape((rows, h))?, w, crate::ops::WeightLayout::OutIn)?;
+        let hidden = hidden.reshape((rows, h))?;
+        let logits = match self.lm_head_packed() {
+            Some(packed) if hidden.dtype() == DType::F32 => {
+                crate::ops::linear_half::linear_packed(&hidden, packed, None)?
+            }
+            _ => crate::ops::linear_no_bias(&hidden, w, crate::ops::WeightLayout::OutIn)?,
+        };
         let mut out = dims;
         let last = out.len() - 1;
         out[last] = w.dim(0)?;

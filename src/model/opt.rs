@@ -5,7 +5,9 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 
 use super::config::OptConfig;
-use super::layers::{attention, position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear};
+use super::layers::{
+    attention, position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear, LmHead,
+};
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
 
@@ -33,7 +35,7 @@ pub struct Opt {
     layers: Vec<Layer>,
     final_norm: Option<LayerNorm>,
     pre_ln: bool,
-    lm_head: Tensor,
+    lm_head: LmHead,
     heads: usize,
     act: Activation,
     /// The dtype activations are computed in (f32 also when the matrices are stored in bf16).
@@ -91,6 +93,7 @@ impl Opt {
         };
         let dtype = pb.dtype();
         let cache_dtype = pb.cache_dtype();
+        let lm_head = LmHead::new(&pb, lm_head)?;
         let params = pb.finish(&["lm_head.weight"]);
         Ok(Self {
             info: ModelInfo {
@@ -174,7 +177,11 @@ impl CausalLm for Opt {
     }
 
     fn lm_head_weight(&self) -> &Tensor {
-        &self.lm_head
+        &self.lm_head.weight
+    }
+
+    fn lm_head_packed(&self) -> Option<&std::sync::Arc<crate::ops::gemm_bf16::PackedWeight>> {
+        self.lm_head.packed.as_ref()
     }
 
     fn params(&self) -> &Params {
