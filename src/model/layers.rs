@@ -11,7 +11,6 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::params::{Init, ParamBuilder};
-use crate::ops::gemm::MatRef;
 use crate::ops::gemm_bf16::PackedWeight;
 use crate::ops::WeightLayout;
 
@@ -37,7 +36,7 @@ impl Linear {
     pub fn new(pb: &mut ParamBuilder, name: &str, din: usize, dout: usize, bias: bool) -> Result<Self> {
         let name_w = format!("{name}.weight");
         let weight = if pb.packs_matrices() {
-            LinearWeight::Packed(pb.get_packed(&name_w, (din, dout), true, Init::Normal)?)
+            LinearWeight::Packed(pb.get_packed(&name_w, (din, dout), WeightLayout::OutIn, Init::Normal)?)
         } else {
             LinearWeight::Tensor { weight: pb.get(&name_w, &[dout, din], Init::Normal)?, out_in: true }
         };
@@ -51,7 +50,8 @@ impl Linear {
         let name_w = format!("{name}.weight");
         let bias = |pb: &mut ParamBuilder| pb.get(&format!("{name}.bias"), &[dout], Init::Zeros);
         if pb.packs_matrices() {
-            let weight = LinearWeight::Packed(pb.get_packed(&name_w, (din, dout), false, Init::Normal)?);
+            let weight =
+                LinearWeight::Packed(pb.get_packed(&name_w, (din, dout), WeightLayout::InOut, Init::Normal)?);
             return Ok(Self { weight, bias: Some(bias(pb)?) });
         }
         // A frozen model stores a weight with at least as many outputs as inputs `[out, in]`:
@@ -124,10 +124,7 @@ impl LmHead {
     /// The head with weight `weight` (`[vocab, hidden]`), packed too where `pb` packs matrices.
     pub fn new(pb: &ParamBuilder, weight: Tensor) -> Result<Self> {
         let packed = if pb.packs_matrices() && weight.dtype() == DType::BF16 {
-            let (vocab, hidden) = weight.dims2()?;
-            let values = weight.flatten_all()?.to_vec1::<half::bf16>()?;
-            let view = MatRef { data: &values, offset: 0, shape: (hidden, vocab), strides: (1, hidden) };
-            Some(Arc::new(PackedWeight::new(&view)))
+            Some(Arc::new(crate::ops::linear_half::pack_weight(&weight, WeightLayout::OutIn)?))
         } else {
             None
         };

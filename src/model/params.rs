@@ -16,8 +16,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::safetensors_files::SafetensorsFiles;
-use crate::ops::gemm::MatRef;
 use crate::ops::gemm_bf16::{self, PackedWeight};
+use crate::ops::WeightLayout;
 
 /// How a freshly created (not loaded) parameter is initialised.
 #[derive(Clone, Copy, Debug)]
@@ -72,11 +72,11 @@ fn show_paths(files: &[PathBuf]) -> String {
 enum Param {
     Trainable(Var),
     Frozen(Tensor),
-    /// A frozen bf16 matrix held only in [`PackedWeight`]'s layout; `out_in` says whether the
-    /// checkpoint stores it `[out, in]` (the packed weight is `in × out`).
+    /// A frozen bf16 matrix held only in [`PackedWeight`]'s layout (`in × out`); `layout` is
+    /// the checkpoint's.
     Packed {
         weight: Arc<PackedWeight>,
-        out_in: bool,
+        layout: WeightLayout,
     },
 }
 
@@ -86,14 +86,13 @@ impl Param {
         match self {
             Self::Trainable(v) => v.as_tensor().clone(),
             Self::Frozen(t) => t.clone(),
-            Self::Packed { weight, out_in } => {
+            Self::Packed { weight, layout } => {
                 let (k, cols) = weight.shape();
                 // Infallible: the values are exactly `k × cols`, and a matrix has a transpose.
                 let t = Tensor::from_vec(weight.unpack(), (k, cols), &Device::Cpu).expect("unpacked weight shape");
-                if *out_in {
-                    t.t().expect("transpose of a matrix")
-                } else {
-                    t
+                match layout {
+                    WeightLayout::InOut => t,
+                    WeightLayout::OutIn => t.t().expect("transpose of a matrix"),
                 }
             }
         }
@@ -288,7 +287,7 @@ impl ParamBuilder {
     }
 
     /// Fetches the matrix `name` of a dense layer with `din` inputs and `dout` outputs, stored
-    /// `[out, in]` by the checkpoint when `out_in` (else `[in, out]`), and keeps it only as a
+    /// in `layout` by the checkpoint, and keeps it only as a
     /// [`PackedWeight`] (`din × dout`), which it returns: every product with it then skips
     /// the packing (decoding's few rows ~1.5× faster; BENCHMARKS.md). The parameter list shows
     /// it in the checkpoint's layout. Only where [`Self::packs_matrices`].
@@ -296,17 +295,18 @@ impl ParamBuilder {
         &mut self,
         name: &str,
         (din, dout): (usize, usize),
-        out_in: bool,
+        layout: WeightLayout,
         init: Init,
     ) -> Result<Arc<PackedWeight>> {
         if !self.packs_matrices() {
             bail!("`{name}` can be packed only in a frozen bf16 model on a CPU with AVX512-BF16");
         }
-        let shape = if out_in { [dout, din] } else { [din, dout] };
-        let values = self.fetch(name, &shape, init)?.flatten_all()?.to_vec1::<half::bf16>()?;
-        let strides = if out_in { (1, din) } else { (dout, 1) };
-        let weight = Arc::new(PackedWeight::new(&MatRef { data: &values, offset: 0, shape: (din, dout), strides }));
-        self.params.named.push((name.to_string(), Param::Packed { weight: weight.clone(), out_in }));
+        let shape = match layout {
+            WeightLayout::InOut => [din, dout],
+            WeightLayout::OutIn => [dout, din],
+        };
+        let weight = Arc::new(crate::ops::linear_half::pack_weight(&self.fetch(name, &shape, init)?, layout)?);
+        self.params.named.push((name.to_string(), Param::Packed { weight: weight.clone(), layout }));
         Ok(weight)
     }
 

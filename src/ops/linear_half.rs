@@ -72,6 +72,16 @@ pub fn linear_packed(x: &Tensor, w: &Arc<PackedWeight>, b: Option<&Tensor>) -> c
     }
 }
 
+/// The bf16 weight `w`, stored `[in, out]` or `[out, in]` as `layout` says, packed for
+/// [`linear_packed`] (`in × out`).
+pub fn pack_weight(w: &Tensor, layout: WeightLayout) -> candle_core::Result<PackedWeight> {
+    let (din, dout) = match (w.dims2()?, layout) {
+        ((i, o), WeightLayout::InOut) | ((o, i), WeightLayout::OutIn) => (i, o),
+    };
+    let values = w.flatten_all()?.to_vec1::<half::bf16>()?;
+    Ok(PackedWeight::new(&weight_view(&values, din, dout, layout)))
+}
+
 /// [`linear_packed`]'s op: the weight is held by the op, as candle has no packed tensors.
 struct LinearPacked {
     weight: Arc<PackedWeight>,
@@ -319,9 +329,7 @@ mod tests {
                     .unwrap()
                     .to_dtype(DType::BF16)
                     .unwrap();
-                let ws = w.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
-                let strides = if layout == WeightLayout::InOut { (dout, 1) } else { (1, din) };
-                let packed = Arc::new(PackedWeight::new(&MatRef { data: &ws, offset: 0, shape: (din, dout), strides }));
+                let packed = Arc::new(pack_weight(&w, layout).unwrap());
                 for bias in [Some(&b), None] {
                     let got = linear_packed(&x, &packed, bias).unwrap();
                     let want = linear_half(&x, &w, bias, layout).unwrap();
