@@ -165,10 +165,12 @@ fn mixed_rollouts(c: &mut Criterion) {
 /// The matrix products of one GPT-2 124M decoding step (12 layers of `[in, out]` qkv, proj,
 /// fc and fc-proj weights, then the `[out, in]` LM head: 497 MB of f32, from memory every
 /// step) for 1 to 64 rows, in weight bytes per second: where the products turn from bound by
-/// memory (few rows) to bound by arithmetic (BENCHMARKS.md, "Decoding's ceilings"). Random
+/// memory (few rows) to bound by arithmetic (BENCHMARKS.md, "Decoding's ceilings"): read in
+/// place by the decoding kernel, and packed at load (`packed_f32`, a frozen f32 model's). Random
 /// weights of GPT-2's shapes; needs no model directory.
 fn decoding_products(c: &mut Criterion) {
     use minillm::ops::gemm::MatRef;
+    use minillm::ops::packed_f32::{self, PackedF32};
     use minillm::ops::skinny;
     minillm::runtime::configure();
     const HIDDEN: usize = 768;
@@ -177,6 +179,12 @@ fn decoding_products(c: &mut Criterion) {
     let layers: Vec<Vec<Vec<f32>>> =
         (0..12).map(|l| shapes.iter().enumerate().map(|(s, &(k, n))| values(k * n, l * 4 + s)).collect()).collect();
     let head = values(VOCAB as usize * HIDDEN, 99);
+    let pack = |w: &[f32], (k, n): (usize, usize), strides| {
+        PackedF32::new(&MatRef { data: w, offset: 0, shape: (k, n), strides })
+    };
+    let packed: Vec<Vec<PackedF32>> =
+        layers.iter().map(|l| l.iter().zip(&shapes).map(|(w, &(k, n))| pack(w, (k, n), (n, 1))).collect()).collect();
+    let head_packed = pack(&head, (HIDDEN, VOCAB as usize), (1, HIDDEN));
     let bytes = 4 * (layers.iter().flatten().map(Vec::len).sum::<usize>() + head.len());
     let mut group = c.benchmark_group("real");
     group.sample_size(10).measurement_time(Duration::from_secs(5)).throughput(Throughput::Bytes(bytes as u64));
@@ -195,6 +203,17 @@ fn decoding_products(c: &mut Criterion) {
                 let x = MatRef { data: &x, offset: 0, shape: (rows, HIDDEN), strides: (HIDDEN, 1) };
                 let w = MatRef { data: &head, offset: 0, shape: (HIDDEN, VOCAB as usize), strides: (1, HIDDEN) };
                 skinny::matmul(&mut dst, x, w, false);
+            })
+        });
+        // The same products with the weights packed at load (a frozen f32 model).
+        group.bench_function(format!("decoding products gpt2-124m {rows} rows packed"), |b| {
+            b.iter(|| {
+                for (layer, &(k, _)) in packed.iter().flatten().zip(shapes.iter().cycle()) {
+                    let x = MatRef { data: &x, offset: 0, shape: (rows, k), strides: (k, 1) };
+                    packed_f32::matmul_packed(&mut dst, x, layer);
+                }
+                let x = MatRef { data: &x, offset: 0, shape: (rows, HIDDEN), strides: (HIDDEN, 1) };
+                packed_f32::matmul_packed(&mut dst, x, &head_packed);
             })
         });
     }

@@ -38,15 +38,39 @@ fn a_frozen_model_computes_the_same_logits_without_a_graph() {
     }
 }
 
-/// A frozen GPT-2 stores its `Conv1D` weights with at least as many outputs as inputs
-/// `[out, in]` (the decoding kernels read them faster that way), yet its parameter list shows
-/// the checkpoint's `[in, out]` values: saving it (`convert`) writes back exactly the tensors
-/// it read.
+/// A frozen f32 model packs its matrices of 2^18 entries and more for decoding's products
+/// (`ops::packed_f32`), lists them in the checkpoint's layout, and computes the trainable
+/// model's logits up to the order of the f32 sums: at decoding's few rows (the packed kernel)
+/// and at many (`gemm` on the weight unpacked a group of panels at a time).
+#[test]
+fn a_wide_frozen_f32_model_packs_its_matrices_and_computes_the_same_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny_model_dir(&tmp.path().join("gpt2"), "gpt2", 512, 1, 3);
+    let trainable = load_model(&dir, &Device::Cpu, DType::F32).unwrap();
+    let frozen = load_model_as(&dir, &Device::Cpu, DType::F32, Weights::Frozen).unwrap();
+    let c_fc = frozen.lm.params().get("transformer.h.0.mlp.c_fc.weight").unwrap().clone();
+    assert_eq!(c_fc.dims(), [512, 2048]);
+    assert!(c_fc.is_contiguous(), "a packed weight is listed unpacked in the checkpoint's [in, out]");
+    for (rows, len) in [(2, 7), (4, 40)] {
+        let input = ids(rows, len);
+        let (a, b) = (logits(&trainable, &input), logits(&frozen, &input));
+        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        // Sums of up to 2,048 products in other orders, through one block and the head:
+        // measured ~1e-6 of the largest logit.
+        assert!(diff <= 1e-4 * scale, "{rows} × {len}: frozen and trainable logits differ by {diff} (largest {scale})");
+    }
+}
+
+/// A frozen GPT-2 whose matrices are not packed (f16 weights here) stores its `Conv1D` weights
+/// with at least as many outputs as inputs `[out, in]` (the decoding kernels read them faster
+/// that way), yet its parameter list shows the checkpoint's `[in, out]` values: saving it
+/// (`convert`) writes back exactly the tensors it read.
 #[test]
 fn a_frozen_gpt2_stores_wide_weights_transposed_and_saves_them_as_read() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = common::tiny_model_dir(&tmp.path().join("gpt2"), "gpt2", 64, 2, 3);
-    let frozen = load_model_as(&dir, &Device::Cpu, DType::F32, Weights::Frozen).unwrap();
+    let frozen = load_model_as(&dir, &Device::Cpu, DType::F16, Weights::Frozen).unwrap();
     let param = |name: &str| frozen.lm.params().get(name).unwrap().clone();
     for layer in ["attn.c_attn", "mlp.c_fc"] {
         let w = param(&format!("transformer.h.0.{layer}.weight"));
@@ -56,7 +80,7 @@ fn a_frozen_gpt2_stores_wide_weights_transposed_and_saves_them_as_read() {
     let narrow = param("transformer.h.0.mlp.c_proj.weight");
     assert!(narrow.dim(0).unwrap() > narrow.dim(1).unwrap() && narrow.is_contiguous(), "c_proj stays [in, out]");
     let out = tmp.path().join("saved");
-    save_model(&frozen, &out, DType::F32).unwrap();
+    save_model(&frozen, &out, DType::F16).unwrap();
     let read = |d: &std::path::Path| candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
     let (original, saved) = (read(&dir), read(&out));
     assert_eq!(saved.len(), frozen.lm.params().len());
@@ -64,47 +88,56 @@ fn a_frozen_gpt2_stores_wide_weights_transposed_and_saves_them_as_read() {
         let want = original.get(name).or_else(|| original.get(name.trim_start_matches("transformer.")));
         let want = want.unwrap_or_else(|| panic!("{name} is not in the checkpoint"));
         assert_eq!(t.dims(), want.dims(), "{name}");
+        let (t, want) =
+            (t.to_dtype(DType::F32).unwrap(), want.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap());
         let diff = (t - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(diff, 0.0, "{name} was saved with other values than it was read with");
     }
 }
 
-/// A frozen bf16 model on a CPU with AVX512-BF16 keeps its dense layers' weights packed for
-/// the bf16 product, yet its parameter list shows every tensor in the checkpoint's shape and
-/// values, so saving it writes back exactly what it read (rounded to bf16), in every family.
+/// A frozen f32 model, and a frozen bf16 one on a CPU with AVX512-BF16, keeps its dense
+/// layers' weights packed for the register-blocked products, yet its parameter list shows
+/// every tensor in the checkpoint's shape and values, so saving it writes back exactly what it
+/// read (rounded to its dtype), in every family.
 #[test]
-fn a_bf16_model_saves_its_packed_weights_as_read() {
+fn a_packed_model_saves_its_weights_as_read() {
     let tmp = tempfile::tempdir().unwrap();
-    for family in common::FAMILIES {
-        let dir = common::fixtures().join("models").join(family);
-        let m = load_model_as(&dir, &Device::Cpu, DType::BF16, Weights::Frozen).unwrap();
-        let out = tmp.path().join(family);
-        save_model(&m, &out, DType::BF16).unwrap();
+    // The fixtures' matrices are below the size from which f32 ones are packed; a GPT-2 of
+    // width 512 has f32 matrices of 2^18 entries and more.
+    let wide = common::tiny_model_dir(&tmp.path().join("wide-gpt2"), "gpt2", 512, 1, 3);
+    let fixtures = common::FAMILIES.iter().map(|f| (f.to_string(), common::fixtures().join("models").join(f)));
+    let models: Vec<_> = fixtures.chain([("wide gpt2".to_string(), wide)]).collect();
+    for ((family, dir), dtype) in models.iter().flat_map(|m| [(m, DType::F32), (m, DType::BF16)]) {
+        let m = load_model_as(dir, &Device::Cpu, dtype, Weights::Frozen).unwrap();
+        let out = tmp.path().join(format!("{family}-{dtype:?}"));
+        save_model(&m, &out, dtype).unwrap();
         let read =
             |d: &std::path::Path| candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
-        let (original, saved) = (read(&dir), read(&out));
+        let (original, saved) = (read(dir), read(&out));
         for (name, t) in &saved {
             let want = original.get(name).or_else(|| original.get(name.trim_start_matches("transformer.")));
             let want = want.unwrap_or_else(|| panic!("{family}: {name} is not in the checkpoint"));
             assert_eq!(t.dims(), want.dims(), "{family}: {name}");
             let (got, want) =
-                (t.to_dtype(DType::F32).unwrap(), want.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap());
+                (t.to_dtype(DType::F32).unwrap(), want.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap());
             let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert_eq!(diff, 0.0, "{family}: {name} was saved with other values than it was read with");
+            assert_eq!(diff, 0.0, "{family} {dtype:?}: {name} was saved with other values than it was read with");
         }
         assert_eq!(saved.len(), m.lm.params().len(), "{family}: every parameter is saved");
     }
 }
 
-/// A frozen bf16 model's logits come from its packed copy of the LM head where the CPU has
-/// AVX512-BF16 (decoding's products), and equal those of the head as read up to the order of
-/// the f32 sums, in every family.
+/// A frozen model's logits come from its packed copy of the LM head (decoding's products),
+/// f32 always and bf16 where the CPU has AVX512-BF16, and equal those of the head as read up
+/// to the order of the f32 sums, in every family.
 #[test]
 fn a_packed_lm_head_gives_the_logits_of_the_head_as_read() {
-    for family in common::FAMILIES {
+    for (family, dtype) in common::FAMILIES.iter().flat_map(|f| [(f, DType::F32), (f, DType::BF16)]) {
         let dir = common::fixtures().join("models").join(family);
-        let m = load_model_as(&dir, &Device::Cpu, DType::BF16, Weights::Frozen).unwrap();
-        assert_eq!(m.lm.lm_head_packed().is_some(), minillm::ops::gemm_bf16::AVAILABLE, "{family}");
+        let m = load_model_as(&dir, &Device::Cpu, dtype, Weights::Frozen).unwrap();
+        let head_entries = m.lm.lm_head_weight().elem_count();
+        let packs = minillm::ops::packed::PackedMatrix::worth_packing(dtype, head_entries);
+        assert_eq!(m.lm.lm_head_packed().is_some(), packs, "{family} {dtype:?}");
         let (b, t) = (3, 20);
         let h = m.lm.forward_hidden(&ids(b, t), &AttentionMask::full(b, t), None).unwrap();
         let got = m.lm.logits(&h).unwrap();
@@ -113,13 +146,13 @@ fn a_packed_lm_head_gives_the_logits_of_the_head_as_read() {
         let want = minillm::ops::linear_no_bias(&rows, head, minillm::ops::WeightLayout::OutIn).unwrap();
         // Sums of `hidden` exact products of bf16 values in two orders: each addition rounds
         // by at most 2^-24 of the magnitudes summed so far.
-        let rounded = rows.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().abs().unwrap();
+        let rounded = rows.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap().abs().unwrap();
         let magnitudes = rounded.matmul(&head.to_dtype(DType::F32).unwrap().abs().unwrap().t().unwrap()).unwrap();
         let bound = (magnitudes * (2.0 * h.dim(2).unwrap() as f64 * f32::EPSILON as f64)).unwrap();
         let excess = ((got.reshape(want.dims()).unwrap() - want).unwrap().abs().unwrap() - bound).unwrap();
         assert!(
             excess.max_all().unwrap().to_scalar::<f32>().unwrap() <= 0.0,
-            "{family}: the logits differ by more than rounding"
+            "{family} {dtype:?}: the logits differ by more than rounding"
         );
     }
 }

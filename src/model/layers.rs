@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::params::{Init, ParamBuilder};
-use crate::ops::gemm_bf16::PackedWeight;
+use crate::ops::packed::PackedMatrix;
 use crate::ops::WeightLayout;
 
 /// A dense layer `y = x·W + b`.
@@ -27,15 +27,15 @@ enum LinearWeight {
     /// A tensor `[out, in]` when `out_in` (`nn.Linear`, some frozen `Conv1D`s), else
     /// `[in, out]` (GPT-2's `Conv1D` as saved).
     Tensor { weight: Tensor, out_in: bool },
-    /// A frozen bf16 weight packed at load for the bf16 product ([`ParamBuilder::get_packed`]).
-    Packed(Arc<PackedWeight>),
+    /// A frozen weight packed at load ([`ParamBuilder::get_packed`]).
+    Packed(Arc<PackedMatrix>),
 }
 
 impl Linear {
     /// An `nn.Linear` named `name` (`name.weight` `[out, in]`, optional `name.bias`).
     pub fn new(pb: &mut ParamBuilder, name: &str, din: usize, dout: usize, bias: bool) -> Result<Self> {
         let name_w = format!("{name}.weight");
-        let weight = if pb.packs_matrices() {
+        let weight = if pb.packs_matrix(din, dout) {
             LinearWeight::Packed(pb.get_packed(&name_w, (din, dout), WeightLayout::OutIn, Init::Normal)?)
         } else {
             LinearWeight::Tensor { weight: pb.get(&name_w, &[dout, din], Init::Normal)?, out_in: true }
@@ -49,7 +49,7 @@ impl Linear {
     pub fn conv1d(pb: &mut ParamBuilder, name: &str, din: usize, dout: usize) -> Result<Self> {
         let name_w = format!("{name}.weight");
         let bias = |pb: &mut ParamBuilder| pb.get(&format!("{name}.bias"), &[dout], Init::Zeros);
-        if pb.packs_matrices() {
+        if pb.packs_matrix(din, dout) {
             let weight =
                 LinearWeight::Packed(pb.get_packed(&name_w, (din, dout), WeightLayout::InOut, Init::Normal)?);
             return Ok(Self { weight, bias: Some(bias(pb)?) });
@@ -88,7 +88,7 @@ impl Linear {
         let rows = x.elem_count() / din.max(1);
         let x2 = x.reshape((rows, din))?;
         let y = match &self.weight {
-            LinearWeight::Packed(w) => crate::ops::linear_half::linear_packed(&x2, w, self.bias.as_ref())?,
+            LinearWeight::Packed(w) => crate::ops::packed::linear_packed(&x2, w, self.bias.as_ref())?,
             LinearWeight::Tensor { weight, out_in } => {
                 let layout = if *out_in { WeightLayout::OutIn } else { WeightLayout::InOut };
                 match &self.bias {
@@ -104,12 +104,13 @@ impl Linear {
     }
 }
 
-/// The output projection's weight `[vocab, hidden]`, and for a frozen bf16 model on a CPU with
-/// AVX512-BF16 a packed copy of it ([`PackedWeight`]), from which [`CausalLm::logits`]
-/// (decoding, rescoring) computes: at decoding's 16–64 rows the packed product is ~1.6× the
-/// decoding kernel on GPT-2's 50,257-column head. The tensor stays for what reads the head
-/// otherwise (the embedding it is often tied to, the fused losses); the copy costs the
-/// head's bf16 bytes again (77 MB for GPT-2, 161 MB for GPT-2 XL).
+/// The output projection's weight `[vocab, hidden]`, and for a frozen model that packs its
+/// matrices ([`ParamBuilder::packs_matrix`]) a packed copy of it ([`PackedMatrix`]), from
+/// which [`CausalLm::logits`] (decoding, rescoring) computes: at decoding's 16–64 rows the
+/// packed product is ~1.6× the decoding kernel on GPT-2's 50,257-column head. The tensor stays
+/// for what reads the head otherwise (the embedding it is often tied to, the fused losses);
+/// the copy costs the head's bytes again (bf16: 77 MB for GPT-2, 161 MB for GPT-2 XL; f32
+/// twice that).
 ///
 /// [`CausalLm::logits`]: super::CausalLm::logits
 #[derive(Clone)]
@@ -117,14 +118,15 @@ pub struct LmHead {
     /// `[vocab, hidden]`.
     pub weight: Tensor,
     /// The packed copy (`hidden × vocab`), where the model packs its matrices.
-    pub packed: Option<Arc<PackedWeight>>,
+    pub packed: Option<Arc<PackedMatrix>>,
 }
 
 impl LmHead {
     /// The head with weight `weight` (`[vocab, hidden]`), packed too where `pb` packs matrices.
     pub fn new(pb: &ParamBuilder, weight: Tensor) -> Result<Self> {
-        let packed = if pb.packs_matrices() && weight.dtype() == DType::BF16 {
-            Some(Arc::new(crate::ops::linear_half::pack_weight(&weight, WeightLayout::OutIn)?))
+        let (vocab, hidden) = weight.dims2()?;
+        let packed = if pb.packs_matrix(hidden, vocab) && PackedMatrix::packs(weight.dtype()) {
+            Some(Arc::new(PackedMatrix::pack(&weight, WeightLayout::OutIn)?))
         } else {
             None
         };

@@ -218,7 +218,7 @@ impl CausalLm for Llama {
         &self.lm_head.weight
     }
 
-    fn lm_head_packed(&self) -> Option<&std::sync::Arc<crate::ops::gemm_bf16::PackedWeight>> {
+    fn lm_head_packed(&self) -> Option<&std::sync::Arc<crate::ops::packed::PackedMatrix>> {
         self.lm_head.packed.as_ref()
     }
 

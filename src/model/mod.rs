@@ -131,7 +131,7 @@ pub trait CausalLm: Send + Sync {
 
     /// The LM head packed for the bf16 product, where the model keeps such a copy
     /// ([`layers::LmHead`]); [`Self::logits`] then multiplies by it.
-    fn lm_head_packed(&self) -> Option<&std::sync::Arc<crate::ops::gemm_bf16::PackedWeight>> {
+    fn lm_head_packed(&self) -> Option<&std::sync::Arc<crate::ops::packed::PackedMatrix>> {
         None
     }
 
@@ -171,9 +171,7 @@ pub trait CausalLm: Send + Sync {
         let rows = hidden.elem_count() / h.max(1);
         let hidden = hidden.reshape((rows, h))?;
         let logits = match self.lm_head_packed() {
-            Some(packed) if hidden.dtype() == DType::F32 => {
-                crate::ops::linear_half::linear_packed(&hidden, packed, None)?
-            }
+            Some(packed) if hidden.dtype() == DType::F32 => crate::ops::packed::linear_packed(&hidden, packed, None)?,
             _ => crate::ops::linear_no_bias(&hidden, w, crate::ops::WeightLayout::OutIn)?,
         };
         let mut out = dims;

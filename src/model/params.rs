@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::safetensors_files::SafetensorsFiles;
-use crate::ops::gemm_bf16::{self, PackedWeight};
+use crate::ops::packed::PackedMatrix;
 use crate::ops::WeightLayout;
 
 /// How a freshly created (not loaded) parameter is initialised.
@@ -66,16 +66,16 @@ fn show_paths(files: &[PathBuf]) -> String {
     files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
-/// One parameter: trainable (a [`Var`]) or frozen (a plain tensor, or a bf16 matrix packed
-/// for the bf16 product).
+/// One parameter: trainable (a [`Var`]) or frozen (a plain tensor, or a matrix packed for a
+/// register-blocked product).
 #[derive(Clone)]
 enum Param {
     Trainable(Var),
     Frozen(Tensor),
-    /// A frozen bf16 matrix held only in [`PackedWeight`]'s layout (`in × out`); `layout` is
-    /// the checkpoint's.
+    /// A frozen matrix held only in [`PackedMatrix`]'s layout (`in × out`); `layout` is the
+    /// checkpoint's.
     Packed {
-        weight: Arc<PackedWeight>,
+        weight: Arc<PackedMatrix>,
         layout: WeightLayout,
     },
 }
@@ -87,9 +87,8 @@ impl Param {
             Self::Trainable(v) => v.as_tensor().clone(),
             Self::Frozen(t) => t.clone(),
             Self::Packed { weight, layout } => {
-                let (k, cols) = weight.shape();
                 // Infallible: the values are exactly `k × cols`, and a matrix has a transpose.
-                let t = Tensor::from_vec(weight.unpack(), (k, cols), &Device::Cpu).expect("unpacked weight shape");
+                let t = weight.unpack().expect("unpacked weight shape");
                 match layout {
                     WeightLayout::InOut => t,
                     WeightLayout::OutIn => t.t().expect("transpose of a matrix"),
@@ -276,36 +275,36 @@ impl ParamBuilder {
             .then_some(DType::BF16)
     }
 
-    /// Whether matrices fetched through [`Self::get_packed`] are packed: a frozen model on
-    /// the CPU whose matrices are stored in bf16, in a build with the bf16 product
-    /// ([`gemm_bf16::AVAILABLE`]).
-    pub fn packs_matrices(&self) -> bool {
-        gemm_bf16::AVAILABLE
-            && self.weights == Weights::Frozen
-            && self.matrix_dtype == DType::BF16
+    /// Whether a `din × dout` matrix fetched through [`Self::get_packed`] is packed: in a
+    /// frozen model on the CPU whose matrices are stored in f32 (with f32 activations) or in
+    /// bf16 in a build with the bf16 product, a matrix [`PackedMatrix::worth_packing`].
+    pub fn packs_matrix(&self, din: usize, dout: usize) -> bool {
+        self.weights == Weights::Frozen
             && self.device.is_cpu()
+            && self.dtype == DType::F32
+            && PackedMatrix::worth_packing(self.matrix_dtype, din * dout)
     }
 
     /// Fetches the matrix `name` of a dense layer with `din` inputs and `dout` outputs, stored
     /// in `layout` by the checkpoint, and keeps it only as a
-    /// [`PackedWeight`] (`din × dout`), which it returns: every product with it then skips
-    /// the packing (decoding's few rows ~1.5× faster; BENCHMARKS.md). The parameter list shows
-    /// it in the checkpoint's layout. Only where [`Self::packs_matrices`].
+    /// [`PackedMatrix`] (`din × dout`), which it returns: every product with it then skips
+    /// the packing (decoding's few rows 1.4–1.9× faster; BENCHMARKS.md). The parameter list shows
+    /// it in the checkpoint's layout. Only where [`Self::packs_matrix`].
     pub fn get_packed(
         &mut self,
         name: &str,
         (din, dout): (usize, usize),
         layout: WeightLayout,
         init: Init,
-    ) -> Result<Arc<PackedWeight>> {
-        if !self.packs_matrices() {
-            bail!("`{name}` can be packed only in a frozen bf16 model on a CPU with AVX512-BF16");
+    ) -> Result<Arc<PackedMatrix>> {
+        if !self.packs_matrix(din, dout) {
+            bail!("`{name}` can be packed only in a frozen f32 model, or bf16 on a CPU with AVX512-BF16");
         }
         let shape = match layout {
             WeightLayout::InOut => [din, dout],
             WeightLayout::OutIn => [dout, din],
         };
-        let weight = Arc::new(crate::ops::linear_half::pack_weight(&self.fetch(name, &shape, init)?, layout)?);
+        let weight = Arc::new(PackedMatrix::pack(&self.fetch(name, &shape, init)?, layout)?);
         self.params.named.push((name.to_string(), Param::Packed { weight: weight.clone(), layout }));
         Ok(weight)
     }

@@ -18,17 +18,16 @@
 //! `gemm` on the widened weight); an f16 weight, or a bf16 one on other CPUs, is widened to
 //! f32 a panel at a time and multiplied by the packing product. All compute the same
 //! products, so prefill and cached decoding agree to summation order. A frozen bf16 model's
-//! dense layers on such CPUs hold their weights packed at load instead ([`linear_packed`]),
-//! which takes the register-blocked product at every row count. Forward only: a frozen
+//! dense layers on such CPUs hold their weights packed at load instead
+//! ([`super::packed::linear_packed`]), which takes the register-blocked product at every row
+//! count. Forward only: a frozen
 //! weight has no gradient, and an input that needs one is refused.
 
-use std::sync::Arc;
-
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul_parallel_at, MatRef};
-use super::gemm_bf16::{self, PackedWeight};
+use super::gemm_bf16;
 use super::linear::{seeded_output, weight_view};
 use super::skinny::{self, WeightEntry};
 use super::skinny_bf16;
@@ -54,81 +53,6 @@ pub fn linear_half(x: &Tensor, w: &Tensor, b: Option<&Tensor>, layout: WeightLay
 
 struct LinearHalf {
     layout: WeightLayout,
-}
-
-/// `x·W + b` for `x` `[rows, in]` f32 and a bf16 weight packed at load ([`PackedWeight`],
-/// `in × out`), `b` f32 `[out]` (or none): [`gemm_bf16::matmul_packed`] at every row count.
-/// The same products as [`linear_half`] on the unpacked weight, summed in another order.
-/// Forward only, as [`linear_half`].
-pub fn linear_packed(x: &Tensor, w: &Arc<PackedWeight>, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    if x.track_op() {
-        candle_core::bail!("linear-packed: a packed weight is frozen; its input must not need a gradient");
-    }
-    let op = LinearPacked { weight: w.clone() };
-    let x = x.contiguous()?;
-    match b {
-        Some(b) => x.apply_op2_no_bwd(&b.contiguous()?, &op),
-        None => x.apply_op1_no_bwd(&op),
-    }
-}
-
-/// The bf16 weight `w`, stored `[in, out]` or `[out, in]` as `layout` says, packed for
-/// [`linear_packed`] (`in × out`).
-pub fn pack_weight(w: &Tensor, layout: WeightLayout) -> candle_core::Result<PackedWeight> {
-    let (din, dout) = match (w.dims2()?, layout) {
-        ((i, o), WeightLayout::InOut) | ((o, i), WeightLayout::OutIn) => (i, o),
-    };
-    let values = w.flatten_all()?.to_vec1::<half::bf16>()?;
-    Ok(PackedWeight::new(&weight_view(&values, din, dout, layout)))
-}
-
-/// [`linear_packed`]'s op: the weight is held by the op, as candle has no packed tensors.
-struct LinearPacked {
-    weight: Arc<PackedWeight>,
-}
-
-impl LinearPacked {
-    fn forward(&self, sx: &CpuStorage, lx: &Layout, bias: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(sx, lx, "linear-packed")?;
-        let (rows, din) = lx.shape().dims2()?;
-        let (k, dout) = self.weight.shape();
-        if din != k || bias.is_some_and(|b| b.len() != dout) {
-            candle_core::bail!(
-                "linear-packed: input width {din}, weight {k} × {dout}, bias {:?}",
-                bias.map(<[f32]>::len)
-            );
-        }
-        let mut y = seeded_output(rows, dout, bias);
-        let xm = MatRef { data: x, offset: 0, shape: (rows, din), strides: (din, 1) };
-        gemm_bf16::matmul_packed(&mut y, xm, &self.weight);
-        Ok((CpuStorage::F32(y), Shape::from((rows, dout))))
-    }
-}
-
-impl CustomOp1 for LinearPacked {
-    fn name(&self) -> &'static str {
-        "linear-packed"
-    }
-
-    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.forward(sx, lx, None)
-    }
-}
-
-impl CustomOp2 for LinearPacked {
-    fn name(&self) -> &'static str {
-        "linear-packed"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sx: &CpuStorage,
-        lx: &Layout,
-        sb: &CpuStorage,
-        lb: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.forward(sx, lx, Some(contiguous_f32(sb, lb, "linear-packed")?))
-    }
 }
 
 /// Weight entries per widened panel of the many-row product (2 MiB of f32: half of what the
@@ -307,54 +231,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-
-    /// A layer with its bf16 weight packed at load computes what [`linear_half`] computes on
-    /// the weight as read (the same products, summed in another order), at decoding's row
-    /// counts and prefill's, from either layout, with and without a bias.
-    #[test]
-    fn a_packed_weight_equals_the_weight_as_read() {
-        if !gemm_bf16::AVAILABLE {
-            eprintln!("skipped: this build has no AVX512-BF16");
-            return;
-        }
-        let (din, dout) = (300, 200);
-        for rows in [1, 5, 16, 64, 130] {
-            let x = Tensor::from_vec(values(rows * din, rows), (rows, din), &Device::Cpu).unwrap();
-            let b = Tensor::from_vec(values(dout, 3), dout, &Device::Cpu).unwrap();
-            for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
-                let shape = if layout == WeightLayout::InOut { (din, dout) } else { (dout, din) };
-                let w = Tensor::from_vec(values(din * dout, 2), shape, &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(DType::BF16)
-                    .unwrap();
-                let packed = Arc::new(pack_weight(&w, layout).unwrap());
-                for bias in [Some(&b), None] {
-                    let got = linear_packed(&x, &packed, bias).unwrap();
-                    let want = linear_half(&x, &w, bias, layout).unwrap();
-                    assert_eq!(got.dims(), [rows, dout]);
-                    // Both sum the same din + 1 terms (each at most 0.25, the bias 0.5) in f32,
-                    // in different orders: each addition rounds by at most 2^-24 of the
-                    // magnitudes summed so far.
-                    let bound = (din + 1) as f32 * f32::EPSILON * (din as f32 * 0.25 + 0.5);
-                    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                    assert!(diff <= bound, "{rows} rows, {layout:?}, bias {}: differs by {diff}", bias.is_some());
-                }
-            }
-            let err = linear_packed(
-                &x.narrow(1, 0, din - 1).unwrap(),
-                &Arc::new(PackedWeight::new(&MatRef {
-                    data: &[half::bf16::ZERO; 6],
-                    offset: 0,
-                    shape: (2, 3),
-                    strides: (3, 1),
-                })),
-                None,
-            )
-            .unwrap_err()
-            .to_string();
-            assert!(err.contains("input width"), "{err}");
         }
     }
 

@@ -16,6 +16,8 @@ pub mod layer_norm;
 pub mod linear;
 pub mod linear_half;
 pub mod math;
+pub mod packed;
+pub mod packed_f32;
 pub mod simd;
 pub mod skinny;
 pub mod skinny_bf16;

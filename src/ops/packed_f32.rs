@@ -1,0 +1,322 @@
+//! `dst += x·W` for an f32 weight packed once, at load, into the register-blocked kernel's
+//! panels: the products of a frozen f32 model (an f32 teacher, `eval`'s decoding) at every
+//! row count.
+//!
+//! [`super::gemm_bf16`]'s layout with f32 entries: the weight `k × cols` is stored as panels
+//! of [`NR`] columns ([`NV`] vector registers), each holding for every inner index the panel's
+//! [`NR`] entries side by side; `x` is copied per call into blocks of [`MR`] rows, each holding
+//! for every inner index the block's entries side by side. The kernel keeps an `MR × NR`
+//! block of sums in registers and, for each inner index, broadcasts one entry of each row
+//! against the panel's registers. What this replaces at decoding's few rows is
+//! [`super::skinny`], which reads the weight where it lies and so needs horizontal sums (for
+//! `[out, in]` weights) or a band copy (for `[in, out]`): on GPT-2's products at 16–64 rows
+//! it reached about half of the multiply-add peak (BENCHMARKS.md); the general `gemm` repacks
+//! the weight on every call, which at few rows costs more than the product.
+//!
+//! The arithmetic is plain f32 multiply-adds: each output is the same sum of the same products
+//! as the unpacked product, added in the inner dimension's order within each block of
+//! [`KC`] entries.
+
+use rayon::prelude::*;
+
+use super::gemm::{matmul_parallel_at, MatRef};
+use super::simd::{F32x, LANES};
+use super::skinny::SharedRows;
+
+/// Vector registers per row of a kernel block: a 6 × 64 block with AVX-512 (24 registers of
+/// sums, four of the panel, one broadcast, of 32), 6 × 16 with AVX2 (12 + 2 + 1 of 16).
+const NV: usize = if LANES == 16 { 4 } else { 2 };
+/// Output columns per kernel block.
+pub const NR: usize = NV * LANES;
+/// Rows per kernel block.
+pub const MR: usize = 6;
+/// Most inner entries per block of the product: a panel's block (`KC × NR` f32, 32 KiB with
+/// AVX-512) stays in L1 while every row block passes over it. On the AVX-512 Xeon, 16-, 64-
+/// and 1,024-row products of GPT-2's shapes ran 10–20% faster with 128 than with 64, 192,
+/// 256 or 384.
+pub const KC: usize = 128;
+/// Columns per block of the weight that every group of rows passes over.
+pub const NC: usize = 512;
+/// Most rows the kernel multiplies; more go to `gemm` ([`unpacked_product`]). On an AVX-512
+/// Xeon (two FMA units) `gemm` reached ~275 GFLOP/s from 128 rows on, the kernel ~220 at
+/// every row count, and `gemm` at 96 rows and fewer ~95 (it packs the weight on each call).
+pub const KERNEL_ROWS: usize = 96;
+/// Weight entries per group of panels unpacked for `gemm` (4 MiB of f32).
+const GROUP_ENTRIES: usize = 1 << 20;
+/// Most rows per pass of the panels: their packed rows (`MC × KC` f32) stay in L2.
+pub const MC: usize = 8 * MR;
+
+/// A `k × cols` f32 weight packed once, whole: panel `j` (columns `j·NR..`) holds, for each
+/// inner index `i`, the [`NR`] columns' entries at `(j·k + i)·NR + c` (zero past the last
+/// column). It takes the bytes the weight takes, plus the padding of the last panel.
+#[derive(Clone)]
+pub struct PackedF32 {
+    values: Vec<f32>,
+    k: usize,
+    cols: usize,
+}
+
+impl PackedF32 {
+    /// Packs `w` (`k × cols`, either unit stride), panels in parallel.
+    pub fn new(w: &MatRef) -> Self {
+        let (k, cols) = w.shape;
+        assert!(w.strides.0 == 1 || w.strides.1 == 1, "packed-f32: w needs one unit stride");
+        w.check(w.data.len());
+        let mut values = vec![0f32; cols.div_ceil(NR) * k * NR];
+        values.par_chunks_mut((k * NR).max(1)).enumerate().for_each(|(j, panel)| {
+            let c0 = j * NR;
+            let width = NR.min(cols - c0);
+            if w.strides.1 == 1 {
+                for (i, out) in panel.chunks_exact_mut(NR).enumerate() {
+                    out[..width].copy_from_slice(&w.data[w.offset + i * w.strides.0 + c0..][..width]);
+                }
+            } else {
+                for c in 0..width {
+                    let column = &w.data[w.offset + (c0 + c) * w.strides.1..][..k];
+                    for (i, &v) in column.iter().enumerate() {
+                        panel[i * NR + c] = v;
+                    }
+                }
+            }
+        });
+        Self { values, k, cols }
+    }
+
+    /// The inner dimension (`in`) and the columns (`out`).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.k, self.cols)
+    }
+
+    /// The weight back in its `[k, cols]` row-major layout.
+    pub fn unpack(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.k * self.cols];
+        for (i, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate().take(self.k) {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = self.values[((c / NR) * self.k + i) * NR + c % NR];
+            }
+        }
+        out
+    }
+}
+
+/// `x` copied into blocks of [`MR`] rows: entry `(block·k + i)·MR + r` is row `block·MR + r`'s
+/// entry `i` (zero past the last row).
+fn pack_rows(x: &MatRef) -> Vec<f32> {
+    let (rows, k) = x.shape;
+    assert_eq!(x.strides.1, 1, "packed-f32: x needs unit column stride");
+    x.check(x.data.len());
+    let mut packed = vec![0f32; rows.div_ceil(MR) * MR * k];
+    packed.par_chunks_mut((MR * k).max(1)).enumerate().for_each(|(block, out)| {
+        for r in 0..MR.min(rows - block * MR) {
+            let row = &x.data[x.offset + (block * MR + r) * x.strides.0..][..k];
+            for (i, &v) in row.iter().enumerate() {
+                out[i * MR + r] = v;
+            }
+        }
+    });
+    packed
+}
+
+/// `dst += x·w` for `dst` row-major `rows × cols` (`x` `rows × k` with unit column stride),
+/// on all of rayon's threads: up to [`KERNEL_ROWS`] rows by the register-blocked kernel,
+/// threads splitting the output columns; more by [`unpacked_product`].
+pub fn matmul_packed(dst: &mut [f32], x: MatRef, w: &PackedF32) {
+    let (rows, k) = x.shape;
+    assert!(w.k == k && dst.len() >= rows * w.cols, "packed-f32: bad shapes");
+    if rows == 0 || w.cols == 0 || k == 0 {
+        return;
+    }
+    if rows > KERNEL_ROWS {
+        return unpacked_product(dst, x, w);
+    }
+    let xp = pack_rows(&x);
+    let cols = w.cols;
+    let threads = rayon::current_num_threads();
+    // A few tasks per thread, so that a thread slowed by the other work on the machine does
+    // not hold the product up.
+    let per_task = cols.div_ceil(4 * threads).next_multiple_of(NR);
+    let out = SharedRows::new(dst, cols);
+    (0..cols.div_ceil(per_task)).into_par_iter().for_each(|task| {
+        let (c0, c1) = (task * per_task, ((task + 1) * per_task).min(cols));
+        columns(&out, &xp, rows, w, c0, c1);
+    });
+}
+
+/// `dst += x·w` by the general product (`gemm`, which packs its operands its own way) on the
+/// weight unpacked a group of panels at a time into one row-major buffer of about
+/// [`GROUP_ENTRIES`]: at many rows `gemm` outruns the kernel (BENCHMARKS.md), and unpacking
+/// costs a copy of the weight per product, where the product does `2·rows` operations per
+/// entry.
+fn unpacked_product(dst: &mut [f32], x: MatRef, w: &PackedF32) {
+    let (k, cols) = (w.k, w.cols);
+    let width = (GROUP_ENTRIES / k).next_multiple_of(NR).min(cols.next_multiple_of(NR));
+    let mut buffer = vec![0f32; k * width];
+    for c0 in (0..cols).step_by(width) {
+        let n = width.min(cols - c0);
+        let group = &mut buffer[..k * n];
+        group.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            for (j, run) in row.chunks_mut(NR).enumerate() {
+                let panel = c0 / NR + j;
+                run.copy_from_slice(&w.values[(panel * k + i) * NR..][..run.len()]);
+            }
+        });
+        let group = MatRef { data: &buffer[..k * n], offset: 0, shape: (k, n), strides: (n, 1) };
+        matmul_parallel_at(dst, c0, cols, x, group, true);
+    }
+}
+
+/// Columns `c0..c1` (whole panels from `c0`) of the product, Goto's loops: blocks of [`NC`]
+/// columns, then of the inner dimension (of equal depth, no deeper than [`KC`]), then groups
+/// of [`MC`] rows. A group's packed rows stay in L2 while the block's panels pass over them,
+/// and the block's panels stay in L2 or L3 while the groups pass, so the weight comes from
+/// memory once per product however many rows there are.
+fn columns(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedF32, c0: usize, c1: usize) {
+    let k = w.k;
+    let depth = k.div_ceil(k.div_ceil(KC));
+    let blocks = rows.div_ceil(MR);
+    for jc in (c0..c1).step_by(NC) {
+        let jc1 = (jc + NC).min(c1);
+        for i0 in (0..k).step_by(depth) {
+            let kc = depth.min(k - i0);
+            for group in (0..blocks).step_by(MC / MR) {
+                for col in (jc..jc1).step_by(NR) {
+                    let ws = &w.values[((col / NR) * k + i0) * NR..][..kc * NR];
+                    let width = NR.min(jc1 - col);
+                    for block in group..(group + MC / MR).min(blocks) {
+                        let xs = &xp[(block * k + i0) * MR..][..kc * MR];
+                        let (r0, height) = (block * MR, MR.min(rows - block * MR));
+                        // SAFETY: this task alone writes columns `c0..c1`; the block
+                        // `height × width` at (`r0`, `col`) lies inside `dst`.
+                        unsafe {
+                            match height {
+                                1 => block_product::<1>(xs, ws, out, r0, col, width),
+                                2 => block_product::<2>(xs, ws, out, r0, col, width),
+                                3 => block_product::<3>(xs, ws, out, r0, col, width),
+                                4 => block_product::<4>(xs, ws, out, r0, col, width),
+                                5 => block_product::<5>(xs, ws, out, r0, col, width),
+                                _ => block_product::<MR>(xs, ws, out, r0, col, width),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the `R × NR` block of sums of the first `R` rows of the packed rows `xs` times the
+/// packed panel block `ws` (both over the same inner entries) to the `R × width` block of the
+/// output at (`r0`, `col`).
+///
+/// # Safety
+/// The output block is in bounds and no other thread touches it.
+#[inline(always)]
+unsafe fn block_product<const R: usize>(xs: &[f32], ws: &[f32], out: &SharedRows, r0: usize, col: usize, width: usize) {
+    assert!(R <= MR && xs.len() / MR == ws.len() / NR);
+    let mut acc = [[F32x::zero(); NV]; R];
+    for (x, w) in xs.chunks_exact(MR).zip(ws.chunks_exact(NR)) {
+        let w: [F32x; NV] = std::array::from_fn(|v| F32x::load(&w[v * LANES..][..LANES]));
+        for (acc, &x) in acc.iter_mut().zip(&x[..R]) {
+            let x = F32x::splat(x);
+            for (a, &w) in acc.iter_mut().zip(&w) {
+                *a = a.mul_add(x, w);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let row = out.row_range(r0 + r, col, width);
+        if width == NR {
+            for (v, a) in acc.iter().enumerate() {
+                a.add_to(&mut row[v * LANES..][..LANES]);
+            }
+        } else {
+            let mut sums = [0f32; NR];
+            for (v, a) in acc.iter().enumerate() {
+                a.add_to(&mut sums[v * LANES..][..LANES]);
+            }
+            for (o, s) in row.iter_mut().zip(sums) {
+                *o += s;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1) of varied magnitude.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * if s & 1 == 0 { 1.0 } else { 0.01 }
+            })
+            .collect()
+    }
+
+    /// The product equals its definition up to the f32 sums' rounding, added to what `dst`
+    /// held: rows not a multiple of [`MR`] (every block height), inner dimensions deeper than
+    /// [`KC`] and not a multiple of it, columns not a multiple of [`NR`] or of a task's share,
+    /// both weight layouts, `x` inside a larger buffer.
+    #[test]
+    fn equals_the_definition() {
+        let shapes = [
+            (1, 1, 1),
+            (13, 7, 45),
+            (MR, 64, NR),
+            (25, 301, 97),
+            (64, 2 * KC + 53, 70),
+            (16, 3 * KC, 4 * NR + 9),
+            (KERNEL_ROWS + 1, 1025, 1100),
+        ];
+        // The last shape takes `gemm` on two groups of unpacked panels.
+        const { assert!(1025 * 1100 > GROUP_ENTRIES) };
+        for (rows, k, cols) in shapes {
+            for in_out in [true, false] {
+                let stride = k + 5;
+                let xs = values(rows * stride + 3, rows as u64);
+                let x = MatRef { data: &xs, offset: 3, shape: (rows, k), strides: (stride, 1) };
+                let ws = values(k * cols, k as u64);
+                let (data, strides) = if in_out {
+                    (ws.clone(), (cols, 1))
+                } else {
+                    ((0..cols * k).map(|i| ws[(i % k) * cols + i / k]).collect(), (1, k))
+                };
+                let w = MatRef { data: &data, offset: 0, shape: (k, cols), strides };
+                let mut dst = values(rows * cols, 7);
+                let before = dst.clone();
+                matmul_packed(&mut dst, x, &PackedF32::new(&w));
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let terms = (0..k).map(|i| xs[3 + r * stride + i] as f64 * ws[i * cols + c] as f64);
+                        let want = before[r * cols + c] as f64 + terms.clone().sum::<f64>();
+                        let size = before[r * cols + c].abs() as f64 + terms.map(f64::abs).sum::<f64>();
+                        let got = dst[r * cols + c] as f64;
+                        // f32 sums of k + 1 terms: each addition rounds by at most 2^-24 of the
+                        // running magnitude.
+                        let bound = (k + 1) as f64 * size * f32::EPSILON as f64;
+                        assert!(
+                            (got - want).abs() <= bound,
+                            "{rows} × {k} × {cols}, in_out {in_out}, ({r}, {c}): {got} against {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A packed weight unpacks to the values it was packed from, from either layout.
+    #[test]
+    fn a_packed_weight_unpacks_to_its_values() {
+        for (k, cols) in [(1, 1), (3, 2), (7, 45), (33, 2 * NR + 1)] {
+            let ws = values(k * cols, 5);
+            let in_out = MatRef { data: &ws, offset: 0, shape: (k, cols), strides: (cols, 1) };
+            assert_eq!(PackedF32::new(&in_out).unpack(), ws, "{k} × {cols} [in, out]");
+            let transposed: Vec<f32> = (0..cols * k).map(|i| ws[(i % k) * cols + i / k]).collect();
+            let out_in = MatRef { data: &transposed, offset: 0, shape: (k, cols), strides: (1, k) };
+            assert_eq!(PackedF32::new(&out_in).unpack(), ws, "{k} × {cols} [out, in]");
+        }
+    }
+}
