@@ -382,11 +382,12 @@ mod kernel {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    /// Deterministic values in [-1, 1) of varied magnitude (so that rounding to bf16 matters).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) of varied magnitude (so that rounding to bf16 matters);
+    /// [`super::super::packed_f32`]'s tests use them too.
+    pub(in crate::ops) fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         (0..n)
             .map(|_| {

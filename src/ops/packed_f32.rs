@@ -243,18 +243,8 @@ unsafe fn block_product<const R: usize>(xs: &[f32], ws: &[f32], out: &SharedRows
 
 #[cfg(test)]
 mod tests {
+    use super::super::gemm_bf16::tests::values;
     use super::*;
-
-    /// Deterministic values in [-1, 1) of varied magnitude.
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * if s & 1 == 0 { 1.0 } else { 0.01 }
-            })
-            .collect()
-    }
 
     /// The product equals its definition up to the f32 sums' rounding, added to what `dst`
     /// held: rows not a multiple of [`MR`] (every block height), inner dimensions deeper than
