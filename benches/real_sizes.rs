@@ -126,6 +126,31 @@ fn decoding(c: &mut Criterion) {
             })
         });
     }
+    // A trainable student (on-policy collection, validation samples) decodes from a packed
+    // snapshot of its weights, taken per call as training takes one per collection; without
+    // the snapshot it would read its weights in place (the second row).
+    if let Some(student) = self::model("124m", Weights::Trainable) {
+        let prompts = random_ids(16, 64, 3);
+        group.throughput(Throughput::Elements(16 * 64));
+        group.bench_function("decode gpt2-124m-trainable-snapshot b16 64+64", |b| {
+            b.iter(|| {
+                let mut rngs = row_rngs(1, 0..16);
+                let out = on_workers(|| {
+                    let snapshot = student.decoding_snapshot()?.expect("a 124M model is snapshotted");
+                    generate(snapshot.lm.as_ref(), &prompts, &[], 0, &cfg, &mut rngs)
+                })
+                .unwrap();
+                assert_eq!(out.responses[0].len(), 64);
+            })
+        });
+        group.bench_function("decode gpt2-124m-trainable-in-place b16 64+64", |b| {
+            b.iter(|| {
+                let mut rngs = row_rngs(1, 0..16);
+                let out = on_workers(|| generate(student.lm.as_ref(), &prompts, &[], 0, &cfg, &mut rngs)).unwrap();
+                assert_eq!(out.responses[0].len(), 64);
+            })
+        });
+    }
     group.finish();
 }
 

@@ -316,9 +316,9 @@ def method_benches():
 
 
 
-def real_benches(root, sft=True):
+def real_benches(root, sft=True, bf16=True):
     """The work of benches/real_sizes.rs on the models of scripts/make_real_size_models.sh
-    (without the SFT steps when `sft` is false)."""
+    (without the SFT steps when `sft` is false, without the bf16 rows when `bf16` is false)."""
     results = {}
     load = lambda size: transformers.GPT2LMHeadModel.from_pretrained(os.path.join(root, f"gpt2-{size}"))
     g = torch.Generator().manual_seed(2)
@@ -330,8 +330,9 @@ def real_benches(root, sft=True):
             results[f"sft_step gpt2-124m b{rows}x{length}"] = (timed(sft_step(model, opt, ids), 2, 6), None)
         del opt
     model.eval()
-    model_bf16 = load("124m").eval().to(torch.bfloat16)
-    for rows, m, dtype in [(16, model, ""), (64, model, ""), (16, model_bf16, "-bf16"), (64, model_bf16, "-bf16")]:
+    model_bf16 = load("124m").eval().to(torch.bfloat16) if bf16 else None
+    runs = [(16, model, ""), (64, model, "")] + ([(16, model_bf16, "-bf16"), (64, model_bf16, "-bf16")] if bf16 else [])
+    for rows, m, dtype in runs:
         prompts = torch.randint(0, REAL_V - 1, (rows, 64), generator=g)
 
         def decode():
@@ -347,6 +348,8 @@ def real_benches(root, sft=True):
     prompts = torch.randint(0, REAL_V - 1, (16, 64), generator=g)
     results["teacher-mixed gpt2-124m + gpt2-355m b16 64+32"] = (
         timed(lambda: mixed_rollouts(model, teacher, prompts, 32, 0.2, g), 1, 5), 16 * 32)
+    if not bf16:
+        return results
     teacher = teacher.to(torch.bfloat16)
     results["teacher-mixed gpt2-124m + gpt2-355m-bf16 b16 64+32"] = (
         timed(lambda: mixed_rollouts(model, teacher, prompts, 32, 0.2, g), 1, 5), 16 * 32)
@@ -445,6 +448,9 @@ if __name__ == "__main__":
     ap.add_argument("--methods", action="store_true", help="the steps of benches/methods.rs")
     ap.add_argument("--real", metavar="DIR", help="the benches of benches/real_sizes.rs on DIR/gpt2-{124m,355m}")
     ap.add_argument("--no-sft", action="store_true", help="--real without the SFT steps")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="--real without the bf16 rows (on CPUs without bf16 instructions PyTorch's bf16 "
+                         "decoding takes minutes per run)")
     ap.add_argument("--matmul-real", action="store_true",
                     help="torch.mm's rate on 4096^3, GPT-2 124M's training products and one GPT-2 XL "
                          "layer's products (f32 and bf16)")
@@ -469,7 +475,7 @@ if __name__ == "__main__":
             print(f"gpt2-xl layer products 1024 rows {name}: {xl_layer_bench(dtype):.0f} GFLOP/s")
         raise SystemExit
     if a.real:
-        for name, (t, tokens) in real_benches(a.real, sft=not a.no_sft).items():
+        for name, (t, tokens) in real_benches(a.real, sft=not a.no_sft, bf16=not a.no_bf16).items():
             rate = f" = {tokens / t:.0f} tokens/s" if tokens else ""
             print(f"{name}: {t * 1e3:.0f} ms{rate} (median)")
         raise SystemExit

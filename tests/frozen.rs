@@ -62,9 +62,49 @@ fn a_wide_frozen_f32_model_packs_its_matrices_and_computes_the_same_logits() {
     }
 }
 
-/// A frozen GPT-2 whose matrices are not packed (f16 weights here) stores its `Conv1D` weights
-/// with at least as many outputs as inputs `[out, in]` (the decoding kernels read them faster
-/// that way), yet its parameter list shows the checkpoint's `[in, out]` values: saving it
+/// A trainable f32 model decodes from a frozen snapshot of its weights with the large
+/// matrices packed (on-policy collection, validation samples): the snapshot computes the
+/// model's logits up to the order of the f32 sums, has no graph, and keeps the values it was
+/// taken with when the model is updated. A model with only small matrices, or a frozen one,
+/// decodes from itself.
+#[test]
+fn a_wide_trainable_model_decodes_from_a_packed_snapshot_of_its_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wide = common::tiny_model_dir(&tmp.path().join("wide"), "gpt2", 512, 1, 3);
+    let student = load_model(&wide, &Device::Cpu, DType::F32).unwrap();
+    let snapshot = student.decoding_snapshot().unwrap().expect("a wide f32 model is snapshotted");
+    assert!(snapshot.lm.params().is_frozen());
+    // A packed weight is listed unpacked in the checkpoint's `[in, out]` (contiguous); a
+    // frozen one not packed would be stored `[out, in]` and listed as its transpose.
+    let c_fc = snapshot.lm.params().get("transformer.h.0.mlp.c_fc.weight").unwrap();
+    assert!(c_fc.dims() == [512, 2048] && c_fc.is_contiguous(), "the snapshot packs its wide matrices");
+    assert_eq!(snapshot.lm.params().num_elements(), student.lm.params().num_elements());
+    assert_eq!(snapshot.eos_token_ids, student.eos_token_ids);
+    let input = ids(4, 9);
+    let before = logits(&student, &input);
+    let taken = logits(&snapshot, &input);
+    assert!(!taken.track_op(), "the snapshot's logits carry a graph");
+    let scale = before.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (&before - &taken).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff <= 1e-4 * scale, "snapshot and model logits differ by {diff} (largest {scale})");
+    // Update every parameter of the model in place, as AdamW does: the snapshot stays as taken.
+    for (_, var) in student.lm.params().trainable() {
+        var.set(&(var.as_tensor() * 0.5).unwrap()).unwrap();
+    }
+    let moved = (logits(&student, &input) - &before).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(moved.to_scalar::<f32>().unwrap() > 1e-3 * scale, "the update did not change the model");
+    let again = (logits(&snapshot, &input) - &taken).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(again.to_scalar::<f32>().unwrap(), 0.0, "the model's update reached its snapshot");
+
+    let small = common::tiny_model_dir(&tmp.path().join("small"), "gpt2", 64, 2, 3);
+    assert!(load_model(&small, &Device::Cpu, DType::F32).unwrap().decoding_snapshot().unwrap().is_none());
+    let frozen = load_model_as(&wide, &Device::Cpu, DType::F32, Weights::Frozen).unwrap();
+    assert!(frozen.decoding_snapshot().unwrap().is_none(), "a frozen model is packed already");
+}
+
+/// A frozen GPT-2 whose matrices are not packed (f16 ones below the packing size here) stores
+/// its `Conv1D` weights with at least as many outputs as inputs `[out, in]` (the decoding
+/// kernels read them faster that way), yet its parameter list shows the checkpoint's `[in, out]` values: saving it
 /// (`convert`) writes back exactly the tensors it read.
 #[test]
 fn a_frozen_gpt2_stores_wide_weights_transposed_and_saves_them_as_read() {
@@ -127,9 +167,9 @@ fn a_packed_model_saves_its_weights_as_read() {
     }
 }
 
-/// A frozen model's logits come from its packed copy of the LM head (decoding's products),
-/// f32 always and bf16 where the CPU has AVX512-BF16, and equal those of the head as read up
-/// to the order of the f32 sums, in every family.
+/// A frozen model's logits come from its packed copy of the LM head (decoding's products)
+/// where it is worth packing, and equal those of the head as read up to the order of the f32
+/// sums, in every family.
 #[test]
 fn a_packed_lm_head_gives_the_logits_of_the_head_as_read() {
     for (family, dtype) in common::FAMILIES.iter().flat_map(|f| [(f, DType::F32), (f, DType::BF16)]) {

@@ -46,6 +46,9 @@ pub enum ParamSource {
         /// Standard deviation of [`Init::Normal`] parameters.
         std: f64,
     },
+    /// Another model's parameters by name ([`Params::iter`]), each copied as it is fetched:
+    /// a snapshot that the other model's later updates leave unchanged.
+    Tensors(BTreeMap<String, Tensor>),
 }
 
 impl ParamSource {
@@ -276,8 +279,8 @@ impl ParamBuilder {
     }
 
     /// Whether a `din × dout` matrix fetched through [`Self::get_packed`] is packed: in a
-    /// frozen model on the CPU whose matrices are stored in f32 (with f32 activations) or in
-    /// bf16 in a build with the bf16 product, a matrix [`PackedMatrix::worth_packing`].
+    /// frozen model on the CPU with f32 activations (matrices stored in f32, bf16 or f16), a
+    /// matrix [`PackedMatrix::worth_packing`].
     pub fn packs_matrix(&self, din: usize, dout: usize) -> bool {
         self.weights == Weights::Frozen
             && self.device.is_cpu()
@@ -298,7 +301,7 @@ impl ParamBuilder {
         init: Init,
     ) -> Result<Arc<PackedMatrix>> {
         if !self.packs_matrix(din, dout) {
-            bail!("`{name}` can be packed only in a frozen f32 model, or bf16 on a CPU with AVX512-BF16");
+            bail!("`{name}` can be packed only in a frozen model that computes in f32 on the CPU");
         }
         let shape = match layout {
             WeightLayout::InOut => [din, dout],
@@ -359,6 +362,15 @@ impl ParamBuilder {
                     Init::Normal => (0..n).map(|_| normal(rng) * *std as f32).collect(),
                 };
                 Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(&self.device)?)
+            }
+            ParamSource::Tensors(tensors) => {
+                let Some(t) = tensors.get(name) else {
+                    bail!("tensor `{name}` (shape {shape:?}) is missing from the model being copied");
+                };
+                if t.dims() != shape {
+                    bail!("tensor `{name}` has shape {:?} in the model being copied, not {shape:?}", t.dims());
+                }
+                Ok(t.detach().to_dtype(dtype)?.to_device(&self.device)?.copy()?)
             }
         }
     }

@@ -17,11 +17,11 @@
 //! [`super::gemm_bf16`]'s register-blocked bf16 product (CPUs with AVX512-BF16; 1.7–2× the f32
 //! `gemm` on the widened weight); an f16 weight, or a bf16 one on other CPUs, is widened to
 //! f32 a panel at a time and multiplied by the packing product. All compute the same
-//! products, so prefill and cached decoding agree to summation order. A frozen bf16 model's
-//! dense layers on such CPUs hold their weights packed at load instead
-//! ([`super::packed::linear_packed`]), which takes the register-blocked product at every row
-//! count. Forward only: a frozen
-//! weight has no gradient, and an input that needs one is refused.
+//! products, so prefill and cached decoding agree to summation order. A frozen model's large
+//! dense layers (every bf16 one on CPUs with AVX512-BF16) hold their weights packed at load
+//! instead ([`super::packed::linear_packed`]), which takes a register-blocked product at every
+//! row count with the same arithmetic. Forward only: a frozen weight has no gradient, and an
+//! input that needs one is refused.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;

@@ -2,10 +2,13 @@
 //! register-blocked kernel's layout: every product then skips the packing a general product
 //! does per call, which at decoding's few rows costs as much as the product itself.
 //!
-//! - **bf16** weights ([`gemm_bf16::PackedWeight`], CPUs with AVX512-BF16): bf16 products with
-//!   f32 sums at every row count.
+//! - **bf16** weights on CPUs with AVX512-BF16 ([`gemm_bf16::PackedWeight`]): bf16 products
+//!   with f32 sums at every row count.
 //! - **f32** weights ([`PackedF32`]): the f32 kernel up to [`packed_f32::KERNEL_ROWS`] rows,
 //!   the general product on the weight unpacked a group of panels at a time beyond.
+//! - **bf16** weights on other CPUs, and **f16** weights ([`PackedPanels`]): the f32 kernel on
+//!   16-bit panels widened in registers, with [`super::linear_half`]'s arithmetic (bf16: the
+//!   input rounded to bf16 first; f16: the f32 input).
 //!
 //! Forward only: a frozen weight has no gradient, and an input that needs one is refused.
 
@@ -16,9 +19,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape
 use super::gemm::MatRef;
 use super::gemm_bf16::{self, PackedWeight};
 use super::linear::{seeded_output, weight_view};
-use super::packed_f32::{self, PackedF32};
-use super::skinny;
+use super::packed_f32::{self, PackedF32, PackedPanels};
 use super::{contiguous_f32, WeightLayout};
+use super::{skinny, skinny_bf16};
 
 /// A frozen `in × out` weight in a kernel's packed layout.
 #[derive(Clone)]
@@ -27,28 +30,28 @@ pub enum PackedMatrix {
     Bf16(PackedWeight),
     /// f32 entries ([`packed_f32`]).
     F32(PackedF32),
+    /// bf16 entries widened by the f32 kernel (CPUs without AVX512-BF16).
+    Bf16Panels(PackedPanels<half::bf16>),
+    /// f16 entries widened by the f32 kernel.
+    F16Panels(PackedPanels<half::f16>),
 }
 
 impl PackedMatrix {
-    /// Whether a frozen model on the CPU packs matrices stored in `dtype`: f32 always, bf16
-    /// where the build has the bf16 product.
+    /// Whether a frozen model on the CPU packs matrices stored in `dtype`: f32, bf16 and f16.
     pub fn packs(dtype: DType) -> bool {
-        match dtype {
-            DType::F32 => true,
-            DType::BF16 => gemm_bf16::AVAILABLE,
-            _ => false,
-        }
+        matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
     }
 
-    /// Whether a frozen model packs a matrix of `entries` stored in `dtype`: bf16 where
-    /// [`Self::packs`] it; f32 from [`skinny::MIN_WEIGHT`] entries, so that small models (the
-    /// tests', the demo's), whose weights live in cache, compute exactly as before.
+    /// Whether a frozen model packs a matrix of `entries` stored in `dtype`: bf16 at every
+    /// size where the build has the bf16 product; otherwise from [`skinny::MIN_WEIGHT`]
+    /// entries, so that small models (the tests', the demo's), whose weights live in cache,
+    /// compute exactly as before.
     pub fn worth_packing(dtype: DType, entries: usize) -> bool {
-        Self::packs(dtype) && (dtype != DType::F32 || entries >= skinny::MIN_WEIGHT)
+        Self::packs(dtype) && ((dtype == DType::BF16 && gemm_bf16::AVAILABLE) || entries >= skinny::MIN_WEIGHT)
     }
 
-    /// The weight `w` (f32, or bf16 where [`Self::packs`] it), stored `[in, out]` or
-    /// `[out, in]` as `layout` says, packed `in × out`.
+    /// The weight `w` (f32, bf16 or f16), stored `[in, out]` or `[out, in]` as `layout` says,
+    /// packed `in × out`.
     pub fn pack(w: &Tensor, layout: WeightLayout) -> candle_core::Result<Self> {
         let (din, dout) = match (w.dims2()?, layout) {
             ((i, o), WeightLayout::InOut) | ((o, i), WeightLayout::OutIn) => (i, o),
@@ -59,7 +62,16 @@ impl PackedMatrix {
         Ok(match w.dtype() {
             DType::BF16 => {
                 let values = w.flatten_all()?.to_vec1::<half::bf16>()?;
-                Self::Bf16(PackedWeight::new(&weight_view(&values, din, dout, layout)))
+                let view = weight_view(&values, din, dout, layout);
+                if gemm_bf16::AVAILABLE {
+                    Self::Bf16(PackedWeight::new(&view))
+                } else {
+                    Self::Bf16Panels(PackedPanels::new(&view))
+                }
+            }
+            DType::F16 => {
+                let values = w.flatten_all()?.to_vec1::<half::f16>()?;
+                Self::F16Panels(PackedPanels::new(&weight_view(&values, din, dout, layout)))
             }
             _ => {
                 let values = w.flatten_all()?.to_vec1::<f32>()?;
@@ -73,6 +85,8 @@ impl PackedMatrix {
         match self {
             Self::Bf16(w) => w.shape(),
             Self::F32(w) => w.shape(),
+            Self::Bf16Panels(w) => w.shape(),
+            Self::F16Panels(w) => w.shape(),
         }
     }
 
@@ -82,6 +96,8 @@ impl PackedMatrix {
         match self {
             Self::Bf16(w) => Tensor::from_vec(w.unpack(), shape, &Device::Cpu),
             Self::F32(w) => Tensor::from_vec(w.unpack(), shape, &Device::Cpu),
+            Self::Bf16Panels(w) => Tensor::from_vec(w.unpack(), shape, &Device::Cpu),
+            Self::F16Panels(w) => Tensor::from_vec(w.unpack(), shape, &Device::Cpu),
         }
     }
 
@@ -90,6 +106,17 @@ impl PackedMatrix {
         match self {
             Self::Bf16(w) => gemm_bf16::matmul_packed(dst, x, w),
             Self::F32(w) => packed_f32::matmul_packed(dst, x, w),
+            Self::Bf16Panels(w) => {
+                // bf16 products, as the AVX512-BF16 product and `linear_half` compute them.
+                let rounded = skinny_bf16::round_rows(&x);
+                let (rows, k) = x.shape;
+                packed_f32::matmul_packed(
+                    dst,
+                    MatRef { data: &rounded, offset: 0, shape: (rows, k), strides: (k, 1) },
+                    w,
+                )
+            }
+            Self::F16Panels(w) => packed_f32::matmul_packed(dst, x, w),
         }
     }
 }
@@ -175,11 +202,7 @@ mod tests {
     #[test]
     fn a_packed_weight_equals_the_weight_as_read() {
         let (din, dout) = (300, 200);
-        for dtype in [DType::F32, DType::BF16] {
-            if !PackedMatrix::packs(dtype) {
-                eprintln!("skipped {dtype:?}: this build does not pack it");
-                continue;
-            }
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
             for rows in [1, 5, 16, 64, 130] {
                 let x = Tensor::from_vec(values(rows * din, rows), (rows, din), &Device::Cpu).unwrap();
                 let b = Tensor::from_vec(values(dout, 3), dout, &Device::Cpu).unwrap();
@@ -203,7 +226,7 @@ mod tests {
                     for bias in [Some(&b), None] {
                         let got = linear_packed(&x, &packed, bias).unwrap();
                         let want = match (dtype, bias) {
-                            (DType::BF16, _) => super::super::linear_half(&x, &w, bias, layout).unwrap(),
+                            (DType::BF16 | DType::F16, _) => super::super::linear_half(&x, &w, bias, layout).unwrap(),
                             (_, Some(b)) => super::super::linear(&x, &w, b, layout).unwrap(),
                             (_, None) => super::super::linear_no_bias(&x, &w, layout).unwrap(),
                         };
@@ -238,12 +261,20 @@ mod tests {
         assert!(err.contains("frozen"), "{err}");
     }
 
-    /// Only f32, and bf16 where the build multiplies it packed, are packed; f16 is refused.
+    /// f32, bf16 and f16 weights are packed, bf16 for the bf16 dot products where the CPU has
+    /// them; other dtypes are refused. Small matrices are packed only in bf16 with the dot
+    /// products.
     #[test]
-    fn f16_weights_are_not_packed() {
-        let w = Tensor::ones((4, 3), DType::F16, &Device::Cpu).unwrap();
+    fn which_weights_are_packed() {
+        let w = Tensor::ones((4, 3), DType::F64, &Device::Cpu).unwrap();
         assert!(PackedMatrix::pack(&w, WeightLayout::InOut).is_err());
-        assert!(PackedMatrix::packs(DType::F32));
-        assert_eq!(PackedMatrix::packs(DType::BF16), gemm_bf16::AVAILABLE);
+        let bf16 = Tensor::ones((4, 3), DType::BF16, &Device::Cpu).unwrap();
+        let packed = PackedMatrix::pack(&bf16, WeightLayout::InOut).unwrap();
+        assert_eq!(matches!(packed, PackedMatrix::Bf16(_)), gemm_bf16::AVAILABLE);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            assert!(PackedMatrix::worth_packing(dtype, skinny::MIN_WEIGHT));
+            let small = dtype == DType::BF16 && gemm_bf16::AVAILABLE;
+            assert_eq!(PackedMatrix::worth_packing(dtype, skinny::MIN_WEIGHT - 1), small, "{dtype:?}");
+        }
     }
 }

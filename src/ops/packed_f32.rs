@@ -1,6 +1,10 @@
-//! `dst += x·W` for an f32 weight packed once, at load, into the register-blocked kernel's
-//! panels: the products of a frozen f32 model (an f32 teacher, `eval`'s decoding) at every
-//! row count.
+//! `dst += x·W` for a weight packed once, at load, into the register-blocked kernel's
+//! panels: the products of a frozen model (a teacher, `eval`'s decoding, a student's decoding
+//! snapshot) at every row count. The panels hold f32, or bf16 / f16 entries widened exactly to
+//! f32 in registers as they are read ([`PanelEntry`]): 16-bit weights take half the memory
+//! and half of decoding's weight traffic, with the f32 kernel's arithmetic, on any CPU with
+//! AVX2 (a CPU with AVX512-BF16 multiplies bf16 weights by its dot products instead,
+//! [`super::gemm_bf16`]).
 //!
 //! [`super::gemm_bf16`]'s layout with f32 entries: the weight `k × cols` is stored as panels
 //! of [`NR`] columns ([`NV`] vector registers), each holding for every inner index the panel's
@@ -17,6 +21,7 @@
 //! as the unpacked product, added in the inner dimension's order within each block of
 //! [`KC`] entries.
 
+use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::gemm::{matmul_parallel_at, MatRef};
@@ -46,23 +51,75 @@ const GROUP_ENTRIES: usize = 1 << 20;
 /// Most rows per pass of the panels: their packed rows (`MC × KC` f32) stay in L2.
 pub const MC: usize = 8 * MR;
 
-/// A `k × cols` f32 weight packed once, whole: panel `j` (columns `j·NR..`) holds, for each
+/// A weight entry the kernel reads: f32 as it is, bf16 or f16 widened exactly to f32.
+pub trait PanelEntry: Copy + Default + Send + Sync + 'static {
+    /// The first [`LANES`] entries of `s`, as f32.
+    fn load(s: &[Self]) -> F32x;
+    /// The entry as f32.
+    fn to_f32(self) -> f32;
+    /// `v` rounded to the nearest entry.
+    fn from_f32(v: f32) -> Self;
+}
+
+impl PanelEntry for f32 {
+    #[inline(always)]
+    fn load(s: &[Self]) -> F32x {
+        F32x::load(s)
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl PanelEntry for bf16 {
+    #[inline(always)]
+    fn load(s: &[Self]) -> F32x {
+        F32x::load_bf16(s)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl PanelEntry for f16 {
+    #[inline(always)]
+    fn load(s: &[Self]) -> F32x {
+        F32x::load_f16(s)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// A `k × cols` weight packed once, whole: panel `j` (columns `j·NR..`) holds, for each
 /// inner index `i`, the [`NR`] columns' entries at `(j·k + i)·NR + c` (zero past the last
 /// column). It takes the bytes the weight takes, plus the padding of the last panel.
 #[derive(Clone)]
-pub struct PackedF32 {
-    values: Vec<f32>,
+pub struct PackedPanels<E> {
+    values: Vec<E>,
     k: usize,
     cols: usize,
 }
 
-impl PackedF32 {
+/// A weight packed in f32.
+pub type PackedF32 = PackedPanels<f32>;
+
+impl<E: PanelEntry> PackedPanels<E> {
     /// Packs `w` (`k × cols`, either unit stride), panels in parallel.
-    pub fn new(w: &MatRef) -> Self {
+    pub fn new(w: &MatRef<E>) -> Self {
         let (k, cols) = w.shape;
         assert!(w.strides.0 == 1 || w.strides.1 == 1, "packed-f32: w needs one unit stride");
         w.check(w.data.len());
-        let mut values = vec![0f32; cols.div_ceil(NR) * k * NR];
+        let mut values = vec![E::default(); cols.div_ceil(NR) * k * NR];
         values.par_chunks_mut((k * NR).max(1)).enumerate().for_each(|(j, panel)| {
             let c0 = j * NR;
             let width = NR.min(cols - c0);
@@ -88,8 +145,8 @@ impl PackedF32 {
     }
 
     /// The weight back in its `[k, cols]` row-major layout.
-    pub fn unpack(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.k * self.cols];
+    pub fn unpack(&self) -> Vec<E> {
+        let mut out = vec![E::default(); self.k * self.cols];
         for (i, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate().take(self.k) {
             for (c, v) in row.iter_mut().enumerate() {
                 *v = self.values[((c / NR) * self.k + i) * NR + c % NR];
@@ -120,7 +177,7 @@ fn pack_rows(x: &MatRef) -> Vec<f32> {
 /// `dst += x·w` for `dst` row-major `rows × cols` (`x` `rows × k` with unit column stride),
 /// on all of rayon's threads: up to [`KERNEL_ROWS`] rows by the register-blocked kernel,
 /// threads splitting the output columns; more by [`unpacked_product`].
-pub fn matmul_packed(dst: &mut [f32], x: MatRef, w: &PackedF32) {
+pub fn matmul_packed<E: PanelEntry>(dst: &mut [f32], x: MatRef, w: &PackedPanels<E>) {
     let (rows, k) = x.shape;
     assert!(w.k == k && dst.len() >= rows * w.cols, "packed-f32: bad shapes");
     if rows == 0 || w.cols == 0 || k == 0 {
@@ -143,11 +200,11 @@ pub fn matmul_packed(dst: &mut [f32], x: MatRef, w: &PackedF32) {
 }
 
 /// `dst += x·w` by the general product (`gemm`, which packs its operands its own way) on the
-/// weight unpacked a group of panels at a time into one row-major buffer of about
-/// [`GROUP_ENTRIES`]: at many rows `gemm` outruns the kernel (BENCHMARKS.md), and unpacking
-/// costs a copy of the weight per product, where the product does `2·rows` operations per
-/// entry.
-fn unpacked_product(dst: &mut [f32], x: MatRef, w: &PackedF32) {
+/// weight unpacked (and widened to f32) a group of panels at a time into one row-major buffer
+/// of about [`GROUP_ENTRIES`]: at many rows `gemm` outruns the kernel (BENCHMARKS.md), and
+/// unpacking costs a copy of the weight per product, where the product does `2·rows`
+/// operations per entry.
+fn unpacked_product<E: PanelEntry>(dst: &mut [f32], x: MatRef, w: &PackedPanels<E>) {
     let (k, cols) = (w.k, w.cols);
     let width = (GROUP_ENTRIES / k).next_multiple_of(NR).min(cols.next_multiple_of(NR));
     let mut buffer = vec![0f32; k * width];
@@ -157,7 +214,9 @@ fn unpacked_product(dst: &mut [f32], x: MatRef, w: &PackedF32) {
         group.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
             for (j, run) in row.chunks_mut(NR).enumerate() {
                 let panel = c0 / NR + j;
-                run.copy_from_slice(&w.values[(panel * k + i) * NR..][..run.len()]);
+                for (o, v) in run.iter_mut().zip(&w.values[(panel * k + i) * NR..]) {
+                    *o = v.to_f32();
+                }
             }
         });
         let group = MatRef { data: &buffer[..k * n], offset: 0, shape: (k, n), strides: (n, 1) };
@@ -170,7 +229,7 @@ fn unpacked_product(dst: &mut [f32], x: MatRef, w: &PackedF32) {
 /// of [`MC`] rows. A group's packed rows stay in L2 while the block's panels pass over them,
 /// and the block's panels stay in L2 or L3 while the groups pass, so the weight comes from
 /// memory once per product however many rows there are.
-fn columns(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedF32, c0: usize, c1: usize) {
+fn columns<E: PanelEntry>(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedPanels<E>, c0: usize, c1: usize) {
     let k = w.k;
     let depth = k.div_ceil(k.div_ceil(KC));
     let blocks = rows.div_ceil(MR);
@@ -189,12 +248,12 @@ fn columns(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedF32, c0: usize, 
                         // `height × width` at (`r0`, `col`) lies inside `dst`.
                         unsafe {
                             match height {
-                                1 => block_product::<1>(xs, ws, out, r0, col, width),
-                                2 => block_product::<2>(xs, ws, out, r0, col, width),
-                                3 => block_product::<3>(xs, ws, out, r0, col, width),
-                                4 => block_product::<4>(xs, ws, out, r0, col, width),
-                                5 => block_product::<5>(xs, ws, out, r0, col, width),
-                                _ => block_product::<MR>(xs, ws, out, r0, col, width),
+                                1 => block_product::<1, E>(xs, ws, out, r0, col, width),
+                                2 => block_product::<2, E>(xs, ws, out, r0, col, width),
+                                3 => block_product::<3, E>(xs, ws, out, r0, col, width),
+                                4 => block_product::<4, E>(xs, ws, out, r0, col, width),
+                                5 => block_product::<5, E>(xs, ws, out, r0, col, width),
+                                _ => block_product::<MR, E>(xs, ws, out, r0, col, width),
                             }
                         }
                     }
@@ -211,11 +270,18 @@ fn columns(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedF32, c0: usize, 
 /// # Safety
 /// The output block is in bounds and no other thread touches it.
 #[inline(always)]
-unsafe fn block_product<const R: usize>(xs: &[f32], ws: &[f32], out: &SharedRows, r0: usize, col: usize, width: usize) {
+unsafe fn block_product<const R: usize, E: PanelEntry>(
+    xs: &[f32],
+    ws: &[E],
+    out: &SharedRows,
+    r0: usize,
+    col: usize,
+    width: usize,
+) {
     assert!(R <= MR && xs.len() / MR == ws.len() / NR);
     let mut acc = [[F32x::zero(); NV]; R];
     for (x, w) in xs.chunks_exact(MR).zip(ws.chunks_exact(NR)) {
-        let w: [F32x; NV] = std::array::from_fn(|v| F32x::load(&w[v * LANES..][..LANES]));
+        let w: [F32x; NV] = std::array::from_fn(|v| E::load(&w[v * LANES..][..LANES]));
         for (acc, &x) in acc.iter_mut().zip(&x[..R]) {
             let x = F32x::splat(x);
             for (a, &w) in acc.iter_mut().zip(&w) {
@@ -249,9 +315,17 @@ mod tests {
     /// The product equals its definition up to the f32 sums' rounding, added to what `dst`
     /// held: rows not a multiple of [`MR`] (every block height), inner dimensions deeper than
     /// [`KC`] and not a multiple of it, columns not a multiple of [`NR`] or of a task's share,
-    /// both weight layouts, `x` inside a larger buffer.
+    /// both weight layouts, `x` inside a larger buffer; weights in f32, bf16 and f16 (the
+    /// definition on the 16-bit values).
     #[test]
     fn equals_the_definition() {
+        equals_the_definition_in::<f32>();
+        equals_the_definition_in::<bf16>();
+        equals_the_definition_in::<f16>();
+    }
+
+    fn equals_the_definition_in<E: PanelEntry>() {
+        let name = std::any::type_name::<E>();
         let shapes = [
             (1, 1, 1),
             (13, 7, 45),
@@ -268,7 +342,7 @@ mod tests {
                 let stride = k + 5;
                 let xs = values(rows * stride + 3, rows as u64);
                 let x = MatRef { data: &xs, offset: 3, shape: (rows, k), strides: (stride, 1) };
-                let ws = values(k * cols, k as u64);
+                let ws: Vec<E> = values(k * cols, k as u64).into_iter().map(E::from_f32).collect();
                 let (data, strides) = if in_out {
                     (ws.clone(), (cols, 1))
                 } else {
@@ -277,10 +351,10 @@ mod tests {
                 let w = MatRef { data: &data, offset: 0, shape: (k, cols), strides };
                 let mut dst = values(rows * cols, 7);
                 let before = dst.clone();
-                matmul_packed(&mut dst, x, &PackedF32::new(&w));
+                matmul_packed(&mut dst, x, &PackedPanels::new(&w));
                 for r in 0..rows {
                     for c in 0..cols {
-                        let terms = (0..k).map(|i| xs[3 + r * stride + i] as f64 * ws[i * cols + c] as f64);
+                        let terms = (0..k).map(|i| xs[3 + r * stride + i] as f64 * ws[i * cols + c].to_f32() as f64);
                         let want = before[r * cols + c] as f64 + terms.clone().sum::<f64>();
                         let size = before[r * cols + c].abs() as f64 + terms.map(f64::abs).sum::<f64>();
                         let got = dst[r * cols + c] as f64;
@@ -289,7 +363,7 @@ mod tests {
                         let bound = (k + 1) as f64 * size * f32::EPSILON as f64;
                         assert!(
                             (got - want).abs() <= bound,
-                            "{rows} × {k} × {cols}, in_out {in_out}, ({r}, {c}): {got} against {want}"
+                            "{name}: {rows} × {k} × {cols}, in_out {in_out}, ({r}, {c}): {got} against {want}"
                         );
                     }
                 }
@@ -307,6 +381,9 @@ mod tests {
             let transposed: Vec<f32> = (0..cols * k).map(|i| ws[(i % k) * cols + i / k]).collect();
             let out_in = MatRef { data: &transposed, offset: 0, shape: (k, cols), strides: (1, k) };
             assert_eq!(PackedF32::new(&out_in).unpack(), ws, "{k} × {cols} [out, in]");
+            let halves: Vec<bf16> = ws.iter().map(|&v| bf16::from_f32(v)).collect();
+            let in_out = MatRef { data: &halves, offset: 0, shape: (k, cols), strides: (cols, 1) };
+            assert_eq!(PackedPanels::new(&in_out).unpack(), halves, "{k} × {cols} bf16");
         }
     }
 }

@@ -32,7 +32,9 @@ pub fn sample_pairs(
     batch: usize,
 ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
     let rows = consecutive_rows(rows_from, prompts.len());
-    let samples = Sampler::plain(model, sampling).decode_in_chunks(prompts, seed, &rows, batch, |_, _| Ok(()))?;
+    let snapshot = model.decoding_snapshot()?;
+    let decoder = snapshot.as_ref().unwrap_or(model);
+    let samples = Sampler::plain(decoder, sampling).decode_in_chunks(prompts, seed, &rows, batch, |_, _| Ok(()))?;
     Ok(samples.into_iter().map(|s| (s.prompt, s.response)).collect())
 }
 

@@ -91,7 +91,8 @@ pub fn sampled_rouge_l(
 ) -> Result<(f64, f64)> {
     let prompts: Vec<Vec<u32>> = examples.iter().map(|e| e.prompt.clone()).collect();
     let cfg = SamplingConfig { max_length: Some(max_len), ..SamplingConfig::sampling(usize::MAX) };
-    let samples = Sampler::plain(model, &cfg).decode_in_chunks(
+    let snapshot = model.decoding_snapshot()?;
+    let samples = Sampler::plain(snapshot.as_ref().unwrap_or(model), &cfg).decode_in_chunks(
         &prompts,
         seed,
         &consecutive_rows(0, prompts.len()),

@@ -154,7 +154,9 @@ impl DistillTask {
         } else {
             let cfg = self.sampling(self.cfg.alpha, self.cfg.single_step);
             let rows = consecutive_rows(first_row, n);
-            let samples = Sampler::mixed(student, &self.teacher, &cfg).decode_in_chunks(
+            let snapshot = student.decoding_snapshot()?;
+            let decoder = snapshot.as_ref().unwrap_or(student);
+            let samples = Sampler::mixed(decoder, &self.teacher, &cfg).decode_in_chunks(
                 &prompts,
                 self.seed,
                 &rows,
@@ -330,7 +332,8 @@ impl Task for DistillTask {
         let examples = &self.data.valid[..self.cfg.valid_rollouts.min(self.data.valid.len())];
         let prompts: Vec<Vec<u32>> = examples.iter().map(|e| e.prompt.clone()).collect();
         let cfg = self.sampling(0.0, false);
-        let samples = Sampler::mixed(student, &self.teacher, &cfg).decode_in_chunks(
+        let snapshot = student.decoding_snapshot()?;
+        let samples = Sampler::mixed(snapshot.as_ref().unwrap_or(student), &self.teacher, &cfg).decode_in_chunks(
             &prompts,
             self.seed ^ VALID_STREAM_SALT,
             &consecutive_rows(0, prompts.len()),
