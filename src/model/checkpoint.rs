@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use serde_json::Value;
 
 use super::config::ArchConfig;
@@ -110,10 +110,12 @@ impl Model {
     /// exactly as before). The copy is taken now: later updates of this model do not reach it.
     pub fn decoding_snapshot(&self) -> Result<Option<Model>> {
         let params = self.lm.params();
-        let f32_matrix = |t: &Tensor| t.dtype() == DType::F32 && t.rank() == 2;
-        let packs =
-            params.iter().any(|(_, t)| f32_matrix(&t) && PackedMatrix::worth_packing(DType::F32, t.elem_count()));
-        if params.is_frozen() || !self.device().is_cpu() || self.lm.lm_head_weight().dtype() != DType::F32 || !packs {
+        // A trainable model holds every parameter in one dtype, the head's. The cheap checks
+        // come first: listing a frozen model's parameters would unpack its packed matrices.
+        if params.is_frozen() || !self.device().is_cpu() || self.lm.lm_head_weight().dtype() != DType::F32 {
+            return Ok(None);
+        }
+        if !params.iter().any(|(_, t)| t.rank() == 2 && PackedMatrix::worth_packing(DType::F32, t.elem_count())) {
             return Ok(None);
         }
         let tensors = params.iter().map(|(n, t)| (n.to_string(), t)).collect();
