@@ -143,12 +143,15 @@ fn distill_gradient_accumulation_equals_one_large_batch() {
     let moved = max_param_diff(&one, &params_of(&student));
     let diff = max_param_diff(&one, &two);
     assert!(moved > 1e-3, "the step moved the parameters by only {moved}");
-    // Summation order alone moves an entry by ~1e-6 where its gradient is near AdamW's ε (the
-    // first step divides by |g| + ε): 1.2e-6 measured once the decoding attention's dot
-    // products changed order. A mis-normalised term turns the update's direction: normalising
+    // Summation order alone moves an entry by up to ~1e-5 where its gradient is near AdamW's ε
+    // (the first step divides by |g| + ε): 1.2e-6 measured once the decoding attention's dot
+    // products changed order; 1.0e-5 on AVX2 builds, where the 8-row minibatch's larger
+    // products take the crate's own kernel (`ops::gemm_f32`) and the 4-row ones `gemm`, so the
+    // two runs sum in different orders (3.2e-6 with every product on the kernel, 1.1e-6 with
+    // every one on `gemm`). A mis-normalised term turns the update's direction: normalising
     // the policy terms by the first minibatch's tokens instead of the window's moved an entry
-    // by 6e-3 (twice the learning rate). The bound is lr / 300.
-    assert!(diff < 1e-5, "2 × 4 differs from 1 × 8 by {diff}");
+    // by 6e-3 (twice the learning rate). The bound is lr / 100.
+    assert!(diff < 3e-5, "2 × 4 differs from 1 × 8 by {diff}");
 }
 
 /// `opd` (the `opd` preset: student-only sampling scored by the teacher afterwards, per-token

@@ -46,18 +46,25 @@ pub fn matmul(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: M
 }
 
 /// [`matmul`] on all of rayon's threads, for one large product; a product of few rows with a
-/// large weight (decoding) goes to [`super::skinny`] instead, which does not repack the weight.
+/// large weight (decoding) goes to [`super::skinny`] instead, which does not repack the weight,
+/// and where the crate's own kernel outruns `gemm` ([`super::gemm_f32`]) a large one goes there.
 pub fn matmul_parallel(dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) {
     if super::skinny::applies(&a, &b) {
         return super::skinny::matmul(dst, a, b, accumulate);
     }
     let n = b.shape.1;
+    if super::gemm_f32::applies(&a, &b) {
+        return super::gemm_f32::matmul(dst, 0, n, a, b, accumulate);
+    }
     matmul_with(dst, 0, n, a, b, 1.0, accumulate, gemm::Parallelism::Rayon(rayon::current_num_threads()))
 }
 
 /// [`matmul`] on all of rayon's threads, into a block of a larger `dst` (no dispatch to
-/// [`super::skinny`]).
+/// [`super::skinny`]; to [`super::gemm_f32`] as [`matmul_parallel`] does).
 pub fn matmul_parallel_at(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: MatRef, accumulate: bool) {
+    if super::gemm_f32::applies(&a, &b) {
+        return super::gemm_f32::matmul(dst, dst_offset, dst_rs, a, b, accumulate);
+    }
     let threads = gemm::Parallelism::Rayon(rayon::current_num_threads());
     matmul_with(dst, dst_offset, dst_rs, a, b, 1.0, accumulate, threads)
 }

@@ -11,6 +11,7 @@ pub mod attention;
 pub mod gelu;
 pub mod gemm;
 pub mod gemm_bf16;
+pub mod gemm_f32;
 pub mod inference_attention;
 pub mod layer_norm;
 pub mod linear;

@@ -4,8 +4,9 @@
 //!
 //! - **bf16** weights on CPUs with AVX512-BF16 ([`gemm_bf16::PackedWeight`]): bf16 products
 //!   with f32 sums at every row count.
-//! - **f32** weights ([`PackedF32`]): the f32 kernel up to [`packed_f32::KERNEL_ROWS`] rows,
-//!   the general product on the weight unpacked a group of panels at a time beyond.
+//! - **f32** weights ([`PackedF32`]): the f32 kernel up to [`packed_f32::KERNEL_ROWS`] rows
+//!   (every row count with AVX2), the general product on the weight unpacked a group of
+//!   panels at a time beyond.
 //! - **bf16** weights on other CPUs, and **f16** weights ([`PackedPanels`]): the f32 kernel on
 //!   16-bit panels widened in registers, with [`super::linear_half`]'s arithmetic (bf16: the
 //!   input rounded to bf16 first; f16: the f32 input).
@@ -197,7 +198,7 @@ mod tests {
     /// A layer with its weight packed at load computes what the layer computes on the weight
     /// as read (the same products, summed in another order): bf16 weights against
     /// [`super::super::linear_half`], f32 ones against the f32 layer; at decoding's row counts
-    /// and prefill's (past [`packed_f32::KERNEL_ROWS`]), from either layout, with and without
+    /// and prefill's (past [`packed_f32::KERNEL_ROWS`] with AVX-512), from either layout, with and without
     /// a bias; and it unpacks to the weight it was packed from.
     #[test]
     fn a_packed_weight_equals_the_weight_as_read() {

@@ -45,6 +45,8 @@ pub const NC: usize = 512;
 /// Most rows the kernel multiplies; more go to `gemm` ([`unpacked_product`]). On an AVX-512
 /// Xeon (two FMA units) `gemm` reached ~275 GFLOP/s from 128 rows on, the kernel ~220 at
 /// every row count, and `gemm` at 96 rows and fewer ~95 (it packs the weight on each call).
+/// Where the kernel outruns `gemm` ([`super::gemm_f32::OUTRUNS_GEMM`]: AVX2) it takes every
+/// row count instead.
 pub const KERNEL_ROWS: usize = 96;
 /// Weight entries per group of panels unpacked for `gemm` (4 MiB of f32).
 const GROUP_ENTRIES: usize = 1 << 20;
@@ -157,17 +159,27 @@ impl<E: PanelEntry> PackedPanels<E> {
 }
 
 /// `x` copied into blocks of [`MR`] rows: entry `(block·k + i)·MR + r` is row `block·MR + r`'s
-/// entry `i` (zero past the last row).
-fn pack_rows(x: &MatRef) -> Vec<f32> {
+/// entry `i` (zero past the last row). `x` has a unit stride along its rows or its columns
+/// (a transposed view, as in a weight gradient's `xᵀ·g`).
+pub(super) fn pack_rows(x: &MatRef) -> Vec<f32> {
     let (rows, k) = x.shape;
-    assert_eq!(x.strides.1, 1, "packed-f32: x needs unit column stride");
+    let (rs, cs) = x.strides;
+    assert!(cs == 1 || rs == 1, "packed-f32: x needs a unit stride");
     x.check(x.data.len());
     let mut packed = vec![0f32; rows.div_ceil(MR) * MR * k];
     packed.par_chunks_mut((MR * k).max(1)).enumerate().for_each(|(block, out)| {
-        for r in 0..MR.min(rows - block * MR) {
-            let row = &x.data[x.offset + (block * MR + r) * x.strides.0..][..k];
-            for (i, &v) in row.iter().enumerate() {
-                out[i * MR + r] = v;
+        let height = MR.min(rows - block * MR);
+        let first = x.offset + block * MR * rs;
+        if cs == 1 {
+            for r in 0..height {
+                for (i, &v) in x.data[first + r * rs..][..k].iter().enumerate() {
+                    out[i * MR + r] = v;
+                }
+            }
+        } else {
+            // The block's entries of each inner index are side by side in `x` too.
+            for (i, out) in out.chunks_exact_mut(MR).enumerate() {
+                out[..height].copy_from_slice(&x.data[first + i * cs..][..height]);
             }
         }
     });
@@ -175,15 +187,15 @@ fn pack_rows(x: &MatRef) -> Vec<f32> {
 }
 
 /// `dst += x·w` for `dst` row-major `rows × cols` (`x` `rows × k` with unit column stride),
-/// on all of rayon's threads: up to [`KERNEL_ROWS`] rows by the register-blocked kernel,
-/// threads splitting the output columns; more by [`unpacked_product`].
+/// on all of rayon's threads: up to [`KERNEL_ROWS`] rows (every row count with AVX2) by the
+/// register-blocked kernel, threads splitting the output columns; more by [`unpacked_product`].
 pub fn matmul_packed<E: PanelEntry>(dst: &mut [f32], x: MatRef, w: &PackedPanels<E>) {
     let (rows, k) = x.shape;
     assert!(w.k == k && dst.len() >= rows * w.cols, "packed-f32: bad shapes");
     if rows == 0 || w.cols == 0 || k == 0 {
         return;
     }
-    if rows > KERNEL_ROWS {
+    if rows > KERNEL_ROWS && !super::gemm_f32::OUTRUNS_GEMM {
         return unpacked_product(dst, x, w);
     }
     let xp = pack_rows(&x);
@@ -224,42 +236,83 @@ fn unpacked_product<E: PanelEntry>(dst: &mut [f32], x: MatRef, w: &PackedPanels<
     }
 }
 
-/// Columns `c0..c1` (whole panels from `c0`) of the product, Goto's loops: blocks of [`NC`]
-/// columns, then of the inner dimension (of equal depth, no deeper than [`KC`]), then groups
-/// of [`MC`] rows. A group's packed rows stay in L2 while the block's panels pass over them,
-/// and the block's panels stay in L2 or L3 while the groups pass, so the weight comes from
-/// memory once per product however many rows there are.
+/// Columns `c0..c1` (whole panels from `c0`) of the product.
+///
+/// Rows that fit one group of [`MC`] (decoding's batches) take each panel whole, in order,
+/// its blocks of the inner dimension (of equal depth, no deeper than [`KC`]) one after the
+/// other, every row block passing over a block while it is in L1: a task reads its share of
+/// the weight as one sequential stream, which the hardware prefetchers follow. Taking the
+/// panels a block of [`NC`] columns at a time instead (Goto's order, below) made them 32
+/// interleaved streams, and GPT-2's layers (weights from memory, AVX2 EPYC, interleaved
+/// runs) took 5–17% longer at 8, 16 and 48 rows (the same within the noise at 32);
+/// prefetching the next block into L2 by hand was slower still.
+///
+/// More rows take Goto's loops: blocks of [`NC`] columns, then of the inner dimension, then
+/// groups of [`MC`] rows. A group's packed rows stay in L2 while the block's panels pass over
+/// them, and the block's panels stay in L2 or L3 while the groups pass, so the weight comes
+/// from memory once per product however many rows there are.
 fn columns<E: PanelEntry>(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedPanels<E>, c0: usize, c1: usize) {
     let k = w.k;
     let depth = k.div_ceil(k.div_ceil(KC));
     let blocks = rows.div_ceil(MR);
+    // The packed rows of row block `block` over the inner block from `i0`, `kc` deep, against
+    // the panel block `ws` at output column `col`.
+    let product = |block: usize, i0: usize, kc: usize, ws: &[E], col: usize, width: usize| {
+        let xs = &xp[(block * k + i0) * MR..][..kc * MR];
+        // SAFETY: this task alone writes columns `c0..c1`; the block at (`block·MR`, `col`)
+        // lies inside `dst`.
+        unsafe { row_block_product(xs, ws, out, block * MR, MR.min(rows - block * MR), col, width) }
+    };
+    let panel_block = |col: usize, i0: usize, kc: usize| &w.values[((col / NR) * k + i0) * NR..][..kc * NR];
+    if blocks <= MC / MR {
+        for col in (c0..c1).step_by(NR) {
+            for i0 in (0..k).step_by(depth) {
+                let kc = depth.min(k - i0);
+                let ws = panel_block(col, i0, kc);
+                for block in 0..blocks {
+                    product(block, i0, kc, ws, col, NR.min(c1 - col));
+                }
+            }
+        }
+        return;
+    }
     for jc in (c0..c1).step_by(NC) {
         let jc1 = (jc + NC).min(c1);
         for i0 in (0..k).step_by(depth) {
             let kc = depth.min(k - i0);
             for group in (0..blocks).step_by(MC / MR) {
                 for col in (jc..jc1).step_by(NR) {
-                    let ws = &w.values[((col / NR) * k + i0) * NR..][..kc * NR];
-                    let width = NR.min(jc1 - col);
+                    let ws = panel_block(col, i0, kc);
                     for block in group..(group + MC / MR).min(blocks) {
-                        let xs = &xp[(block * k + i0) * MR..][..kc * MR];
-                        let (r0, height) = (block * MR, MR.min(rows - block * MR));
-                        // SAFETY: this task alone writes columns `c0..c1`; the block
-                        // `height × width` at (`r0`, `col`) lies inside `dst`.
-                        unsafe {
-                            match height {
-                                1 => block_product::<1, E>(xs, ws, out, r0, col, width),
-                                2 => block_product::<2, E>(xs, ws, out, r0, col, width),
-                                3 => block_product::<3, E>(xs, ws, out, r0, col, width),
-                                4 => block_product::<4, E>(xs, ws, out, r0, col, width),
-                                5 => block_product::<5, E>(xs, ws, out, r0, col, width),
-                                _ => block_product::<MR, E>(xs, ws, out, r0, col, width),
-                            }
-                        }
+                        product(block, i0, kc, ws, col, NR.min(jc1 - col));
                     }
                 }
             }
         }
+    }
+}
+
+/// [`block_product`] for a block of `height` rows (1 to [`MR`]).
+///
+/// # Safety
+/// As for [`block_product`].
+#[inline(always)]
+pub(super) unsafe fn row_block_product<E: PanelEntry>(
+    xs: &[f32],
+    ws: &[E],
+    out: &SharedRows,
+    r0: usize,
+    height: usize,
+    col: usize,
+    width: usize,
+) {
+    match height {
+        1 => block_product::<1, E>(xs, ws, out, r0, col, width),
+        2 => block_product::<2, E>(xs, ws, out, r0, col, width),
+        3 => block_product::<3, E>(xs, ws, out, r0, col, width),
+        4 => block_product::<4, E>(xs, ws, out, r0, col, width),
+        5 => block_product::<5, E>(xs, ws, out, r0, col, width),
+        _ => block_product::<MR, E>(xs, ws, out, r0, col, width),
     }
 }
 
@@ -316,7 +369,8 @@ mod tests {
     /// held: rows not a multiple of [`MR`] (every block height), inner dimensions deeper than
     /// [`KC`] and not a multiple of it, columns not a multiple of [`NR`] or of a task's share,
     /// both weight layouts, `x` inside a larger buffer; weights in f32, bf16 and f16 (the
-    /// definition on the 16-bit values).
+    /// definition on the 16-bit values); by the routing product and by `gemm` on the unpacked
+    /// weight, whichever the CPU routes to.
     #[test]
     fn equals_the_definition() {
         equals_the_definition_in::<f32>();
@@ -333,11 +387,15 @@ mod tests {
             (25, 301, 97),
             (64, 2 * KC + 53, 70),
             (16, 3 * KC, 4 * NR + 9),
-            (KERNEL_ROWS + 1, 1025, 1100),
+            (97, 1025, 1100),
         ];
-        // The last shape takes `gemm` on two groups of unpacked panels.
-        const { assert!(1025 * 1100 > GROUP_ENTRIES) };
-        for (rows, k, cols) in shapes {
+        // The last shape has more rows than a group ([`MC`]) and, by `gemm` (which takes more
+        // than [`KERNEL_ROWS`] rows with AVX-512), two groups of unpacked panels.
+        const { assert!(97 > MC && 1025 * 1100 > GROUP_ENTRIES) };
+        type Product<E> = fn(&mut [f32], MatRef, &PackedPanels<E>);
+        let routes: [(&str, Product<E>); 2] =
+            [("matmul_packed", matmul_packed), ("unpacked_product", unpacked_product)];
+        for ((rows, k, cols), (route, product)) in shapes.into_iter().flat_map(|s| routes.map(|r| (s, r))) {
             for in_out in [true, false] {
                 let stride = k + 5;
                 let xs = values(rows * stride + 3, rows as u64);
@@ -351,7 +409,7 @@ mod tests {
                 let w = MatRef { data: &data, offset: 0, shape: (k, cols), strides };
                 let mut dst = values(rows * cols, 7);
                 let before = dst.clone();
-                matmul_packed(&mut dst, x, &PackedPanels::new(&w));
+                product(&mut dst, x, &PackedPanels::new(&w));
                 for r in 0..rows {
                     for c in 0..cols {
                         let terms = (0..k).map(|i| xs[3 + r * stride + i] as f64 * ws[i * cols + c].to_f32() as f64);
@@ -363,7 +421,7 @@ mod tests {
                         let bound = (k + 1) as f64 * size * f32::EPSILON as f64;
                         assert!(
                             (got - want).abs() <= bound,
-                            "{name}: {rows} × {k} × {cols}, in_out {in_out}, ({r}, {c}): {got} against {want}"
+                            "{name} by {route}: {rows} × {k} × {cols}, in_out {in_out}, ({r}, {c}): {got} against {want}"
                         );
                     }
                 }
