@@ -19,7 +19,8 @@ use super::skinny::SharedRows;
 
 /// Whether the build's kernel outruns `gemm` on large products, and so takes them: with AVX2
 /// (an EPYC of the Zen 3 class, 2 threads) the kernel multiplied GPT-2's layer shapes at
-/// 1,024 rows at 120–150 GFLOP/s against 95–115 for `gemm` (BENCHMARKS.md); with AVX-512
+/// 128–1,024 rows at 108–123 GFLOP/s against 98–113 for `gemm` on the same weights (medians
+/// of interleaved runs; BENCHMARKS.md); with AVX-512
 /// (Xeons of the Ice Lake and Sapphire Rapids class) `gemm` was the faster from 128 rows on
 /// (~275 against ~220 GFLOP/s).
 pub const OUTRUNS_GEMM: bool =
