@@ -14,7 +14,7 @@
 use rayon::prelude::*;
 
 use super::gemm::MatRef;
-use super::packed_f32::{pack_rows, row_block_product, KC, MC, MR, NC, NR};
+use super::packed_f32::{for_panel_ranges, pack_rows, row_block_product, KC, MC, MR, NC, NR};
 use super::skinny::SharedRows;
 
 /// Whether the build's kernel outruns `gemm` on large products, and so takes them: with AVX2
@@ -61,13 +61,8 @@ pub fn matmul(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: M
     let ap = pack_rows(&a);
     let blocks = rows.div_ceil(MR);
     let depth = k.div_ceil(k.div_ceil(KC));
-    let threads = rayon::current_num_threads();
-    // A few tasks per thread, so that a thread slowed by the other work on the machine does
-    // not hold the product up.
-    let per_task = cols.div_ceil(4 * threads).next_multiple_of(NR);
     let out = SharedRows::new(dst, dst_rs);
-    (0..cols.div_ceil(per_task)).into_par_iter().for_each(|task| {
-        let (c0, c1) = (task * per_task, ((task + 1) * per_task).min(cols));
+    for_panel_ranges(cols, |c0, c1| {
         let mut panels = vec![0f32; depth * NC];
         for jc in (c0..c1).step_by(NC) {
             let jc1 = (jc + NC).min(c1);

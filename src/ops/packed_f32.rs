@@ -21,12 +21,11 @@
 //! as the unpacked product, added in the inner dimension's order within each block of
 //! [`KC`] entries.
 
-use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::gemm::{matmul_parallel_at, MatRef};
 use super::simd::{F32x, LANES};
-use super::skinny::SharedRows;
+use super::skinny::{SharedRows, WeightEntry};
 
 /// Vector registers per row of a kernel block: a 6 × 64 block with AVX-512 (24 registers of
 /// sums, four of the panel, one broadcast, of 32), 6 × 16 with AVX2 (12 + 2 + 1 of 16).
@@ -53,54 +52,11 @@ const GROUP_ENTRIES: usize = 1 << 20;
 /// Most rows per pass of the panels: their packed rows (`MC × KC` f32) stay in L2.
 pub const MC: usize = 8 * MR;
 
-/// A weight entry the kernel reads: f32 as it is, bf16 or f16 widened exactly to f32.
-pub trait PanelEntry: Copy + Default + Send + Sync + 'static {
-    /// The first [`LANES`] entries of `s`, as f32.
-    fn load(s: &[Self]) -> F32x;
-    /// The entry as f32.
-    fn to_f32(self) -> f32;
-    /// `v` rounded to the nearest entry.
-    fn from_f32(v: f32) -> Self;
-}
+/// A weight entry the kernel reads: f32 as it is, bf16 or f16 widened exactly to f32
+/// ([`WeightEntry`], as the decoding kernel reads them), zero past a panel's last column.
+pub trait PanelEntry: WeightEntry + Default {}
 
-impl PanelEntry for f32 {
-    #[inline(always)]
-    fn load(s: &[Self]) -> F32x {
-        F32x::load(s)
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-}
-
-impl PanelEntry for bf16 {
-    #[inline(always)]
-    fn load(s: &[Self]) -> F32x {
-        F32x::load_bf16(s)
-    }
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
-    }
-}
-
-impl PanelEntry for f16 {
-    #[inline(always)]
-    fn load(s: &[Self]) -> F32x {
-        F32x::load_f16(s)
-    }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-}
+impl<T: WeightEntry + Default> PanelEntry for T {}
 
 /// A `k × cols` weight packed once, whole: panel `j` (columns `j·NR..`) holds, for each
 /// inner index `i`, the [`NR`] columns' entries at `(j·k + i)·NR + c` (zero past the last
@@ -199,16 +155,16 @@ pub fn matmul_packed<E: PanelEntry>(dst: &mut [f32], x: MatRef, w: &PackedPanels
         return unpacked_product(dst, x, w);
     }
     let xp = pack_rows(&x);
-    let cols = w.cols;
-    let threads = rayon::current_num_threads();
-    // A few tasks per thread, so that a thread slowed by the other work on the machine does
-    // not hold the product up.
-    let per_task = cols.div_ceil(4 * threads).next_multiple_of(NR);
-    let out = SharedRows::new(dst, cols);
-    (0..cols.div_ceil(per_task)).into_par_iter().for_each(|task| {
-        let (c0, c1) = (task * per_task, ((task + 1) * per_task).min(cols));
-        columns(&out, &xp, rows, w, c0, c1);
-    });
+    let out = SharedRows::new(dst, w.cols);
+    for_panel_ranges(w.cols, |c0, c1| columns(&out, &xp, rows, w, c0, c1));
+}
+
+/// Runs `task(c0, c1)` on rayon's threads over ranges of whole panels that cover columns
+/// `0..cols`: a few ranges per thread, so that a thread slowed by the other work on the
+/// machine does not hold the product up.
+pub(super) fn for_panel_ranges(cols: usize, task: impl Fn(usize, usize) + Sync) {
+    let per_task = cols.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(NR);
+    (0..cols.div_ceil(per_task)).into_par_iter().for_each(|t| task(t * per_task, ((t + 1) * per_task).min(cols)));
 }
 
 /// `dst += x·w` by the general product (`gemm`, which packs its operands its own way) on the
@@ -226,9 +182,7 @@ fn unpacked_product<E: PanelEntry>(dst: &mut [f32], x: MatRef, w: &PackedPanels<
         group.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
             for (j, run) in row.chunks_mut(NR).enumerate() {
                 let panel = c0 / NR + j;
-                for (o, v) in run.iter_mut().zip(&w.values[(panel * k + i) * NR..]) {
-                    *o = v.to_f32();
-                }
+                E::widen(&w.values[(panel * k + i) * NR..][..run.len()], run);
             }
         });
         let group = MatRef { data: &buffer[..k * n], offset: 0, shape: (k, n), strides: (n, 1) };
@@ -364,6 +318,7 @@ unsafe fn block_product<const R: usize, E: PanelEntry>(
 mod tests {
     use super::super::gemm_bf16::tests::values;
     use super::*;
+    use half::{bf16, f16};
 
     /// The product equals its definition up to the f32 sums' rounding, added to what `dst`
     /// held: rows not a multiple of [`MR`] (every block height), inner dimensions deeper than
@@ -373,12 +328,12 @@ mod tests {
     /// weight, whichever the CPU routes to.
     #[test]
     fn equals_the_definition() {
-        equals_the_definition_in::<f32>();
-        equals_the_definition_in::<bf16>();
-        equals_the_definition_in::<f16>();
+        equals_the_definition_in(|v| v);
+        equals_the_definition_in(bf16::from_f32);
+        equals_the_definition_in(f16::from_f32);
     }
 
-    fn equals_the_definition_in<E: PanelEntry>() {
+    fn equals_the_definition_in<E: PanelEntry>(from_f32: fn(f32) -> E) {
         let name = std::any::type_name::<E>();
         let shapes = [
             (1, 1, 1),
@@ -400,7 +355,7 @@ mod tests {
                 let stride = k + 5;
                 let xs = values(rows * stride + 3, rows as u64);
                 let x = MatRef { data: &xs, offset: 3, shape: (rows, k), strides: (stride, 1) };
-                let ws: Vec<E> = values(k * cols, k as u64).into_iter().map(E::from_f32).collect();
+                let ws: Vec<E> = values(k * cols, k as u64).into_iter().map(from_f32).collect();
                 let (data, strides) = if in_out {
                     (ws.clone(), (cols, 1))
                 } else {
