@@ -14,7 +14,7 @@
 use rayon::prelude::*;
 
 use super::gemm::MatRef;
-use super::packed_f32::{for_panel_ranges, pack_rows, row_block_product, KC, MC, MR, NC, NR};
+use super::packed_f32::{for_panel_ranges, pack_rows, prefetch_output, row_block_product, KC, MC, MR, NC, NR};
 use super::skinny::SharedRows;
 
 /// Whether the build's kernel outruns `gemm` on large products, and so takes them: with AVX2
@@ -75,6 +75,7 @@ pub fn matmul(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: M
                         for block in group..(group + MC / MR).min(blocks) {
                             let xs = &ap[(block * k + i0) * MR..][..kc * MR];
                             let height = MR.min(rows - block * MR);
+                            prefetch_output(&out, block * MR, height, col, NR.min(jc1 - col));
                             // SAFETY: this task alone writes columns `c0..c1`; the block at
                             // (`block·MR`, `col`) lies inside the checked `dst` view.
                             unsafe { row_block_product(xs, ws, &out, block * MR, height, col, NR.min(jc1 - col)) }

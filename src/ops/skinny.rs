@@ -238,6 +238,12 @@ impl SharedRows {
         *self.ptr.add(row * self.stride + col) += v;
     }
 
+    /// Where element (`row`, `col`) lies, for a prefetch (computed, never read here).
+    #[inline(always)]
+    pub(super) fn address(&self, row: usize, col: usize) -> *const f32 {
+        self.ptr.wrapping_add(row * self.stride + col)
+    }
+
     /// Columns `col..col + len` of row `row`.
     ///
     /// # Safety
