@@ -254,16 +254,20 @@ fn columns<E: PanelEntry>(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedP
 /// columns (2.4 MB of outputs and 0.6 MB of packed rows at training's 1,192 rows), so it
 /// is out of L1 and L2 by then, and the kernel's closing read of it stalled on those misses.
 /// Prefetched as the block starts, it arrives while the block's multiply-adds run. AVX2
-/// EPYC, GPT-2 124M's training products (1,192 rows; the LM head's chunks of 83; medians of three interleaved rounds):
-/// +4 to +35%, the LM head's logits and weight gradient the most; the head's input gradient
-/// (50,257 deep, its outputs stay in cache) unchanged. Few rows ([`columns`]' whole-panel
-/// order) keep their outputs in L1 and take no prefetch.
+/// EPYC, GPT-2 124M's training products (1,192 rows; the LM head's chunks of 83; medians of
+/// three interleaved rounds): +4 to +35%, the LM head's logits and weight gradient the most;
+/// the head's input gradient (50,257 deep, its outputs stay in cache) unchanged. Few rows
+/// ([`columns`]' whole-panel order) keep their outputs in L1 and take no prefetch.
 #[inline(always)]
 pub(super) fn prefetch_output(out: &SharedRows, r0: usize, height: usize, col: usize, width: usize) {
+    /// f32 entries per 64-byte cache line.
+    const LINE: usize = 16;
     for r in r0..r0 + height {
-        // The row's first and last entries: a block of 16 f32 spans two cache lines unless
-        // it is aligned.
-        super::simd::prefetch(out.address(r, col));
+        // Every line the row's `width` entries touch: one per `LINE` from the first, and the
+        // last entry's (an unaligned run spans one line more).
+        for c in (col..col + width).step_by(LINE) {
+            super::simd::prefetch(out.address(r, c));
+        }
         super::simd::prefetch(out.address(r, col + width - 1));
     }
 }
