@@ -74,11 +74,11 @@ pub fn matmul(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: M
                         let ws = &panels[(col - jc) / NR * kc * NR..][..kc * NR];
                         for block in group..(group + MC / MR).min(blocks) {
                             let xs = &ap[(block * k + i0) * MR..][..kc * MR];
-                            let height = MR.min(rows - block * MR);
-                            prefetch_output(&out, block * MR, height, col, NR.min(jc1 - col));
+                            let (height, width) = (MR.min(rows - block * MR), NR.min(jc1 - col));
+                            prefetch_output(&out, block * MR, height, col, width);
                             // SAFETY: this task alone writes columns `c0..c1`; the block at
                             // (`block·MR`, `col`) lies inside the checked `dst` view.
-                            unsafe { row_block_product(xs, ws, &out, block * MR, height, col, NR.min(jc1 - col)) }
+                            unsafe { row_block_product(xs, ws, &out, block * MR, height, col, width) }
                         }
                     }
                 }

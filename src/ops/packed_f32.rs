@@ -260,8 +260,7 @@ fn columns<E: PanelEntry>(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedP
 /// ([`columns`]' whole-panel order) keep their outputs in L1 and take no prefetch.
 #[inline(always)]
 pub(super) fn prefetch_output(out: &SharedRows, r0: usize, height: usize, col: usize, width: usize) {
-    /// f32 entries per 64-byte cache line.
-    const LINE: usize = 16;
+    const LINE: usize = super::skinny::LINE_BYTES / std::mem::size_of::<f32>();
     for r in r0..r0 + height {
         // Every line the row's `width` entries touch: one per `LINE` from the first, and the
         // last entry's (an unaligned run spans one line more).
