@@ -2,7 +2,8 @@
 //! `scripts/bench_reference.py --real DIR` does in PyTorch:
 //!
 //! - SFT step of GPT-2 124M (vocabulary 50,257) at batch 4 × 298 and 8 × 512 tokens: forward,
-//!   the fused LM head + cross-entropy, backward, AdamW.
+//!   the fused LM head + cross-entropy, backward, AdamW; in f32 and with
+//!   `train.matmul_precision = "bf16"` (PyTorch's side: `torch.autocast` to bf16).
 //! - Decoding as evaluation runs it: GPT-2 124M samples 64 new tokens for 16 and 64 rows from
 //!   64-token prompts (no EOS stop, so both sides do the same work).
 //! - Teacher-mixed rollouts: the 124M student and a 355M teacher decode 16 rows in lockstep,
@@ -31,6 +32,7 @@ use minillm::data::batch::LmBatch;
 use minillm::generate::{generate, generate_mixed, row_rngs, MixedSampling, SamplingConfig};
 use minillm::loss::{head_loss, TargetTerm};
 use minillm::model::{load_model_as, Model, Weights};
+use minillm::ops::matmul_precision::{scoped, MatmulPrecision};
 use minillm::runtime::on_workers;
 use minillm::train::optim::{AdamW, AdamWConfig};
 use std::path::PathBuf;
@@ -70,11 +72,15 @@ fn sft_step(c: &mut Criterion) {
     let mut opt = AdamW::new(model.lm.params().trainable(), AdamWConfig::default()).unwrap();
     let mut group = c.benchmark_group("real");
     group.sample_size(10).measurement_time(Duration::from_secs(60));
-    for (rows, len) in [(4, 298), (8, 512)] {
+    // `train.matmul_precision`: f32, and bf16 products (the same as f32 without AVX512-BF16).
+    let precisions = [(MatmulPrecision::F32, ""), (MatmulPrecision::Bf16, " bf16-products")];
+    for ((rows, len), (precision, suffix)) in [(4, 298), (8, 512)].into_iter().flat_map(|s| precisions.map(|p| (s, p)))
+    {
         let seqs = random_ids(rows, len, 2);
         let batch = LmBatch::new(&seqs, &vec![1; rows], 0, &Device::Cpu).unwrap();
         let w = vec![1.0 / batch.num_targets() as f32; batch.num_targets()];
-        group.bench_function(format!("sft_step gpt2-124m b{rows}x{len}"), |b| {
+        let _precision = scoped(precision);
+        group.bench_function(format!("sft_step gpt2-124m b{rows}x{len}{suffix}"), |b| {
             b.iter(|| {
                 on_workers(|| {
                     let hidden = model.lm.forward_hidden(&batch.input_ids, &batch.mask, None).unwrap();

@@ -58,11 +58,15 @@ def timed(fn, warmup, reps):
     return statistics.median(ts)
 
 
-def sft_step(model, opt, ids):
-    """One SFT step on `ids` (next-token cross-entropy, backward, optimizer step), as a closure."""
+def sft_step(model, opt, ids, autocast=False):
+    """One SFT step on `ids` (next-token cross-entropy, backward, optimizer step), as a closure;
+    with `autocast`, the forward pass under `torch.autocast` to bf16 (PyTorch's mixed precision on
+    the CPU: bf16 products, f32 weights and optimizer), beside minillm's
+    `train.matmul_precision = "bf16"`."""
     def step():
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -316,9 +320,10 @@ def method_benches():
 
 
 
-def real_benches(root, sft=True, bf16=True):
+def real_benches(root, sft=True, bf16=True, decode=True):
     """The work of benches/real_sizes.rs on the models of scripts/make_real_size_models.sh
-    (without the SFT steps when `sft` is false, without the bf16 rows when `bf16` is false)."""
+    (without the SFT steps when `sft` is false, without the bf16 rows when `bf16` is false,
+    without decoding and rollouts when `decode` is false)."""
     results = {}
     load = lambda size: transformers.GPT2LMHeadModel.from_pretrained(os.path.join(root, f"gpt2-{size}"))
     g = torch.Generator().manual_seed(2)
@@ -328,7 +333,12 @@ def real_benches(root, sft=True, bf16=True):
         for rows, length in [(4, 298), (8, 512)]:
             ids = torch.randint(0, REAL_V - 1, (rows, length), generator=g)
             results[f"sft_step gpt2-124m b{rows}x{length}"] = (timed(sft_step(model, opt, ids), 2, 6), None)
+            if bf16:
+                step = sft_step(model, opt, ids, autocast=True)
+                results[f"sft_step gpt2-124m b{rows}x{length} autocast-bf16"] = (timed(step, 2, 6), None)
         del opt
+    if not decode:
+        return results
     model.eval()
     model_bf16 = load("124m").eval().to(torch.bfloat16) if bf16 else None
     runs = [(16, model, ""), (64, model, "")] + ([(16, model_bf16, "-bf16"), (64, model_bf16, "-bf16")] if bf16 else [])
@@ -448,6 +458,7 @@ if __name__ == "__main__":
     ap.add_argument("--methods", action="store_true", help="the steps of benches/methods.rs")
     ap.add_argument("--real", metavar="DIR", help="the benches of benches/real_sizes.rs on DIR/gpt2-{124m,355m}")
     ap.add_argument("--no-sft", action="store_true", help="--real without the SFT steps")
+    ap.add_argument("--sft-only", action="store_true", help="--real with the SFT steps alone")
     ap.add_argument("--no-bf16", action="store_true",
                     help="--real without the bf16 rows (on CPUs without bf16 instructions PyTorch's bf16 "
                          "decoding takes minutes per run)")
@@ -475,7 +486,7 @@ if __name__ == "__main__":
             print(f"gpt2-xl layer products 1024 rows {name}: {xl_layer_bench(dtype):.0f} GFLOP/s")
         raise SystemExit
     if a.real:
-        for name, (t, tokens) in real_benches(a.real, sft=not a.no_sft, bf16=not a.no_bf16).items():
+        for name, (t, tokens) in real_benches(a.real, sft=not a.no_sft, bf16=not a.no_bf16, decode=not a.sft_only).items():
             rate = f" = {tokens / t:.0f} tokens/s" if tokens else ""
             print(f"{name}: {t * 1e3:.0f} ms{rate} (median)")
         raise SystemExit

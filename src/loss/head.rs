@@ -21,11 +21,14 @@ use super::{cross_entropy, divergence, Divergence};
 use crate::ops::gemm::{matmul_parallel, MatRef};
 use crate::ops::math;
 
-/// `[chunk × vocab]` floats per buffer by default: 16 MB (512 rows of an 8,192-token
-/// vocabulary, 83 of GPT-2's 50,257). Larger chunks make the weight-gradient product more
-/// efficient (its inner dimension is the chunk); three such buffers stay well under a
-/// quarter of the materialised path's memory.
-const CHUNK_FLOATS: usize = 1 << 22;
+/// `[chunk × vocab]` floats per buffer at most by default: 32 MB (512 rows of an 8,192-token
+/// vocabulary, 166 of GPT-2's 50,257). The chunk is every product's row count (the weight
+/// gradient's inner dimension), and each product packs the 50,257-row head afresh, so small
+/// chunks waste the products: GPT-2 124M's SFT step at 4 × 298 with bf16 products took
+/// 4.3 s at 83-row chunks and 3.7–3.8 s at 149–298 (f32: 2–4% faster; BENCHMARKS.md). Three
+/// such buffers are a tenth of the materialised path's memory at 1,024 rows and a twenty-sixth
+/// at the paper's 8 × 512.
+const CHUNK_FLOATS: usize = 1 << 23;
 
 /// Rows per chunk for a vocabulary of `vocab` tokens (between 16 and 512).
 pub fn default_chunk_rows(vocab: usize) -> usize {
@@ -368,7 +371,9 @@ impl CustomOp2 for FusedHeadLoss {
         let w = crate::ops::contiguous_f32(s2, l2, self.name())?;
         let (rows, width) = l1.shape().dims2()?;
         let vocab = l2.dims()[0];
-        let c = self.chunk_rows.min(rows.max(1));
+        // Chunks of equal size (at most `chunk_rows`): a short last chunk would multiply
+        // the whole head for a few rows.
+        let c = rows.div_ceil(rows.div_ceil(self.chunk_rows).max(1)).max(1);
         let (mut z, mut dz) = (vec![0f32; c * vocab], vec![0f32; c * vocab]);
         let mut zt = self.teacher.as_ref().map(|t| vec![0f32; c * t.vocab()]);
         let teacher_locks = self.teacher.as_ref().map(|t| (t.hidden.storage_and_layout(), t.head.storage_and_layout()));

@@ -52,16 +52,19 @@ pub fn matmul_parallel(dst: &mut [f32], a: MatRef, b: MatRef, accumulate: bool) 
     if super::skinny::applies(&a, &b) {
         return super::skinny::matmul(dst, a, b, accumulate);
     }
-    let n = b.shape.1;
-    if super::gemm_f32::applies(&a, &b) {
-        return super::gemm_f32::matmul(dst, 0, n, a, b, accumulate);
-    }
-    matmul_with(dst, 0, n, a, b, 1.0, accumulate, gemm::Parallelism::Rayon(rayon::current_num_threads()))
+    matmul_parallel_at(dst, 0, b.shape.1, a, b, accumulate)
 }
 
 /// [`matmul`] on all of rayon's threads, into a block of a larger `dst` (no dispatch to
-/// [`super::skinny`]; to [`super::gemm_f32`] as [`matmul_parallel`] does).
+/// [`super::skinny`]; to [`super::gemm_f32`] as [`matmul_parallel`] does). A large product
+/// under `train.matmul_precision = "bf16"` ([`super::matmul_precision`]) takes
+/// [`super::gemm_bf16::matmul_f32`].
 pub fn matmul_parallel_at(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: MatRef, accumulate: bool) {
+    if super::matmul_precision::current() == super::matmul_precision::MatmulPrecision::Bf16
+        && super::gemm_f32::large_with_unit_strides(&a, &b)
+    {
+        return super::gemm_bf16::matmul_f32(dst, dst_offset, dst_rs, a, b, accumulate);
+    }
     if super::gemm_f32::applies(&a, &b) {
         return super::gemm_f32::matmul(dst, dst_offset, dst_rs, a, b, accumulate);
     }

@@ -91,43 +91,138 @@ pub fn round_into(src: &[f32], dst: &mut [bf16]) {
     }
 }
 
+/// What an operand holds: bf16 values as they are, or f32 values rounded to bf16 (to nearest,
+/// ties to even) as they are packed, 16 at a time with one instruction where the CPU has
+/// AVX512-BF16.
+pub trait Element: Copy + Send + Sync {
+    /// The value as bf16.
+    fn bf16(self) -> bf16;
+
+    /// The 16 words pairing `lo[j]` (low half) with `hi[j]`; both hold 16 values.
+    #[inline(always)]
+    fn zip_pairs(lo: &[Self], hi: &[Self]) -> [u32; 16] {
+        std::array::from_fn(|j| pair(lo[j].bf16(), hi[j].bf16()))
+    }
+
+    /// The 32 consecutive values as 16 pairs.
+    #[inline(always)]
+    fn consecutive_pairs(v: &[Self]) -> [u32; 16] {
+        std::array::from_fn(|j| pair(v[2 * j].bf16(), v[2 * j + 1].bf16()))
+    }
+}
+
+impl Element for bf16 {
+    #[inline(always)]
+    fn bf16(self) -> bf16 {
+        self
+    }
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn bf16(self) -> bf16 {
+        bf16::from_f32(self)
+    }
+
+    #[inline(always)]
+    fn zip_pairs(lo: &[f32], hi: &[f32]) -> [u32; 16] {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f"))]
+        // SAFETY: the build has AVX512-BF16 (cfg); 16-value unaligned loads (the slices hold
+        // 16, asserted) and a 64-byte store.
+        unsafe {
+            use std::arch::x86_64::*;
+            assert!(lo.len() >= 16 && hi.len() >= 16);
+            let round = |v: &[f32]| -> __m512i {
+                let halves: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(v.as_ptr())));
+                _mm512_cvtepu16_epi32(halves)
+            };
+            let words = _mm512_or_si512(round(lo), _mm512_slli_epi32::<16>(round(hi)));
+            let mut out = [0u32; 16];
+            _mm512_storeu_si512(out.as_mut_ptr().cast(), words);
+            out
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f")))]
+        std::array::from_fn(|j| pair(bf16::from_f32(lo[j]), bf16::from_f32(hi[j])))
+    }
+
+    #[inline(always)]
+    fn consecutive_pairs(v: &[f32]) -> [u32; 16] {
+        round_pairs(v[..32].try_into().expect("32 values"))
+    }
+}
+
 /// `x` rounded to bf16 and packed in blocks of [`MR`] rows: word `(block·pairs + p)·MR + i`
 /// is row `block·MR + i`'s entries `2p` and `2p + 1` (zero past the last row or an odd inner
-/// dimension).
+/// dimension). `x` needs a unit stride along its rows or its columns.
 pub fn pack_rows(x: &MatRef) -> Vec<u32> {
     use rayon::prelude::*;
     let (rows, k) = x.shape;
-    assert_eq!(x.strides.1, 1, "gemm-bf16: x needs unit column stride");
+    assert!(x.strides.1 == 1 || x.strides.0 == 1, "gemm-bf16: x needs a unit stride");
     x.check(x.data.len());
     let pairs = k.div_ceil(2);
     let mut packed = vec![0u32; rows.div_ceil(MR) * MR * pairs];
     packed.par_chunks_mut((MR * pairs).max(1)).enumerate().for_each(|(block, out)| {
-        for i in 0..MR.min(rows.saturating_sub(block * MR)) {
-            let row = &x.data[x.offset + (block * MR + i) * x.strides.0..][..k];
-            let mut chunks = row.chunks_exact(32);
-            for (c, chunk) in chunks.by_ref().enumerate() {
-                for (j, word) in round_pairs(chunk.try_into().unwrap()).into_iter().enumerate() {
-                    out[(16 * c + j) * MR + i] = word;
-                }
+        let height = MR.min(rows.saturating_sub(block * MR));
+        if x.strides.1 == 1 {
+            for i in 0..height {
+                pack_row(&x.data[x.offset + (block * MR + i) * x.strides.0..][..k], i, out);
             }
-            let rest = chunks.remainder();
-            let p0 = (k - rest.len()) / 2;
-            let mut pairs = rest.chunks_exact(2);
-            for (p, two) in pairs.by_ref().enumerate() {
-                out[(p0 + p) * MR + i] = pair(bf16::from_f32(two[0]), bf16::from_f32(two[1]));
-            }
-            if let [last] = pairs.remainder() {
-                out[(k / 2) * MR + i] = pair(bf16::from_f32(*last), bf16::ZERO);
-            }
+        } else {
+            pack_columns(x, block * MR, height, out);
         }
     });
     packed
 }
 
+/// Row `i` of a block of [`pack_rows`]: `row`'s consecutive entries rounded in pairs.
+fn pack_row(row: &[f32], i: usize, out: &mut [u32]) {
+    let k = row.len();
+    let mut chunks = row.chunks_exact(32);
+    for (c, chunk) in chunks.by_ref().enumerate() {
+        for (j, word) in round_pairs(chunk.try_into().unwrap()).into_iter().enumerate() {
+            out[(16 * c + j) * MR + i] = word;
+        }
+    }
+    let rest = chunks.remainder();
+    let p0 = (k - rest.len()) / 2;
+    let mut pairs = rest.chunks_exact(2);
+    for (p, two) in pairs.by_ref().enumerate() {
+        out[(p0 + p) * MR + i] = pair(bf16::from_f32(two[0]), bf16::from_f32(two[1]));
+    }
+    if let [last] = pairs.remainder() {
+        out[(k / 2) * MR + i] = pair(bf16::from_f32(*last), bf16::ZERO);
+    }
+}
+
+/// The block of [`pack_rows`] holding rows `r0..r0 + height` of an `x` whose columns are
+/// contiguous (a transposed activation, as in `xᵀ·dy`): the block's entries of one inner index
+/// lie side by side, so each pair of inner indices is rounded and paired in one step.
+fn pack_columns(x: &MatRef, r0: usize, height: usize, out: &mut [u32]) {
+    let (k, cs) = (x.shape.1, x.strides.1);
+    let mut lo = [0f32; 16];
+    let mut hi = [0f32; 16];
+    for p in 0..k.div_ceil(2) {
+        let at = |kk: usize| &x.data[x.offset + r0 + kk * cs..][..height];
+        lo[..height].copy_from_slice(at(2 * p));
+        if 2 * p + 1 < k {
+            hi[..height].copy_from_slice(at(2 * p + 1));
+        } else {
+            hi.fill(0.0);
+        }
+        out[p * MR..][..height].copy_from_slice(&f32::zip_pairs(&lo, &hi)[..height]);
+    }
+}
+
 /// Packs inner pairs `p0..p0 + kc` of weight columns `c0..c0 + nc` into `out`: panel `j`
 /// (columns `c0 + j·NR..`) at `j·kc·NR`, word `p·NR + c` holding column `c`'s entries `2p`
-/// and `2p + 1`, zero past the last column or an odd inner dimension.
-pub fn pack_weight_block(w: &MatRef<bf16>, (p0, kc): (usize, usize), (c0, nc): (usize, usize), out: &mut [u32]) {
+/// and `2p + 1`, zero past the last column or an odd inner dimension. f32 entries are rounded
+/// to bf16 as they are packed.
+pub fn pack_weight_block<T: Element>(
+    w: &MatRef<T>,
+    (p0, kc): (usize, usize),
+    (c0, nc): (usize, usize),
+    out: &mut [u32],
+) {
     let (k, _) = w.shape;
     let panels = nc.div_ceil(NR);
     let out = &mut out[..panels * kc * NR];
@@ -137,7 +232,7 @@ pub fn pack_weight_block(w: &MatRef<bf16>, (p0, kc): (usize, usize), (c0, nc): (
     }
     if w.strides.1 == 1 {
         // Rows of the weight are contiguous: interleave each pair of rows along the columns,
-        // 16 at a time where they are all there (a loop the compiler vectorises).
+        // 16 at a time where they are all there.
         for p in 0..kc {
             let kk = 2 * (p0 + p);
             let row = |kk: usize| &w.data[w.offset + kk * w.strides.0 + c0..][..nc];
@@ -146,31 +241,96 @@ pub fn pack_weight_block(w: &MatRef<bf16>, (p0, kc): (usize, usize), (c0, nc): (
                 let words = &mut out[(c / NR * kc + p) * NR + c % NR..][..16.min(nc - c)];
                 match hi {
                     Some(hi) if words.len() == 16 => {
-                        let (lo, hi) = (&lo[c..c + 16], &hi[c..c + 16]);
-                        for ((word, &lo), &hi) in words.iter_mut().zip(lo).zip(hi) {
-                            *word = pair(lo, hi);
-                        }
+                        words.copy_from_slice(&T::zip_pairs(&lo[c..c + 16], &hi[c..c + 16]))
                     }
                     _ => {
                         for (j, word) in words.iter_mut().enumerate() {
-                            *word = pair(lo[c + j], hi.map_or(bf16::ZERO, |hi| hi[c + j]));
+                            *word = pair(lo[c + j].bf16(), hi.map_or(bf16::ZERO, |hi| hi[c + j].bf16()));
                         }
                     }
                 }
             }
         }
     } else {
-        // Columns are contiguous: walk each column along the inner dimension.
-        let at = |kk: usize, c: usize| w.data[w.offset + kk * w.strides.0 + c * w.strides.1];
+        // Columns are contiguous: each column's pairs are consecutive entries. Sixteen columns
+        // × sixteen pairs are rounded a column at a time and transposed into the panel's rows
+        // (a word at a time, the stores went to sixteen lines per column and the packing cost
+        // as much as the product at 83 rows).
+        let column = |c: usize| &w.data[w.offset + (c0 + c) * w.strides.1..];
+        let full = if w.strides.0 == 1 { (kc.min(k / 2 - p0.min(k / 2))) / 16 * 16 } else { 0 };
+        let groups = if full > 0 { nc / 16 } else { 0 };
+        for g in 0..groups {
+            let c = 16 * g;
+            for p in (0..full).step_by(16) {
+                let words: [[u32; 16]; 16] =
+                    std::array::from_fn(|i| T::consecutive_pairs(&column(c + i)[2 * (p0 + p)..][..32]));
+                for (j, run) in transpose16(&words).iter().enumerate() {
+                    out[((c / NR) * kc + p + j) * NR + c % NR..][..16].copy_from_slice(run);
+                }
+            }
+        }
         for c in 0..nc {
             let panel = &mut out[c / NR * kc * NR..][..kc * NR];
-            for p in 0..kc {
+            let start = if c < 16 * groups { full } else { 0 };
+            for p in start..kc {
                 let kk = 2 * (p0 + p);
-                let hi = if kk + 1 < k { at(kk + 1, c0 + c) } else { bf16::ZERO };
-                panel[p * NR + c % NR] = pair(at(kk, c0 + c), hi);
+                let hi = if kk + 1 < k { column(c)[(kk + 1) * w.strides.0].bf16() } else { bf16::ZERO };
+                panel[p * NR + c % NR] = pair(column(c)[kk * w.strides.0].bf16(), hi);
             }
         }
     }
+}
+
+/// The 16 × 16 words transposed: `out[j][i] = rows[i][j]`. With AVX-512, in registers (two
+/// rounds of lane interleaves and two of 128-bit block shuffles).
+#[inline(always)]
+fn transpose16(rows: &[[u32; 16]; 16]) -> [[u32; 16]; 16] {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    // SAFETY: the build has AVX-512 (cfg); unaligned 64-byte loads and stores of whole rows.
+    unsafe {
+        use std::arch::x86_64::*;
+        let r: [__m512i; 16] = std::array::from_fn(|i| _mm512_loadu_si512(rows[i].as_ptr().cast()));
+        // Within each 128-bit block: pairs of rows interleaved by words, then by double words,
+        // so that block `b` of `u[4q + m]` holds entry `4b + m` of rows `4q..4q + 4`.
+        let t: [__m512i; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        let u: [__m512i; 16] = std::array::from_fn(|i| {
+            let (q, m) = (i / 4, i % 4);
+            let (a, b) = (t[4 * q + m / 2], t[4 * q + 2 + m / 2]);
+            if m % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        // Then the blocks: entry `4b + m` of all sixteen rows is block `b` of `u[m]`,
+        // `u[4 + m]`, `u[8 + m]` and `u[12 + m]`.
+        let mut out = [[0u32; 16]; 16];
+        for m in 0..4 {
+            let even_ab = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[m], u[4 + m]);
+            let odd_ab = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[m], u[4 + m]);
+            let even_cd = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[8 + m], u[12 + m]);
+            let odd_cd = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[8 + m], u[12 + m]);
+            let blocks = [
+                _mm512_shuffle_i32x4::<0b10_00_10_00>(even_ab, even_cd),
+                _mm512_shuffle_i32x4::<0b10_00_10_00>(odd_ab, odd_cd),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>(even_ab, even_cd),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>(odd_ab, odd_cd),
+            ];
+            for (b, v) in blocks.into_iter().enumerate() {
+                _mm512_storeu_si512(out[4 * b + m].as_mut_ptr().cast(), v);
+            }
+        }
+        out
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+    std::array::from_fn(|j| std::array::from_fn(|i| rows[i][j]))
 }
 
 /// `dst += bf16(x)·w` for `dst` row-major `rows × cols` (`x` `rows × k` with unit column
@@ -186,7 +346,37 @@ pub fn matmul(dst: &mut [f32], x: MatRef, w: MatRef<bf16>) {
         return;
     }
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f"))]
-    kernel::product(dst, &pack_rows(&x), rows, k.div_ceil(2), cols, kernel::Weight::Unpacked(&w));
+    kernel::product(dst, cols, &pack_rows(&x), rows, k.div_ceil(2), cols, kernel::Weight::Unpacked(&w));
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f")))]
+    panic!("gemm-bf16: this build has no AVX512-BF16");
+}
+
+/// `dst ← (accumulate ? dst : 0) + bf16(a)·bf16(b)` for two f32 matrices (each with a unit
+/// stride along its rows or its columns), `dst` an `a.rows × b.cols` matrix at `dst_offset`
+/// with row stride `dst_rs`, on all of rayon's threads: both operands rounded to bf16 as they
+/// are packed, exact products, f32 sums. This is what `train.matmul_precision = "bf16"` makes
+/// of training's large products ([`super::matmul_precision`]). Panics in a build without
+/// [`AVAILABLE`].
+pub fn matmul_f32(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: MatRef, accumulate: bool) {
+    let (rows, k) = a.shape;
+    let cols = b.shape.1;
+    assert_eq!(b.shape.0, k, "gemm-bf16: inner dimensions differ");
+    assert!(b.strides.0 == 1 || b.strides.1 == 1, "gemm-bf16: b needs a unit stride");
+    b.check(b.data.len());
+    MatRef { data: dst, offset: dst_offset, shape: (rows, cols), strides: (dst_rs, 1) }.check(dst.len());
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let dst = &mut dst[dst_offset..];
+    if !accumulate {
+        use rayon::prelude::*;
+        dst.par_chunks_mut(dst_rs.max(1)).take(rows).for_each(|row| row[..cols].fill(0.0));
+    }
+    if k == 0 {
+        return;
+    }
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f"))]
+    kernel::product(dst, dst_rs, &pack_rows(&a), rows, k.div_ceil(2), cols, kernel::Weight::Unpacked(&b));
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f")))]
     panic!("gemm-bf16: this build has no AVX512-BF16");
 }
@@ -251,7 +441,7 @@ pub fn matmul_packed(dst: &mut [f32], x: MatRef, w: &PackedWeight) {
         return;
     }
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f"))]
-    kernel::product(dst, &pack_rows(&x), rows, k.div_ceil(2), w.cols, kernel::Weight::Packed(&w.words));
+    kernel::product(dst, w.cols, &pack_rows(&x), rows, k.div_ceil(2), w.cols, kernel::Weight::<bf16>::Packed(&w.words));
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f")))]
     panic!("gemm-bf16: this build has no AVX512-BF16");
 }
@@ -260,27 +450,36 @@ pub fn matmul_packed(dst: &mut [f32], x: MatRef, w: &PackedWeight) {
 mod kernel {
     use std::arch::x86_64::*;
 
-    use half::bf16;
     use rayon::prelude::*;
 
     use super::super::gemm::MatRef;
+    use super::super::packed_f32::prefetch_output;
     use super::super::skinny::{Place, SharedRows};
-    use super::{pack_weight_block, KC, MC, MR, NC, NR};
+    use super::{pack_weight_block, Element, KC, MC, MR, NC, NR};
 
     /// The weight as the kernel gets it.
-    pub(super) enum Weight<'a> {
-        /// In its own layout: packed a block at a time by each thread.
-        Unpacked(&'a MatRef<'a, bf16>),
+    pub(super) enum Weight<'a, T> {
+        /// In its own layout (bf16, or f32 rounded as packed): packed a block at a time by
+        /// each thread.
+        Unpacked(&'a MatRef<'a, T>),
         /// Already packed whole ([`super::PackedWeight`]'s words).
         Packed(&'a [u32]),
     }
 
-    /// The product on packed rows `xp` (see [`super::pack_rows`]), threads splitting the
-    /// columns into ranges of whole panels.
-    pub(super) fn product(dst: &mut [f32], xp: &[u32], rows: usize, pairs: usize, cols: usize, w: Weight) {
+    /// The product on packed rows `xp` (see [`super::pack_rows`]) added to `dst` (rows of
+    /// stride `dst_rs`), threads splitting the columns into ranges of whole panels.
+    pub(super) fn product<T: Element>(
+        dst: &mut [f32],
+        dst_rs: usize,
+        xp: &[u32],
+        rows: usize,
+        pairs: usize,
+        cols: usize,
+        w: Weight<T>,
+    ) {
         let threads = rayon::current_num_threads();
         let per_task = cols.div_ceil(threads).next_multiple_of(NR);
-        let out = SharedRows::new(dst, cols);
+        let out = SharedRows::new(dst, dst_rs);
         (0..cols.div_ceil(per_task)).into_par_iter().for_each(|task| {
             let c1 = ((task + 1) * per_task).min(cols);
             columns(&out, xp, rows, pairs, &w, task * per_task, c1);
@@ -289,7 +488,15 @@ mod kernel {
 
     /// Columns `c0..c1` of the product, a weight block at a time (packed here unless it
     /// already is): the inner pairs in as few blocks of equal depth as [`KC`] allows.
-    fn columns(out: &SharedRows, xp: &[u32], rows: usize, pairs: usize, w: &Weight, c0: usize, c1: usize) {
+    fn columns<T: Element>(
+        out: &SharedRows,
+        xp: &[u32],
+        rows: usize,
+        pairs: usize,
+        w: &Weight<T>,
+        c0: usize,
+        c1: usize,
+    ) {
         let depth = pairs.div_ceil(pairs.div_ceil(KC));
         let mut wp = match w {
             Weight::Unpacked(_) => vec![0u32; depth * NC.min(c1 - c0).next_multiple_of(NR)],
@@ -313,6 +520,7 @@ mod kernel {
                         for block in ic..(ic + MC / MR).min(blocks) {
                             let xs = &xp[(block * pairs + pc) * MR..][..kc * MR];
                             let place = Place { r0: block * MR, c0: col, width };
+                            prefetch_output(out, block * MR, MR.min(rows - block * MR), col, width);
                             // SAFETY: this task alone writes columns `c0..c1`; the block
                             // `height × width` at (`block·MR`, `col`) lies inside `dst`.
                             unsafe {
@@ -458,6 +666,95 @@ pub(super) mod tests {
                         "{rows} × {k} × {cols}, in_out {in_out}, packed {packed}, entry {i}: {got} against {want} (bound {bound:e})"
                     );
                 }
+            }
+        }
+    }
+
+    /// `dst ← (accumulate ? dst : 0) + bf16(a)·bf16(b)` equals its definition (both operands
+    /// rounded, exact products, f32 sums) up to the sums' rounding: `a` by rows and transposed
+    /// (contiguous columns, as `xᵀ·dy`), `b` in both layouts, `dst` a block inside a larger
+    /// buffer, with and without accumulating, at shapes that take several weight blocks and
+    /// 16 × 16 transposed groups with ragged edges.
+    #[test]
+    fn f32_product_equals_the_definition_on_rounded_operands() {
+        if !AVAILABLE {
+            eprintln!("skipped: this build has no AVX512-BF16");
+            return;
+        }
+        let round = |v: f32| bf16::from_f32(v).to_f64();
+        for (rows, k, cols) in [(1, 1, 1), (13, 7, 45), (29, 70, 83), (MC + 4, 2 * KC + 53, 70), (5, 99, NC + 47)] {
+            for (a_rows, b_rows, accumulate) in
+                [(true, true, false), (false, false, true), (false, true, false), (true, false, true)]
+            {
+                let av = values(rows * k + 2, 11);
+                let bv = values(k * cols + 1, 12);
+                let a = if a_rows {
+                    MatRef { data: &av, offset: 2, shape: (rows, k), strides: (k, 1) }
+                } else {
+                    MatRef { data: &av, offset: 2, shape: (rows, k), strides: (1, rows) }
+                };
+                let b = if b_rows {
+                    MatRef { data: &bv, offset: 1, shape: (k, cols), strides: (cols, 1) }
+                } else {
+                    MatRef { data: &bv, offset: 1, shape: (k, cols), strides: (1, k) }
+                };
+                let (dst_rs, dst_offset) = (cols + 3, 5);
+                let mut dst = values(dst_offset + rows * dst_rs, 13);
+                let before = dst.clone();
+                matmul_f32(&mut dst, dst_offset, dst_rs, a, b, accumulate);
+                let at = |m: &MatRef, i: usize, j: usize| m.data[m.offset + i * m.strides.0 + j * m.strides.1];
+                for r in 0..rows {
+                    for c in 0..cols {
+                        let idx = dst_offset + r * dst_rs + c;
+                        let start = if accumulate { before[idx] as f64 } else { 0.0 };
+                        let terms = (0..k).map(|i| round(at(&a, r, i)) * round(at(&b, i, c)));
+                        let want = start + terms.clone().sum::<f64>();
+                        let size = start.abs() + terms.map(f64::abs).sum::<f64>();
+                        let bound = (k + 1) as f64 * size * f32::EPSILON as f64;
+                        assert!(
+                            (dst[idx] as f64 - want).abs() <= bound,
+                            "{rows} × {k} × {cols} (a by rows {a_rows}, b by rows {b_rows}, accumulate {accumulate}) at ({r}, {c}): {} against {want}",
+                            dst[idx]
+                        );
+                    }
+                }
+                // Outside the block, nothing changed.
+                for (i, (&got, &was)) in dst.iter().zip(&before).enumerate() {
+                    let inside =
+                        i >= dst_offset && (i - dst_offset) / dst_rs < rows && (i - dst_offset) % dst_rs < cols;
+                    assert!(inside || got.to_bits() == was.to_bits(), "entry {i} outside the block changed");
+                }
+            }
+        }
+    }
+
+    /// The register transpose is the transpose.
+    #[test]
+    fn transposes_sixteen_by_sixteen_words() {
+        let rows: [[u32; 16]; 16] = std::array::from_fn(|i| std::array::from_fn(|j| (i * 100 + j) as u32));
+        let t = transpose16(&rows);
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(t[j][i], rows[i][j], "({j}, {i})");
+            }
+        }
+    }
+
+    /// Packing f32 entries rounds them as packing their bf16 roundings does, from either layout
+    /// (the transposed groups of sixteen columns and the ragged edges alike).
+    #[test]
+    fn packing_f32_rounds_as_packing_bf16() {
+        let (k, cols) = (75, 53);
+        let vf = values(k * cols, 21);
+        let vb: Vec<bf16> = vf.iter().map(|&v| bf16::from_f32(v)).collect();
+        for (p0, kc) in [(0, 38), (3, 30), (16, 16)] {
+            for strides in [(cols, 1), (1, k)] {
+                let f = MatRef { data: &vf, offset: 0, shape: (k, cols), strides };
+                let b = MatRef { data: &vb, offset: 0, shape: (k, cols), strides };
+                let (mut from_f32, mut from_bf16) = (vec![7u32; 2 * kc * NR], vec![9u32; 2 * kc * NR]);
+                pack_weight_block(&f, (p0, kc), (2, 50), &mut from_f32);
+                pack_weight_block(&b, (p0, kc), (2, 50), &mut from_bf16);
+                assert_eq!(from_f32, from_bf16, "pairs {p0}+{kc}, strides {strides:?}");
             }
         }
     }

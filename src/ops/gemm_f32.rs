@@ -33,8 +33,14 @@ const MIN_WORK: usize = 1 << 22;
 /// Whether [`super::gemm::matmul_parallel`] hands the product `a·b` to [`matmul`]: on builds
 /// whose kernel outruns `gemm`, a large product whose operands each have a unit stride.
 pub fn applies(a: &MatRef, b: &MatRef) -> bool {
+    OUTRUNS_GEMM && large_with_unit_strides(a, b)
+}
+
+/// Whether `a·b` has at least [`MIN_WORK`] multiply-adds and each operand a unit stride: what a
+/// product packed per call (this module's, or [`super::gemm_bf16::matmul_f32`]) asks.
+pub fn large_with_unit_strides(a: &MatRef, b: &MatRef) -> bool {
     let unit = |m: &MatRef| m.strides.0 == 1 || m.strides.1 == 1;
-    OUTRUNS_GEMM && a.shape.0 * a.shape.1 * b.shape.1 >= MIN_WORK && unit(a) && unit(b)
+    a.shape.0 * a.shape.1 * b.shape.1 >= MIN_WORK && unit(a) && unit(b)
 }
 
 /// `dst ← (accumulate ? dst : 0) + a·b` for `dst` an `a.rows × b.cols` matrix at `dst_offset`

@@ -17,6 +17,7 @@ pub mod layer_norm;
 pub mod linear;
 pub mod linear_half;
 pub mod math;
+pub mod matmul_precision;
 pub mod packed;
 pub mod packed_f32;
 pub mod simd;

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use super::optim::{clip_grad_norm, collect_grads, grad_norm, AdamW, AdamWConfig, Schedule};
 use super::run_dir::{CheckpointState, RunDir, CHECKPOINT_DTYPE};
 use crate::model::{write_model_files, Model};
+use crate::ops::matmul_precision::{self, MatmulPrecision};
 use crate::progress::Progress;
 
 /// Named scalar statistics of a step or an evaluation.
@@ -150,6 +151,10 @@ pub struct TrainConfig {
     /// Keep only each block's input during the student's forward passes and recompute the
     /// rest in the backward pass (activation checkpointing: less memory, one more forward).
     pub grad_checkpointing: bool,
+    /// The arithmetic of the large matrix products (`"f32"`, or `"bf16"`: operands rounded to
+    /// bf16, f32 sums, on CPUs with AVX512-BF16; [`crate::ops::matmul_precision`]).
+    #[serde(skip_serializing_if = "MatmulPrecision::is_f32")]
+    pub matmul_precision: MatmulPrecision,
 }
 
 impl Default for TrainConfig {
@@ -171,6 +176,7 @@ impl Default for TrainConfig {
             max_bad_steps: 5,
             stop_after: None,
             grad_checkpointing: false,
+            matmul_precision: MatmulPrecision::F32,
         }
     }
 }
@@ -249,6 +255,10 @@ pub fn train(
         bail!("the student was loaded frozen (as a teacher is); it has nothing to train");
     }
     student.lm.set_grad_checkpointing(cfg.grad_checkpointing)?;
+    if cfg.matmul_precision == MatmulPrecision::Bf16 && !crate::ops::gemm_bf16::AVAILABLE {
+        tracing::warn!("train.matmul_precision = \"bf16\" needs a build with AVX512-BF16; the products stay f32");
+    }
+    let _precision = matmul_precision::scoped(cfg.matmul_precision);
     let vars: Vec<Var> = student.lm.params().trainable().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(student.lm.params().trainable(), cfg.optimizer.clone())?;
     let resumed = resume(student, &mut opt, task, run)?;
