@@ -22,7 +22,7 @@ use minillm::ops::{gemm_bf16, gemm_f32};
 use minillm::train::optim::collect_grads;
 use minillm::train::run_dir::RunDir;
 use minillm::train::supervised::SupervisedTask;
-use minillm::train::trainer::{train, Stats, Task, TaskState, TrainConfig, Window};
+use minillm::train::trainer::{train, TrainConfig};
 
 /// The tests of this file change the process-wide setting one at a time.
 static SETTING: Mutex<()> = Mutex::new(());
@@ -124,31 +124,6 @@ fn a_bf16_training_step_stays_close_to_the_f32_step() {
     assert_eq!(moved, gemm_bf16::AVAILABLE, "the bf16 products change the gradients exactly where the CPU has them");
 }
 
-/// An SFT task that records the precision in force whenever the trainer asks it for a loss.
-struct Watched(SupervisedTask, Vec<MatmulPrecision>);
-
-impl Task for Watched {
-    fn begin_step(&mut self, s: &Model, step: usize, window: Window) -> anyhow::Result<()> {
-        self.0.begin_step(s, step, window)
-    }
-    fn micro_batches(&self) -> usize {
-        self.0.micro_batches()
-    }
-    fn micro_loss(&mut self, s: &Model, i: usize) -> anyhow::Result<(Tensor, Stats)> {
-        self.1.push(current());
-        self.0.micro_loss(s, i)
-    }
-    fn validate(&mut self, s: &Model, batch_size: usize) -> anyhow::Result<Stats> {
-        self.0.validate(s, batch_size)
-    }
-    fn state(&self) -> anyhow::Result<TaskState> {
-        self.0.state()
-    }
-    fn load_state(&mut self, v: TaskState) -> anyhow::Result<()> {
-        self.0.load_state(v)
-    }
-}
-
 #[test]
 fn the_trainer_holds_the_setting_for_its_run_only() {
     let _one = SETTING.lock().unwrap();
@@ -157,13 +132,19 @@ fn the_trainer_holds_the_setting_for_its_run_only() {
     let student = tiny_model_dir(&dir.join("student"), "gpt2", 32, 1, 3);
     let c =
         TrainConfig { max_steps: 2, batch_size: 4, matmul_precision: MatmulPrecision::Bf16, ..TrainConfig::default() };
-    let mut task =
-        Watched(SupervisedTask::new(letters_examples(dir, 16, 1), letters_examples(dir, 8, 2), 1, None), vec![]);
+    // Records the precision in force whenever the trainer asks for a micro-batch's loss.
+    let mut seen = vec![];
+    let sft = SupervisedTask::new(letters_examples(dir, 16, 1), letters_examples(dir, 8, 2), 1, None);
+    let mut task = HookedTask::new(sft, |_, loss| {
+        seen.push(current());
+        Ok(loss)
+    });
     let model = minillm::model::load_model(&student, &Device::Cpu, DType::F32).unwrap();
     let run = RunDir::new(&dir.join("run")).unwrap();
     train(&model, &mut task, &c, &run, &std::sync::atomic::AtomicBool::new(false)).unwrap();
+    drop(task);
     let want = if gemm_bf16::AVAILABLE { MatmulPrecision::Bf16 } else { MatmulPrecision::F32 };
-    assert_eq!(task.1, vec![want; 2], "every micro-batch's loss under the run's setting");
+    assert_eq!(seen, vec![want; 2], "every micro-batch's loss under the run's setting");
     assert_eq!(current(), MatmulPrecision::F32, "the setting ends with the run");
     // The run's settings name it; f32, the default, stays unwritten (older runs keep their
     // identity).

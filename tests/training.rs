@@ -136,30 +136,12 @@ fn kd_lowers_the_divergence_to_the_teacher() {
     assert!(after < 0.5 * before, "forward KL to the teacher {before} → {after}");
 }
 
-/// A task whose loss is NaN at the steps in the range (its third field).
-struct Poisoned(SupervisedTask, usize, std::ops::Range<usize>);
-
-impl Task for Poisoned {
-    fn begin_step(&mut self, s: &Model, step: usize, window: Window) -> anyhow::Result<()> {
-        self.1 = step;
-        self.0.begin_step(s, step, window)
-    }
-    fn micro_batches(&self) -> usize {
-        self.0.micro_batches()
-    }
-    fn micro_loss(&mut self, s: &Model, i: usize) -> anyhow::Result<(Tensor, Stats)> {
-        let (loss, stats) = self.0.micro_loss(s, i)?;
-        Ok((if self.2.contains(&self.1) { (loss * f64::NAN)? } else { loss }, stats))
-    }
-    fn validate(&mut self, s: &Model, batch_size: usize) -> anyhow::Result<Stats> {
-        self.0.validate(s, batch_size)
-    }
-    fn state(&self) -> anyhow::Result<TaskState> {
-        self.0.state()
-    }
-    fn load_state(&mut self, v: TaskState) -> anyhow::Result<()> {
-        self.0.load_state(v)
-    }
+/// `task` with a NaN loss at the steps in `steps`.
+fn poisoned(
+    task: SupervisedTask,
+    steps: std::ops::Range<usize>,
+) -> HookedTask<impl FnMut(usize, Tensor) -> anyhow::Result<Tensor>> {
+    HookedTask::new(task, move |step, loss| Ok(if steps.contains(&step) { (loss * f64::NAN)? } else { loss }))
 }
 
 #[test]
@@ -167,7 +149,7 @@ fn non_finite_steps_are_skipped_and_stop_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let student = tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 7);
     let c = TrainConfig { max_bad_steps: 3, ..cfg(20) };
-    let mut task = Poisoned(sft_task(tmp.path(), &c, None), 0, 3..usize::MAX);
+    let mut task = poisoned(sft_task(tmp.path(), &c, None), 3..usize::MAX);
     let out = RunDir::new(&tmp.path().join("run")).unwrap();
     let e = run(&student, &mut task, &c, &out).unwrap_err().to_string();
     assert!(e.contains("stopping at step 5") && e.contains("3 consecutive"), "{e}");
@@ -183,7 +165,7 @@ fn a_non_finite_step_is_never_applied_or_checkpointed() {
     let tmp = tempfile::tempdir().unwrap();
     let student = tiny_model_dir(&tmp.path().join("student"), "gpt2", 32, 1, 8);
     let c = TrainConfig { save_interval: 1, keep_checkpoints: 10, ..cfg(6) };
-    let mut task = Poisoned(sft_task(tmp.path(), &c, None), 0, 3..4);
+    let mut task = poisoned(sft_task(tmp.path(), &c, None), 3..4);
     let out = RunDir::new(&tmp.path().join("run")).unwrap();
     run(&student, &mut task, &c, &out).unwrap();
     let at = |s| params_of(&out.checkpoint(s));

@@ -72,6 +72,37 @@ pub fn matmul_parallel_at(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: 
     matmul_with(dst, dst_offset, dst_rs, a, b, 1.0, accumulate, threads)
 }
 
+/// The block at `dst[dst_offset..]` (rows of stride `dst_rs`) that a product packed per call
+/// ([`super::gemm_f32::matmul`], [`super::gemm_bf16::matmul_f32`]) adds `a·b` to, after checking
+/// the shapes and every view's bounds and clearing the block unless `accumulate`; `None` when
+/// there is nothing to multiply (an empty output or inner dimension). `op` names the caller in
+/// the panics.
+pub(super) fn product_output<'d>(
+    dst: &'d mut [f32],
+    dst_offset: usize,
+    dst_rs: usize,
+    a: &MatRef,
+    b: &MatRef,
+    accumulate: bool,
+    op: &str,
+) -> Option<&'d mut [f32]> {
+    use rayon::prelude::*;
+    let ((rows, k), cols) = (a.shape, b.shape.1);
+    assert_eq!(b.shape.0, k, "{op}: inner dimensions differ");
+    assert!(b.strides.0 == 1 || b.strides.1 == 1, "{op}: b needs a unit stride");
+    a.check(a.data.len());
+    b.check(b.data.len());
+    MatRef { data: dst, offset: dst_offset, shape: (rows, cols), strides: (dst_rs, 1) }.check(dst.len());
+    if rows == 0 || cols == 0 {
+        return None;
+    }
+    let dst = &mut dst[dst_offset..];
+    if !accumulate {
+        dst.par_chunks_mut(dst_rs.max(1)).take(rows).for_each(|row| row[..cols].fill(0.0));
+    }
+    (k > 0).then_some(dst)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn matmul_with(
     dst: &mut [f32],

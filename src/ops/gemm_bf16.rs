@@ -358,27 +358,24 @@ pub fn matmul(dst: &mut [f32], x: MatRef, w: MatRef<bf16>) {
 /// of training's large products ([`super::matmul_precision`]). Panics in a build without
 /// [`AVAILABLE`].
 pub fn matmul_f32(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: MatRef, accumulate: bool) {
-    let (rows, k) = a.shape;
-    let cols = b.shape.1;
-    assert_eq!(b.shape.0, k, "gemm-bf16: inner dimensions differ");
-    assert!(b.strides.0 == 1 || b.strides.1 == 1, "gemm-bf16: b needs a unit stride");
-    b.check(b.data.len());
-    MatRef { data: dst, offset: dst_offset, shape: (rows, cols), strides: (dst_rs, 1) }.check(dst.len());
-    if rows == 0 || cols == 0 {
+    let Some(dst) = super::gemm::product_output(dst, dst_offset, dst_rs, &a, &b, accumulate, "gemm-bf16") else {
         return;
-    }
-    let dst = &mut dst[dst_offset..];
-    if !accumulate {
-        use rayon::prelude::*;
-        dst.par_chunks_mut(dst_rs.max(1)).take(rows).for_each(|row| row[..cols].fill(0.0));
-    }
-    if k == 0 {
-        return;
-    }
+    };
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f"))]
-    kernel::product(dst, dst_rs, &pack_rows(&a), rows, k.div_ceil(2), cols, kernel::Weight::Unpacked(&b));
+    kernel::product(
+        dst,
+        dst_rs,
+        &pack_rows(&a),
+        a.shape.0,
+        a.shape.1.div_ceil(2),
+        b.shape.1,
+        kernel::Weight::Unpacked(&b),
+    );
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512bf16", target_feature = "avx512f")))]
-    panic!("gemm-bf16: this build has no AVX512-BF16");
+    {
+        let _ = dst;
+        panic!("gemm-bf16: this build has no AVX512-BF16");
+    }
 }
 
 /// A `k × cols` bf16 weight packed once, whole, in the kernel's panel layout: panel `j`

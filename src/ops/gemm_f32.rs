@@ -11,9 +11,7 @@
 //! output's terms added in the inner dimension's order within each block of the inner
 //! dimension.
 
-use rayon::prelude::*;
-
-use super::gemm::MatRef;
+use super::gemm::{product_output, MatRef};
 use super::packed_f32::{for_panel_ranges, pack_rows, prefetch_output, row_block_product, KC, MC, MR, NC, NR};
 use super::skinny::SharedRows;
 
@@ -47,23 +45,8 @@ pub fn large_with_unit_strides(a: &MatRef, b: &MatRef) -> bool {
 /// with row stride `dst_rs` (column stride 1), on all of rayon's threads. `a` and `b` each
 /// need a unit stride along their rows or their columns.
 pub fn matmul(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: MatRef, accumulate: bool) {
-    let (rows, k) = a.shape;
-    let cols = b.shape.1;
-    assert_eq!(b.shape.0, k, "gemm-f32: inner dimensions differ");
-    assert!(b.strides.0 == 1 || b.strides.1 == 1, "gemm-f32: b needs a unit stride");
-    a.check(a.data.len());
-    b.check(b.data.len());
-    MatRef { data: dst, offset: dst_offset, shape: (rows, cols), strides: (dst_rs, 1) }.check(dst.len());
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    let dst = &mut dst[dst_offset..];
-    if !accumulate {
-        dst.par_chunks_mut(dst_rs.max(1)).take(rows).for_each(|row| row[..cols].fill(0.0));
-    }
-    if k == 0 {
-        return;
-    }
+    let ((rows, k), cols) = (a.shape, b.shape.1);
+    let Some(dst) = product_output(dst, dst_offset, dst_rs, &a, &b, accumulate, "gemm-f32") else { return };
     let ap = pack_rows(&a);
     let blocks = rows.div_ceil(MR);
     let depth = k.div_ceil(k.div_ceil(KC));

@@ -212,3 +212,41 @@ pub fn metrics_without_timings(run: &std::path::Path) -> Vec<serde_json::Value> 
         })
         .collect()
 }
+
+/// An SFT task whose micro-batch losses pass through `hook(step, loss)` before the trainer
+/// sees them: a fault injected at some steps, or a look at the state the trainer runs in.
+pub struct HookedTask<F> {
+    inner: minillm::train::supervised::SupervisedTask,
+    step: usize,
+    hook: F,
+}
+
+impl<F: FnMut(usize, Tensor) -> anyhow::Result<Tensor>> HookedTask<F> {
+    /// `inner` with its losses passed through `hook`.
+    pub fn new(inner: minillm::train::supervised::SupervisedTask, hook: F) -> Self {
+        Self { inner, step: 0, hook }
+    }
+}
+
+impl<F: FnMut(usize, Tensor) -> anyhow::Result<Tensor>> minillm::train::trainer::Task for HookedTask<F> {
+    fn begin_step(&mut self, s: &Model, step: usize, window: minillm::train::trainer::Window) -> anyhow::Result<()> {
+        self.step = step;
+        self.inner.begin_step(s, step, window)
+    }
+    fn micro_batches(&self) -> usize {
+        self.inner.micro_batches()
+    }
+    fn micro_loss(&mut self, s: &Model, i: usize) -> anyhow::Result<(Tensor, minillm::train::trainer::Stats)> {
+        let (loss, stats) = self.inner.micro_loss(s, i)?;
+        Ok(((self.hook)(self.step, loss)?, stats))
+    }
+    fn validate(&mut self, s: &Model, batch_size: usize) -> anyhow::Result<minillm::train::trainer::Stats> {
+        self.inner.validate(s, batch_size)
+    }
+    fn state(&self) -> anyhow::Result<minillm::train::trainer::TaskState> {
+        self.inner.state()
+    }
+    fn load_state(&mut self, v: minillm::train::trainer::TaskState) -> anyhow::Result<()> {
+        self.inner.load_state(v)
+    }
+}
