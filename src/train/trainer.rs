@@ -255,7 +255,9 @@ pub fn train(
         bail!("the student was loaded frozen (as a teacher is); it has nothing to train");
     }
     student.lm.set_grad_checkpointing(cfg.grad_checkpointing)?;
-    if cfg.matmul_precision == MatmulPrecision::Bf16 && !crate::ops::gemm_bf16::AVAILABLE {
+    if cfg.matmul_precision == MatmulPrecision::Bf16 && !student.device().is_cpu() {
+        tracing::warn!("train.matmul_precision = \"bf16\" applies to CPU products; on this device they stay f32");
+    } else if cfg.matmul_precision == MatmulPrecision::Bf16 && !crate::ops::gemm_bf16::AVAILABLE {
         tracing::warn!("train.matmul_precision = \"bf16\" needs a build with AVX512-BF16; the products stay f32");
     }
     let _precision = matmul_precision::scoped(cfg.matmul_precision);
