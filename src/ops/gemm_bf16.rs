@@ -257,7 +257,8 @@ pub fn pack_weight_block<T: Element>(
         // (a word at a time, the stores went to sixteen lines per column and the packing cost
         // as much as the product at 83 rows).
         let column = |c: usize| &w.data[w.offset + (c0 + c) * w.strides.1..];
-        let full = if w.strides.0 == 1 { (kc.min(k / 2 - p0.min(k / 2))) / 16 * 16 } else { 0 };
+        // The block's pairs whose both entries exist, in whole groups of sixteen.
+        let full = if w.strides.0 == 1 { kc.min((k / 2).saturating_sub(p0)) / 16 * 16 } else { 0 };
         let groups = if full > 0 { nc / 16 } else { 0 };
         for g in 0..groups {
             let c = 16 * g;

@@ -2,8 +2,10 @@
 //! or with both operands rounded to bf16 and the sums kept in f32 (`train.matmul_precision =
 //! "bf16"`), which CPUs with AVX512-BF16 multiply twice as fast. It is PyTorch's
 //! `set_float32_matmul_precision("medium")`: tensors, activations, gradients, the optimizer and
-//! every other op stay f32; only the products that [`super::gemm::matmul_parallel`] takes
-//! (a trainable layer's forward and backward, the fused LM head's) change.
+//! every other op stay f32; only the large products that [`super::gemm::matmul_parallel`] and
+//! [`super::gemm::matmul_parallel_at`] take (a trainable layer's forward and backward, the fused
+//! LM head's, a frozen teacher's over a batch where its weights are unpacked per product)
+//! change.
 //!
 //! The setting is process-wide, as PyTorch's is, because those products run deep inside
 //! autograd's ops on whatever thread the work lands on; [`scoped`] sets it for the extent of
