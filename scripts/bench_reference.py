@@ -385,13 +385,15 @@ def left_pad(prompts, extra=0):
     return ids, mask
 
 
-def real_distill_iteration(root, teacher_size, teacher_dtype, data):
+def real_distill_iteration(root, teacher_size, teacher_dtype, data, autocast=False):
     """One `distill` iteration at the paper's shapes, timed by phase, as BENCHMARKS.md's
     command runs it: the first 16 Dolly training prompts (what `data.train_limit=16` keeps),
     16 teacher-mixed rollouts of 32 new tokens in 2 batches of 8, then one inner epoch of 2
     updates of 8 rollouts, each with the clipped PG term, the single-step reverse KL from the
     kept teacher states and the PT term over 8 x 512-token chunks (0.5 CE + 0.5 teacher soft CE,
-    the teacher forward without gradients), backward and AdamW."""
+    the teacher forward without gradients), backward and AdamW. With `autocast`, collection and
+    the forward passes run under `torch.autocast` to bf16 (what minillm's
+    `train.matmul_precision = "bf16"` is compared with)."""
     import json
     import tokenizers
     tok = tokenizers.Tokenizer.from_file(os.path.join(root, "gpt2-124m", "tokenizer.json"))
@@ -409,7 +411,8 @@ def real_distill_iteration(root, teacher_size, teacher_dtype, data):
 
     def timed_phase(name, fn):
         t = time.perf_counter()
-        out = fn()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and name not in ("backward", "update")):
+            out = fn()
         phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
         return out
 
@@ -468,14 +471,17 @@ if __name__ == "__main__":
     ap.add_argument("--real-distill", metavar="DIR", help="one distill iteration of DIR/gpt2-124m with a teacher")
     ap.add_argument("--teacher", default="1.5b", help="--real-distill's teacher size (DIR/gpt2-SIZE)")
     ap.add_argument("--teacher-dtype", default="f32", choices=["f32", "bf16"])
+    ap.add_argument("--autocast", action="store_true",
+                    help="--real-distill with collection and forward passes under torch.autocast to bf16")
     ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {a.threads} threads")
     if a.real_distill:
         dtype = torch.bfloat16 if a.teacher_dtype == "bf16" else torch.float32
-        phases = real_distill_iteration(a.real_distill, a.teacher, dtype, a.data)
-        print("distill iteration, 124m + " + a.teacher + f" ({a.teacher_dtype}): "
+        phases = real_distill_iteration(a.real_distill, a.teacher, dtype, a.data, a.autocast)
+        print("distill iteration, 124m + " + a.teacher + f" ({a.teacher_dtype})"
+              + (", autocast bf16" if a.autocast else "") + ": "
               + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
         raise SystemExit
     if a.matmul_real:

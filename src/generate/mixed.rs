@@ -68,25 +68,36 @@ pub fn generate_mixed(
         bail!("{} random streams for {} prompts", rngs.len(), prompts.len());
     }
     let vocab = student.info().vocab_size.min(teacher.info().vocab_size);
-    let mut mixed = Vec::with_capacity(vocab);
     let models: [&dyn CausalLm; 2] = [student, teacher];
     let keep = cfg.keep_teacher_hidden.then_some(1);
-    let mut forward_kl = vec![Vec::new(); if cfg.record_forward_kl { prompts.len() } else { 0 }];
-    let Decoded { generation, logq, logp, hidden } =
-        decode(&models, prompts, eos, pad, cfg.max_new_tokens, cfg.max_length, keep, |row, logits, _| {
+    // Each row's random stream and the forward KL it records.
+    let mut rows: Vec<(&mut ChaCha8Rng, Vec<f32>)> = rngs.iter_mut().map(|rng| (rng, Vec::new())).collect();
+    let Decoded { generation, logq, logp, hidden } = decode(
+        &models,
+        prompts,
+        eos,
+        pad,
+        cfg.max_new_tokens,
+        cfg.max_length,
+        keep,
+        &mut rows,
+        |(rng, kl), logits, _| {
             let (zq, zp) = (&logits[0][..vocab], &logits[1][..vocab]);
             let (lse_q, lse_p) = (math::logsumexp(zq), math::logsumexp(zp));
             if cfg.record_forward_kl {
-                forward_kl[row].push(kl_value(Divergence::ForwardKl, zq, zp, lse_q, lse_p) as f32);
+                kl.push(kl_value(Divergence::ForwardKl, zq, zp, lse_q, lse_p) as f32);
             }
             // The mixture's probabilities themselves (they sum to one): no log-space round trip.
-            mixed.clear();
-            mixed.extend(
-                zq.iter().zip(zp).map(|(&a, &b)| (1.0 - alpha) * math::exp(a - lse_q) + alpha * math::exp(b - lse_p)),
-            );
-            let token = sample_from_weights(&mixed, rngs[row].random()) as usize;
+            let mixed: Vec<f32> = zq
+                .iter()
+                .zip(zp)
+                .map(|(&a, &b)| (1.0 - alpha) * math::exp(a - lse_q) + alpha * math::exp(b - lse_p))
+                .collect();
+            let token = sample_from_weights(&mixed, rng.random()) as usize;
             Ok(Choice { token: token as u32, logq: zq[token] - lse_q, logp: zp[token] - lse_p })
-        })?;
+        },
+    )?;
+    let forward_kl = if cfg.record_forward_kl { rows.into_iter().map(|(_, kl)| kl).collect() } else { Vec::new() };
     let teacher_hidden = if hidden.is_empty() { None } else { Some(Tensor::stack(&hidden, 1)?) };
     Ok(MixedRollout { generation, logq, logp, teacher_hidden, forward_kl })
 }
