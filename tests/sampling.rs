@@ -1,6 +1,7 @@
 //! Decoding: greedy equals `transformers.generate(do_sample=False)`; sampling is deterministic
-//! under a seed; teacher-mixed sampling draws from the probability mixture and reports the
-//! right log q / log p; logits processors behave as `transformers`' do.
+//! under a seed, each row with its own stream; teacher-mixed sampling draws from the
+//! probability mixture and reports the right log q / log p; logits processors behave as
+//! `transformers`' do.
 
 mod common;
 
@@ -56,9 +57,8 @@ fn sampling_is_deterministic_under_a_seed_and_varies_with_it() {
 #[test]
 fn each_row_samples_with_its_own_stream() {
     let (student, teacher) = (load("gpt2"), load("qwen2"));
-    let prompt = prompts_of("gpt2")[0].clone();
     let rows = 12u64;
-    let batch = vec![prompt.clone(); rows as usize];
+    let batch = vec![prompts_of("gpt2")[0].clone(); rows as usize];
     let cfg = SamplingConfig::sampling(12);
     let plain = |prompts: &[Vec<u32>], streams: std::ops::Range<u64>| {
         generate(student.lm.as_ref(), prompts, &[], 0, &cfg, &mut row_rngs(5, streams)).unwrap().responses
