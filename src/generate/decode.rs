@@ -124,9 +124,8 @@ pub(crate) fn decode<S: Send>(
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         bail!("prompt {i} is empty: decoding needs at least one prompt token");
     }
-    if states.len() != b {
-        bail!("{} row states for {b} prompts", states.len());
-    }
+    // The public entry points check their random streams against the prompts.
+    assert_eq!(states.len(), b, "decode: one state per row");
     let p = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut limit = max_length.unwrap_or(usize::MAX);
     for m in models {

@@ -255,12 +255,12 @@ pub fn train(
         bail!("the student was loaded frozen (as a teacher is); it has nothing to train");
     }
     student.lm.set_grad_checkpointing(cfg.grad_checkpointing)?;
+    let _precision = matmul_precision::scoped(cfg.matmul_precision);
     if cfg.matmul_precision == MatmulPrecision::Bf16 && !student.device().is_cpu() {
         tracing::warn!("train.matmul_precision = \"bf16\" applies to CPU products; on this device they stay f32");
-    } else if cfg.matmul_precision == MatmulPrecision::Bf16 && !crate::ops::gemm_bf16::AVAILABLE {
+    } else if matmul_precision::current() != cfg.matmul_precision {
         tracing::warn!("train.matmul_precision = \"bf16\" needs a build with AVX512-BF16; the products stay f32");
     }
-    let _precision = matmul_precision::scoped(cfg.matmul_precision);
     let vars: Vec<Var> = student.lm.params().trainable().map(|(_, v)| v.clone()).collect();
     let mut opt = AdamW::new(student.lm.params().trainable(), cfg.optimizer.clone())?;
     let resumed = resume(student, &mut opt, task, run)?;
