@@ -8,8 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 mod common;
 
-use candle_core::{Tensor, Var};
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, Var};
 use minillm::loss::{head_loss, head_loss_reference, Divergence, PolicyTokens, TargetTerm, TeacherHead};
+use minillm::ops::packed::PackedMatrix;
+use minillm::ops::WeightLayout;
 
 /// Counts live heap bytes and their high-water mark.
 struct Counting;
@@ -104,6 +108,7 @@ fn check(case: &Case, term: Term, kind: Option<Divergence>) {
         kind.map(|kind| TeacherHead {
             hidden: th.as_tensor(),
             head: tw.as_tensor(),
+            packed_head: None,
             kind,
             coef: 0.7,
             weights: &kd_weights,
@@ -150,6 +155,67 @@ fn fused_head_loss_matches_materialised_path() {
     }
 }
 
+/// `t` rounded to bf16 and back to f32.
+fn round_bf16(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+#[test]
+fn a_packed_teacher_head_multiplies_as_the_teacher_does() {
+    // A bf16 teacher's packed head computes bf16(hidden)·W with f32 sums (its `logits`); the
+    // materialised path on the bf16-rounded hidden states and the widened head is the same
+    // arithmetic. An f32 packed head computes the f32 product. Odd widths, ragged chunks.
+    let (rows, width, vocab, twidth) = (40, 16, 130, 23);
+    let h = var(&[rows, width], 1, 2.0);
+    let w = var(&[vocab, width], 2, 1.0);
+    let (th, tw) = (var(&[rows, twidth], 3, 2.0), var(&[vocab, twidth], 4, 1.0));
+    let targets: Vec<u32> = (0..rows).map(|r| (r * 7 % vocab) as u32).collect();
+    let weights: Vec<f32> = (0..rows).map(|r| 0.1 + r as f32 / 10.0).collect();
+    let ce = TargetTerm::CrossEntropy { weights: &weights, coef: 0.5 };
+    let tw_bf16 = tw.as_tensor().to_dtype(DType::BF16).unwrap();
+    let th_rounded = round_bf16(th.as_tensor());
+    let tw_widened = tw_bf16.to_dtype(DType::F32).unwrap();
+    let packed_bf16 = Arc::new(PackedMatrix::pack(&tw_bf16, WeightLayout::OutIn).unwrap());
+    let packed_f32 = Arc::new(PackedMatrix::pack(tw.as_tensor(), WeightLayout::OutIn).unwrap());
+    let teacher = |hidden, head, packed_head| {
+        Some(TeacherHead { hidden, head, packed_head, kind: Divergence::ReverseKl, coef: 0.5, weights: &weights })
+    };
+    let cases = [
+        ("bf16", teacher(th.as_tensor(), &tw_bf16, Some(&packed_bf16)), teacher(&th_rounded, &tw_widened, None)),
+        (
+            "f32",
+            teacher(th.as_tensor(), tw.as_tensor(), Some(&packed_f32)),
+            teacher(th.as_tensor(), tw.as_tensor(), None),
+        ),
+    ];
+    for (what, packed, reference) in cases {
+        let fused = head_loss(h.as_tensor(), w.as_tensor(), &targets, ce, packed, Some(16)).unwrap();
+        let reference = head_loss_reference(h.as_tensor(), w.as_tensor(), &targets, ce, reference).unwrap();
+        let (lf, lr) = (fused.loss.to_scalar::<f32>().unwrap(), reference.loss.to_scalar::<f32>().unwrap());
+        assert!((lf - lr).abs() <= 1e-5 * lr.abs().max(1.0), "{what}: loss {lf} vs {lr}");
+        assert!((fused.kd - reference.kd).abs() <= 1e-5 * reference.kd.abs().max(1.0), "{what}: kd");
+        let (gf, gr) = (fused.loss.backward().unwrap(), reference.loss.backward().unwrap());
+        for (name, v) in [("hidden", &h), ("head", &w)] {
+            let d = max_rel_diff(gf.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap());
+            assert!(d < 2e-5, "{what}: ∂{name} differs by {d}");
+        }
+    }
+    // The check can tell: the unrounded hidden states give another divergence.
+    let unrounded =
+        head_loss_reference(h.as_tensor(), w.as_tensor(), &targets, ce, teacher(th.as_tensor(), &tw_widened, None))
+            .unwrap();
+    let packed = head_loss(
+        h.as_tensor(),
+        w.as_tensor(),
+        &targets,
+        ce,
+        teacher(th.as_tensor(), &tw_bf16, Some(&packed_bf16)),
+        None,
+    )
+    .unwrap();
+    assert!((packed.kd - unrounded.kd).abs() > 1e-5 * unrounded.kd.abs(), "{} vs {}", packed.kd, unrounded.kd);
+}
+
 #[test]
 fn fused_head_loss_refuses_mismatched_shapes() {
     let h = var(&[4, 8], 1, 1.0);
@@ -192,7 +258,7 @@ fn fused_head_loss_peak_memory_is_under_a_sixth() {
     let weights = vec![1.0 / rows as f32; rows];
     let teacher = || {
         let (hidden, head) = (th.as_tensor(), tw.as_tensor());
-        Some(TeacherHead { hidden, head, kind: Divergence::ReverseKl, coef: 0.5, weights: &weights })
+        Some(TeacherHead { hidden, head, packed_head: None, kind: Divergence::ReverseKl, coef: 0.5, weights: &weights })
     };
     let ce = TargetTerm::CrossEntropy { weights: &weights, coef: 0.5 };
     let run = |fused: bool| {

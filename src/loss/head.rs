@@ -20,6 +20,7 @@ use super::policy::pg_loss;
 use super::{cross_entropy, divergence, Divergence};
 use crate::ops::gemm::{matmul_parallel, MatRef};
 use crate::ops::math;
+use crate::ops::packed::PackedMatrix;
 
 /// `[chunk × vocab]` floats per buffer at most by default: 32 MB (512 rows of an 8,192-token
 /// vocabulary, 166 of GPT-2's 50,257). The chunk is every product's row count (the weight
@@ -121,6 +122,12 @@ pub struct TeacherHead<'a> {
     pub hidden: &'a Tensor,
     /// `[teacher vocab, teacher width]`.
     pub head: &'a Tensor,
+    /// The same head packed at load, where the teacher keeps such a copy
+    /// ([`crate::model::CausalLm::lm_head_packed`]). The fused loss then computes the teacher's
+    /// logits as the teacher's own [`crate::model::CausalLm::logits`] does (for a bf16 teacher
+    /// on an AVX512-BF16 CPU: bf16 products with f32 sums, twice the f32 product's speed),
+    /// so the distribution it fits is the one the teacher samples and scores with.
+    pub packed_head: Option<&'a Arc<PackedMatrix>>,
     /// The divergence, over the vocabulary both models share.
     pub kind: Divergence,
     /// Its coefficient `b`.
@@ -167,6 +174,12 @@ pub fn head_loss(
         if tr != rows || t.head.dim(1)? != tw {
             bail!("teacher hidden {:?} and head {:?} for {rows} student rows", t.hidden.dims(), t.head.dims());
         }
+        if let Some(p) = t.packed_head {
+            let (hv, hw) = t.head.dims2()?;
+            if p.shape() != (hw, hv) {
+                bail!("teacher head {:?} but its packed copy is {:?} (in × out)", t.head.dims(), p.shape());
+            }
+        }
         if t.weights.len() != rows {
             bail!("head loss: {rows} rows but {} divergence weights", t.weights.len());
         }
@@ -183,7 +196,10 @@ pub fn head_loss(
     let teacher = match teacher {
         Some(t) => Some(Teacher {
             hidden: as_f32(t.hidden)?,
-            head: as_f32(t.head)?,
+            head: match t.packed_head {
+                Some(p) => TeacherWeight::Packed(p.clone()),
+                None => TeacherWeight::Dense(as_f32(t.head)?),
+            },
             kind: t.kind,
             coef: t.coef as f32,
             weights: t.weights.to_vec(),
@@ -271,12 +287,19 @@ impl OwnedTerm {
     }
 }
 
-/// The teacher's side as contiguous f32 CPU tensors.
+/// The teacher's LM head as the fused loss multiplies by it.
+enum TeacherWeight {
+    /// `[vocab, width]`, contiguous f32.
+    Dense(Tensor),
+    /// Packed at load, `width × vocab` ([`PackedMatrix::matmul`]).
+    Packed(Arc<PackedMatrix>),
+}
+
+/// The teacher's side: contiguous f32 CPU hidden states and its head.
 struct Teacher {
     /// `[rows, width]`.
     hidden: Tensor,
-    /// `[vocab, width]`.
-    head: Tensor,
+    head: TeacherWeight,
     kind: Divergence,
     coef: f32,
     weights: Vec<f32>,
@@ -284,7 +307,10 @@ struct Teacher {
 
 impl Teacher {
     fn vocab(&self) -> usize {
-        self.head.dims()[0]
+        match &self.head {
+            TeacherWeight::Dense(w) => w.dims()[0],
+            TeacherWeight::Packed(w) => w.shape().1,
+        }
     }
 }
 
@@ -294,6 +320,14 @@ fn read_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> candle_co
         candle_core::Storage::Cpu(s) => crate::ops::contiguous_f32(s, layout, "fused-head-loss (teacher)"),
         _ => candle_core::bail!("fused-head-loss: the teacher's tensors must be on the CPU"),
     }
+}
+
+/// The teacher's head as the op reads it.
+enum TeacherView<'a> {
+    /// `[vocab, width]` f32, read in place.
+    Dense(MatRef<'a>),
+    /// Packed at load.
+    Packed(&'a PackedMatrix),
 }
 
 /// Loss parts and the gradients the forward pass computed.
@@ -376,14 +410,30 @@ impl CustomOp2 for FusedHeadLoss {
         let c = rows.div_ceil(rows.div_ceil(self.chunk_rows).max(1)).max(1);
         let (mut z, mut dz) = (vec![0f32; c * vocab], vec![0f32; c * vocab]);
         let mut zt = self.teacher.as_ref().map(|t| vec![0f32; c * t.vocab()]);
-        let teacher_locks = self.teacher.as_ref().map(|t| (t.hidden.storage_and_layout(), t.head.storage_and_layout()));
-        let teacher_views = match &teacher_locks {
-            Some(((hs, hl), (ws, wl))) => {
-                let (th, tw) = (read_f32(hs, hl)?, read_f32(ws, wl)?);
-                let (tv, twidth) = (wl.dims()[0], wl.dims()[1]);
-                Some((th, MatRef { data: tw, offset: 0, shape: (tv, twidth), strides: (twidth, 1) }))
+        let teacher_locks = self.teacher.as_ref().map(|t| {
+            let head = match &t.head {
+                TeacherWeight::Dense(w) => Some(w.storage_and_layout()),
+                TeacherWeight::Packed(_) => None,
+            };
+            (t.hidden.storage_and_layout(), head)
+        });
+        let teacher_views = match (&teacher_locks, &self.teacher) {
+            (Some(((hs, hl), head)), Some(t)) => {
+                let th = read_f32(hs, hl)?;
+                let (tv, twidth) = (t.vocab(), hl.dims()[1]);
+                let tw = match (head, &t.head) {
+                    (Some((ws, wl)), _) => TeacherView::Dense(MatRef {
+                        data: read_f32(ws, wl)?,
+                        offset: 0,
+                        shape: (tv, twidth),
+                        strides: (twidth, 1),
+                    }),
+                    (None, TeacherWeight::Packed(w)) => TeacherView::Packed(w),
+                    (None, TeacherWeight::Dense(_)) => unreachable!("a dense head is always locked"),
+                };
+                Some((th, twidth, tw))
             }
-            None => None,
+            _ => None,
         };
         let (mut dh, mut dw) = (vec![0f32; rows * width], vec![0f32; vocab * width]);
         let head = MatRef { data: w, offset: 0, shape: (vocab, width), strides: (width, 1) };
@@ -393,12 +443,17 @@ impl CustomOp2 for FusedHeadLoss {
             let n = c.min(rows - start);
             let hc = MatRef { data: h, offset: start * width, shape: (n, width), strides: (width, 1) };
             matmul_parallel(&mut z[..n * vocab], hc, head.t(), false);
-            if let (Some((th, tw)), Some(zt)) = (&teacher_views, zt.as_mut()) {
-                let (tv, twidth) = tw.shape;
-                let th = MatRef { data: th, offset: start * twidth, shape: (n, twidth), strides: (twidth, 1) };
-                matmul_parallel(&mut zt[..n * tv], th, tw.t(), false);
-            }
             let tv = self.teacher.as_ref().map_or(1, Teacher::vocab);
+            if let (Some((th, twidth, tw)), Some(zt)) = (&teacher_views, zt.as_mut()) {
+                let th = MatRef { data: th, offset: start * twidth, shape: (n, *twidth), strides: (*twidth, 1) };
+                match tw {
+                    TeacherView::Dense(tw) => matmul_parallel(&mut zt[..n * tv], th, tw.t(), false),
+                    TeacherView::Packed(w) => {
+                        zt[..n * tv].fill(0.0);
+                        w.matmul(&mut zt[..n * tv], th);
+                    }
+                }
+            }
             // Per-row values collected in row order and summed in that order: a parallel
             // `reduce` would add them in an order that depends on thread scheduling, and runs
             // would differ in the last bits.

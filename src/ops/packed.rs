@@ -103,7 +103,7 @@ impl PackedMatrix {
     }
 
     /// `dst += x·W` (`x` `rows × in` with unit column stride, `dst` row-major `rows × out`).
-    fn matmul(&self, dst: &mut [f32], x: MatRef) {
+    pub(crate) fn matmul(&self, dst: &mut [f32], x: MatRef) {
         match self {
             Self::Bf16(w) => gemm_bf16::matmul_packed(dst, x, w),
             Self::F32(w) => packed_f32::matmul_packed(dst, x, w),

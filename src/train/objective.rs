@@ -44,6 +44,7 @@ pub fn batch_head_loss(
     let head = teacher.zip(t_hidden.as_ref()).map(|(t, hidden)| TeacherHead {
         hidden,
         head: t.teacher.lm.lm_head_weight(),
+        packed_head: t.teacher.lm.lm_head_packed(),
         kind: t.divergence,
         coef: t.ratio,
         weights,

@@ -298,6 +298,7 @@ impl Task for DistillTask {
         let single = t_hidden.as_ref().map(|h| TeacherHead {
             hidden: h,
             head: self.teacher.lm.lm_head_weight(),
+            packed_head: self.teacher.lm.lm_head_packed(),
             kind: Divergence::ReverseKl,
             coef: 1.0,
             weights: &single_weights,
