@@ -68,7 +68,15 @@ pub fn write_dir(dest: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
     });
     if let Err(e) = staged {
         let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
+        // The staging directory is gone and was never the user's: say which file of `dest`
+        // could not be written (`writing run/checkpoints/step-3/model.safetensors: ...`).
+        let (tmp, dest) = (tmp.display().to_string(), dest.display().to_string());
+        let text = crate::error_text::render(&e).replace(&tmp, &dest);
+        return Err(if text.contains(&dest) {
+            anyhow::anyhow!(text)
+        } else {
+            anyhow::anyhow!("cannot write {dest}: {text}")
+        });
     }
     if dest.exists() {
         let old = sibling(dest, "old");

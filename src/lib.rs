@@ -36,6 +36,7 @@ pub mod analysis;
 pub mod atomic;
 pub mod data;
 pub mod demo;
+pub mod error_text;
 pub mod eval;
 pub mod fingerprint;
 pub mod generate;

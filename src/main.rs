@@ -88,7 +88,7 @@ fn main() {
         Command::Demo(c) => c.run(),
     });
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", minillm::error_text::render(&e));
         std::process::exit(1);
     }
 }

@@ -295,7 +295,8 @@ pub fn write_model_files(model: &Model, dir: &Path, dtype: DType) -> Result<()> 
         obj.insert(key.into(), Value::String(dtype_name(dtype).into()));
     }
     let text = serde_json::to_string_pretty(&config)?;
-    std::fs::write(dir.join("config.json"), text).context("writing config.json")?;
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, text).with_context(|| format!("writing {}", config_path.display()))?;
     save_safetensors(model.lm.params(), &[], dtype, &dir.join("model.safetensors"))?;
     if let Some(src) = &model.source {
         for f in AUX_FILES {

@@ -290,7 +290,7 @@ pub fn train(
             Err(problem) => {
                 state.bad_in_a_row += 1;
                 tracing::warn!("step {step}: skipped the update because {problem}");
-                writeln!(metrics, "{}", json!({"step": step, "skipped": problem}))?;
+                metrics.row(&json!({"step": step, "skipped": problem}))?;
                 if state.bad_in_a_row >= cfg.max_bad_steps {
                     bail!(
                         "stopping at step {step}: {} consecutive steps with non-finite values (last: {problem})",
@@ -314,7 +314,7 @@ pub fn train(
                 for (k, v) in &stats {
                     row[k] = json!(v);
                 }
-                writeln!(metrics, "{row}")?;
+                metrics.row(&row)?;
                 progress.set_message(format!("loss {:.4} lr {lr:.2e} {:.0} tok/s", stats["loss"], tokens / secs));
             }
         }
@@ -406,16 +406,35 @@ fn resume(student: &Model, opt: &mut AdamW, task: &mut dyn Task, run: &RunDir) -
 
 /// `metrics.jsonl`, opened for appending. A fresh run starts it anew: rows left by a run that
 /// stopped before its first checkpoint are recomputed.
-fn open_metrics(run: &RunDir, fresh: bool) -> Result<std::fs::File> {
+fn open_metrics(run: &RunDir, fresh: bool) -> Result<MetricsLog> {
     let path = run.metrics();
     if fresh && path.is_file() {
         std::fs::remove_file(&path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
-        .with_context(|| format!("opening {}", path.display()))
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(MetricsLog { file, path })
+}
+
+/// The open `metrics.jsonl`: a failed write (a full disk) names the file.
+struct MetricsLog {
+    file: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl MetricsLog {
+    /// Appends `row` as one line.
+    fn row(&mut self, row: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{row}").with_context(|| format!("writing {}", self.path.display()))
+    }
+
+    /// Flushes what was written.
+    fn flush(&mut self) -> Result<()> {
+        self.file.flush().with_context(|| format!("writing {}", self.path.display()))
+    }
 }
 
 /// Validates `model`, logs the statistics (with `data`, the task's data counts, at the start),
@@ -427,7 +446,7 @@ fn validate_and_select(
     cfg: &TrainConfig,
     run: &RunDir,
     state: &mut LoopState,
-    metrics: &mut std::fs::File,
+    metrics: &mut MetricsLog,
     outcome: &mut TrainOutcome,
     data: Option<&Stats>,
 ) -> Result<()> {
@@ -438,7 +457,7 @@ fn validate_and_select(
     if let Some(d) = data.filter(|d| !d.is_empty()) {
         row["data"] = json!(d);
     }
-    writeln!(metrics, "{row}")?;
+    metrics.row(&row)?;
     if state.best.is_none_or(|(b, _)| cfg.select_by.better(value, b)) {
         state.best = Some((value, state.step));
         crate::atomic::write_dir(&run.best(), |tmp| write_model_files(model, tmp, CHECKPOINT_DTYPE))?;
