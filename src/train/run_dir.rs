@@ -155,12 +155,15 @@ impl CheckpointState {
 
     /// Writes the state files into `dir` (a temporary directory the caller renames into place).
     pub fn write(&self, dir: &Path) -> Result<()> {
-        candle_core::safetensors::save(&self.optimizer, dir.join("trainer_state.safetensors"))?;
+        let writing = |name: &str| format!("writing {}", dir.join(name).display());
+        candle_core::safetensors::save(&self.optimizer, dir.join("trainer_state.safetensors"))
+            .with_context(|| writing("trainer_state.safetensors"))?;
         if !self.task.is_empty() {
-            candle_core::safetensors::save(&self.task, dir.join("task_state.safetensors"))?;
+            candle_core::safetensors::save(&self.task, dir.join("task_state.safetensors"))
+                .with_context(|| writing("task_state.safetensors"))?;
         }
-        std::fs::write(dir.join("state.json"), serde_json::to_string_pretty(&self.json)?)?;
-        Ok(())
+        std::fs::write(dir.join("state.json"), serde_json::to_string_pretty(&self.json)?)
+            .with_context(|| writing("state.json"))
     }
 }
 
