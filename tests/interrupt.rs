@@ -23,6 +23,17 @@ fn args(tmp: &Path, student: &Path, out: &Path, steps: usize) -> Vec<String> {
     v
 }
 
+/// A temporary directory with a tiny GPT-2 student (seed `seed`), `train` training examples in
+/// `train.jsonl` and 8 in `valid.jsonl`.
+fn workspace(train: usize, seed: u64) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let student = tiny_model_dir(&t.join("student"), "gpt2", 32, 1, seed);
+    std::fs::write(t.join("train.jsonl"), letters_jsonl(train, seed + 1)).unwrap();
+    std::fs::write(t.join("valid.jsonl"), letters_jsonl(8, seed + 2)).unwrap();
+    (tmp, student)
+}
+
 fn params(dir: &Path) -> Vec<Vec<f32>> {
     let m = minillm::model::load_model(dir, &Device::Cpu, DType::F32).unwrap();
     m.lm.params().iter().map(|(_, t)| t.flatten_all().unwrap().to_vec1().unwrap()).collect()
@@ -31,11 +42,8 @@ fn params(dir: &Path) -> Vec<Vec<f32>> {
 /// Interrupts a long run with `signal` after a few steps, checks the checkpoint and the exit
 /// status, resumes it to two more steps, and compares with a straight run of that length.
 fn interrupt_and_resume(signal: &str, status: i32) {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, student) = workspace(64, 41);
     let t = tmp.path();
-    let student = tiny_model_dir(&t.join("student"), "gpt2", 32, 1, 41);
-    std::fs::write(t.join("train.jsonl"), letters_jsonl(64, 42)).unwrap();
-    std::fs::write(t.join("valid.jsonl"), letters_jsonl(8, 43)).unwrap();
     let out = t.join("run");
     let mut child =
         Command::new(env!("CARGO_BIN_EXE_minillm")).args(args(t, &student, &out, 1_000_000)).spawn().unwrap();
@@ -107,11 +115,8 @@ fn temporaries(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn a_checkpoint_the_disk_refuses_fails_the_run_cleanly_and_the_last_one_stands() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, student) = workspace(32, 44);
     let t = tmp.path();
-    let student = tiny_model_dir(&t.join("student"), "gpt2", 32, 1, 44);
-    std::fs::write(t.join("train.jsonl"), letters_jsonl(32, 45)).unwrap();
-    std::fs::write(t.join("valid.jsonl"), letters_jsonl(8, 46)).unwrap();
     let out = t.join("run");
     let with_saves = |steps: usize| {
         let mut a = args(t, &student, &out, steps);
