@@ -322,6 +322,12 @@ fn read_f32<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> candle_co
     }
 }
 
+/// The teacher's head held for the op: a dense head's storage locked, or the packed copy.
+enum HeadLock<'a> {
+    Dense((candle_core::StorageRef<'a>, &'a Layout)),
+    Packed(&'a PackedMatrix),
+}
+
 /// The teacher's head as the op reads it.
 enum TeacherView<'a> {
     /// `[vocab, width]` f32, read in place.
@@ -410,30 +416,29 @@ impl CustomOp2 for FusedHeadLoss {
         let c = rows.div_ceil(rows.div_ceil(self.chunk_rows).max(1)).max(1);
         let (mut z, mut dz) = (vec![0f32; c * vocab], vec![0f32; c * vocab]);
         let mut zt = self.teacher.as_ref().map(|t| vec![0f32; c * t.vocab()]);
+        // The teacher's tensors stay locked while the op reads them.
         let teacher_locks = self.teacher.as_ref().map(|t| {
             let head = match &t.head {
-                TeacherWeight::Dense(w) => Some(w.storage_and_layout()),
-                TeacherWeight::Packed(_) => None,
+                TeacherWeight::Dense(w) => HeadLock::Dense(w.storage_and_layout()),
+                TeacherWeight::Packed(w) => HeadLock::Packed(w),
             };
             (t.hidden.storage_and_layout(), head)
         });
-        let teacher_views = match (&teacher_locks, &self.teacher) {
-            (Some(((hs, hl), head)), Some(t)) => {
-                let th = read_f32(hs, hl)?;
-                let (tv, twidth) = (t.vocab(), hl.dims()[1]);
-                let tw = match (head, &t.head) {
-                    (Some((ws, wl)), _) => TeacherView::Dense(MatRef {
+        let teacher_views = match &teacher_locks {
+            Some(((hs, hl), head)) => {
+                let (th, twidth) = (read_f32(hs, hl)?, hl.dims()[1]);
+                let tw = match head {
+                    HeadLock::Dense((ws, wl)) => TeacherView::Dense(MatRef {
                         data: read_f32(ws, wl)?,
                         offset: 0,
-                        shape: (tv, twidth),
+                        shape: (wl.dims()[0], twidth),
                         strides: (twidth, 1),
                     }),
-                    (None, TeacherWeight::Packed(w)) => TeacherView::Packed(w),
-                    (None, TeacherWeight::Dense(_)) => unreachable!("a dense head is always locked"),
+                    HeadLock::Packed(w) => TeacherView::Packed(w),
                 };
                 Some((th, twidth, tw))
             }
-            _ => None,
+            None => None,
         };
         let (mut dh, mut dw) = (vec![0f32; rows * width], vec![0f32; vocab * width]);
         let head = MatRef { data: w, offset: 0, shape: (vocab, width), strides: (width, 1) };
