@@ -184,3 +184,24 @@ fn transformers_4_config_layout_is_accepted() {
     let d = max_diff_masked(&v4.lm.forward(&ids, &mask, None).unwrap(), &r["right.logits"], &mask);
     assert!(d < 1e-4, "{d}");
 }
+
+#[test]
+fn the_parameter_count_read_from_the_headers_is_the_models() {
+    for name in FAMILIES {
+        let dir = fixtures().join("models").join(name);
+        let counted = minillm::model::checkpoint::stored_parameter_count(&dir).unwrap();
+        assert_eq!(counted, load(name).lm.params().num_elements(), "{name}");
+    }
+    // GPT-2 checkpoints saved by older `transformers` also store each layer's causal mask,
+    // `attn.bias`, which is no parameter.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("gpt2");
+    copy_dir(&fixtures().join("models/gpt2"), &dir);
+    let path = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let before = minillm::model::checkpoint::stored_parameter_count(&dir).unwrap();
+    let mask = candle_core::Tensor::ones((1, 1, 64, 64), DType::F32, &Device::Cpu).unwrap();
+    tensors.insert("transformer.h.0.attn.bias".into(), mask);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    assert_eq!(minillm::model::checkpoint::stored_parameter_count(&dir).unwrap(), before);
+}

@@ -55,7 +55,7 @@ impl Init {
         let arch = minillm::model::config::ArchConfig::parse(&config, &self.config.display().to_string())?;
         // Random initialisation builds every tensor in f32 first: refuse what cannot fit.
         let needed = arch.approx_parameters() * 4.0;
-        if let Some(available) = available_memory() {
+        if let Some(available) = minillm::recipe::memory::available_memory() {
             if needed > available as f64 {
                 bail!(
                     "{} describes about {:.1e} parameters ({:.1} GB in f32), more than the {:.1} GB of memory available",
@@ -81,12 +81,4 @@ impl Init {
         eprintln!("initialised {} parameters in {}", model.lm.params().num_elements(), self.out.display());
         Ok(())
     }
-}
-
-/// `MemAvailable` of /proc/meminfo in bytes (Linux), if readable.
-fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }

@@ -147,6 +147,15 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
+/// The parameters a model directory's weight files hold (see
+/// [`SafetensorsFiles::parameter_count`]), read from their headers alone.
+pub fn stored_parameter_count(dir: &Path) -> Result<usize> {
+    let files = weight_files(dir)?;
+    let tensors =
+        SafetensorsFiles::open(&files).with_context(|| format!("reading the weights of {}", dir.display()))?;
+    Ok(tensors.parameter_count())
+}
+
 /// The safetensors files of a model directory (one file, or the shards of an index).
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");

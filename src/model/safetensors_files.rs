@@ -52,6 +52,15 @@ impl SafetensorsFiles {
         self.entries.contains_key(name)
     }
 
+    /// How many entries the tensors hold, less those of the buffers checkpoints store beside
+    /// the parameters (GPT-2's causal masks `attn.bias` / `attn.masked_bias`, rotary
+    /// `inv_freq` tables), which no model here loads as a parameter.
+    pub fn parameter_count(&self) -> usize {
+        let buffer =
+            |name: &str| [".attn.bias", ".attn.masked_bias", ".inv_freq"].iter().any(|suffix| name.ends_with(suffix));
+        self.entries.iter().filter(|(name, _)| !buffer(name)).map(|(_, e)| e.shape.iter().product::<usize>()).sum()
+    }
+
     /// Every tensor name.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)

@@ -14,6 +14,7 @@
 //! # }
 //! ```
 
+pub mod memory;
 pub mod run;
 pub mod settings;
 

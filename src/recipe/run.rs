@@ -6,12 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use anyhow::{bail, Context, Result};
+use candle_core::DType;
 use serde_json::{json, Value};
 
+use super::memory;
 use super::settings::{RunConfig, SeqKdMode};
 use crate::data::instruct::{load_instruct, InstructExample, InstructOptions};
 use crate::data::pretrain::load_corpus;
 use crate::fingerprint;
+use crate::model::checkpoint::stored_parameter_count;
 use crate::model::compat::check_compatible;
 use crate::model::{load_model, load_model_as, select_device, Model, Precision, Weights};
 use crate::outdir::OutDir;
@@ -214,6 +217,24 @@ impl Recipe {
         Ok(json!({"method": self.method.name(), "settings": settings, "inputs": inputs}))
     }
 
+    /// Warns when the models alone will not fit the memory available (see [`memory`]). The
+    /// weight files' headers give the parameter counts; one that cannot be read is left to the
+    /// load to report.
+    fn warn_of_memory(&self, student: &Path, dtype: DType, teacher_dtype: DType) {
+        let Ok(student_params) = stored_parameter_count(student) else { return };
+        let teacher = match (self.method.needs_teacher(), &self.config.model.teacher) {
+            (true, Some(dir)) => match stored_parameter_count(dir) {
+                Ok(n) => Some((n, teacher_dtype)),
+                Err(_) => return,
+            },
+            _ => None,
+        };
+        let footprint = memory::Footprint { student_params, student_dtype: dtype, teacher };
+        if let Some(warning) = memory::available_memory().and_then(|available| footprint.warning(available)) {
+            crate::progress::note(&warning);
+        }
+    }
+
     fn load_models(&self, run: &RunDir) -> Result<Models> {
         let cfg = &self.config.model;
         let device = select_device(cfg.gpu)?;
@@ -221,6 +242,10 @@ impl Recipe {
         let student_dir = required(&cfg.student, "model.student")?;
         // Resuming loads the student straight from its newest checkpoint.
         let from = run.latest_checkpoint().map_or_else(|| student_dir.clone(), |(_, dir)| dir);
+        let teacher_dtype = cfg.teacher_dtype.map_or(dtype, Precision::dtype);
+        if device.is_cpu() {
+            self.warn_of_memory(&from, dtype, teacher_dtype);
+        }
         let student = load_model(&from, &device, dtype)?;
         student.tokenizer()?;
         if student.eos_token_ids.is_empty() {
@@ -228,7 +253,6 @@ impl Recipe {
         }
         let teacher = if self.method.needs_teacher() {
             // Frozen: its forward passes build no autograd graph, so activations do not pile up.
-            let teacher_dtype = cfg.teacher_dtype.map_or(dtype, Precision::dtype);
             let t = load_model_as(required(&cfg.teacher, "model.teacher")?, &device, teacher_dtype, Weights::Frozen)?;
             check_compatible(&student, &t)?;
             Some(t)
@@ -278,13 +302,16 @@ impl Recipe {
         let opts =
             InstructOptions { max_prompt_len: d.max_prompt_len, max_len: d.max_len, skip_malformed: d.skip_malformed };
         let (mut exs, report) = load_instruct(path, student.tokenizer()?, student.eos()?, &opts)?;
+        let read = exs.len();
         if let Some(n) = limit {
             exs.truncate(n);
         }
         if report.malformed + report.long_prompts + report.truncated > 0 {
+            // The counts are the whole file's, which a limit does not change.
+            let of = if exs.len() < read { format!(" (the first {} of {read})", exs.len()) } else { String::new() };
             crate::progress::note(&format!(
-                "{}: {} examples used; {} malformed lines skipped, {} prompts over {} tokens dropped, {} responses \
-                 truncated to {} tokens in all",
+                "{}: {} examples used{of}; in the file, {} malformed lines skipped, {} prompts over {} tokens \
+                 dropped, {} responses truncated to {} tokens",
                 path.display(),
                 exs.len(),
                 report.malformed,
