@@ -150,6 +150,11 @@ fn a_checkpoint_the_disk_refuses_fails_the_run_cleanly_and_the_last_one_stands()
     assert_eq!(step, 2, "the last complete checkpoint is still the latest");
     assert!(params(&kept) == before, "and it is intact");
 
+    // A row torn off mid-write, as a killed process or a full disk leaves it: dropped on resume.
+    let mut log = std::fs::OpenOptions::new().append(true).open(out.join("metrics.jsonl")).unwrap();
+    std::io::Write::write_all(&mut log, br#"{"step": 3, "lr": 0.0"#).unwrap();
+    drop(log);
+
     // Room again: the same command resumes from step 2 and finishes.
     let resumed = Command::new(env!("CARGO_BIN_EXE_minillm")).args(with_saves(4)).output().unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));

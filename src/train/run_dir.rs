@@ -105,14 +105,15 @@ impl RunDir {
         Ok(())
     }
 
-    /// Drops metric rows of steps at or after `step` (they are recomputed after a resume).
+    /// Drops metric rows of steps at or after `step` (they are recomputed after a resume), and
+    /// any line that is not a JSON row: what a process killed mid-write (or a full disk) left.
     pub fn truncate_metrics(&self, step: usize) -> Result<()> {
         let path = self.metrics();
         let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
         let kept: String = text
             .lines()
             .filter(|l| {
-                let v: Value = serde_json::from_str(l).unwrap_or(Value::Null);
+                let Ok(v) = serde_json::from_str::<Value>(l) else { return false };
                 let s = v.get("step").and_then(Value::as_u64).unwrap_or(0) as usize;
                 // Evaluation rows carry the number of completed steps, training rows the index.
                 if v.get("eval").is_some() {
