@@ -126,7 +126,9 @@ pub struct TeacherHead<'a> {
     /// ([`crate::model::CausalLm::lm_head_packed`]). The fused loss then computes the teacher's
     /// logits as the teacher's own [`crate::model::CausalLm::logits`] does (for a bf16 teacher
     /// on an AVX512-BF16 CPU: bf16 products with f32 sums, twice the f32 product's speed),
-    /// so the distribution it fits is the one the teacher samples and scores with.
+    /// so the distribution it fits is the one the teacher samples and scores with; a 16-bit
+    /// head is widened a panel group at a time instead of whole. An f32 copy is not used: its
+    /// values are `head`'s, read in place.
     pub packed_head: Option<&'a Arc<PackedMatrix>>,
     /// The divergence, over the vocabulary both models share.
     pub kind: Divergence,
@@ -197,8 +199,10 @@ pub fn head_loss(
         Some(t) => Some(Teacher {
             hidden: as_f32(t.hidden)?,
             head: match t.packed_head {
-                Some(p) => TeacherWeight::Packed(p.clone()),
-                None => TeacherWeight::Dense(as_f32(t.head)?),
+                // An f32 copy holds the head's own values, which `gemm` reads in place at the
+                // loss's chunk sizes, where the copy would be unpacked for it first.
+                Some(p) if !matches!(**p, PackedMatrix::F32(_)) => TeacherWeight::Packed(p.clone()),
+                _ => TeacherWeight::Dense(as_f32(t.head)?),
             },
             kind: t.kind,
             coef: t.coef as f32,
