@@ -52,14 +52,14 @@ impl Footprint {
             gb(available),
             gb(self.student_bytes()),
             millions(self.student_params),
-            name(self.student_dtype)
+            self.student_dtype.as_str()
         );
         if let Some((n, dtype)) = self.teacher {
             text += &format!(
                 ", the teacher's weights {:.1} GB ({:.1} M parameters in {})",
                 gb(self.teacher_bytes()),
                 millions(n),
-                name(dtype)
+                dtype.as_str()
             );
             if dtype.size_in_bytes() > 2 {
                 text += &format!("; --teacher-dtype bf16 would hold the teacher in {:.1} GB", gb(n as u64 * 2));
@@ -67,11 +67,6 @@ impl Footprint {
         }
         Some(text)
     }
-}
-
-/// A precision as the command line spells it (`f32`, `bf16`).
-fn name(dtype: DType) -> String {
-    format!("{dtype:?}").to_lowercase()
 }
 
 /// The memory this process can still take, in bytes (Linux), if readable: `MemAvailable` of
