@@ -81,12 +81,14 @@ pub fn available_memory() -> Option<u64> {
     Some(headroom.map_or(kb * 1024, |h| h.min(kb * 1024)))
 }
 
-/// The room left under the memory limit of the control group named in `own` (the text of
-/// /proc/self/cgroup), with the control-group file systems mounted at `root`: the limit less
-/// the usage, not counting inactive file pages (cache the kernel reclaims before it kills),
-/// as `docker stats` counts it. `None` without a limit. cgroup v2 (`0::/path`, `memory.max`)
-/// and v1 (`N:memory:/path` under `root/memory`, `memory.limit_in_bytes`); the group is looked
-/// for at its path and, in a namespace that shows it as the root, at the root.
+/// The room left under the memory limits of the control group named in `own` (the text of
+/// /proc/self/cgroup) and its ancestors, with the control-group file systems mounted at `root`:
+/// for each group with a limit, the limit less the group's usage, not counting inactive file
+/// pages (cache the kernel reclaims before it kills), as `docker stats` counts it; the least
+/// of these, as the kernel kills at whichever limit is reached first (a group's usage counts
+/// its descendants'). `None` without a limit. cgroup v2 (`0::/path`, `memory.max`) and v1
+/// (`N:memory:/path` under `root/memory`, `memory.limit_in_bytes`); in a namespace that shows
+/// the group as the root, the groups at the path are absent and the root is the group.
 pub fn cgroup_headroom(root: &Path, own: &str) -> Option<u64> {
     let read = |dir: &Path, file: &str| std::fs::read_to_string(dir.join(file)).ok();
     let inactive = |dir: &Path, key: &str| -> u64 {
@@ -97,7 +99,6 @@ pub fn cgroup_headroom(root: &Path, own: &str) -> Option<u64> {
     for line in own.lines() {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let path = path.trim_start_matches('/');
         let (base, limit_file, usage_file, inactive_key) = if controllers.is_empty() {
             (root.to_path_buf(), "memory.max", "memory.current", "inactive_file ")
         } else if controllers.split(',').any(|c| c == "memory") {
@@ -105,16 +106,17 @@ pub fn cgroup_headroom(root: &Path, own: &str) -> Option<u64> {
         } else {
             continue;
         };
-        for dir in [base.join(path), base.clone()] {
-            let Some(limit) = read(&dir, limit_file) else { continue };
-            // v2 writes `max` without a limit; v1 a number near 2⁶³.
-            let Ok(limit) = limit.trim().parse::<u64>() else { return None };
-            if limit >= 1 << 60 {
-                return None;
-            }
-            let usage: u64 = read(&dir, usage_file)?.trim().parse().ok()?;
-            return Some(limit.saturating_sub(usage.saturating_sub(inactive(&dir, inactive_key))));
-        }
+        let headroom = Path::new(path.trim_start_matches('/'))
+            .ancestors()
+            .filter_map(|group| {
+                let dir = base.join(group);
+                // v2 writes `max` without a limit; v1 a number near 2⁶³.
+                let limit = read(&dir, limit_file)?.trim().parse::<u64>().ok().filter(|&l| l < 1 << 60)?;
+                let usage: u64 = read(&dir, usage_file)?.trim().parse().ok()?;
+                Some(limit.saturating_sub(usage.saturating_sub(inactive(&dir, inactive_key))))
+            })
+            .min();
+        return headroom;
     }
     None
 }
@@ -191,6 +193,13 @@ mod tests {
         assert_eq!(cgroup_headroom(root, own), Some((2 << 30) - (1 << 29)));
         write(&v1, &[("memory.limit_in_bytes", "9223372036854771712\n")]);
         assert_eq!(cgroup_headroom(root, own), None);
+        // A tighter limit on an ancestor group bounds its descendants.
+        write(&v1, &[("memory.limit_in_bytes", "2147483648\n")]);
+        write(
+            &root.join("memory/docker"),
+            &[("memory.limit_in_bytes", "1610612736\n"), ("memory.usage_in_bytes", "1073741824\n")],
+        );
+        assert_eq!(cgroup_headroom(root, own), Some(1 << 29));
         // No control group files at all.
         assert_eq!(cgroup_headroom(&root.join("absent"), own), None);
     }
