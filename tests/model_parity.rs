@@ -57,6 +57,65 @@ fn cached_decoding_equals_full_forward() {
     }
 }
 
+/// The last-position forward that decoding's prefill takes ([`CausalLm::forward_last`]: the last
+/// block's output at the last position only) gives the full forward's last-position logits,
+/// with and without a cache, for every family and padding, trainable, frozen and frozen bf16
+/// (whose cache stores bf16); and the cache it fills holds every position's keys and values:
+/// the step after it gives what the step after a full prefill gives.
+#[test]
+fn last_position_forward_equals_full_forward() {
+    use minillm::model::{load_model_as, AttentionMask, CausalLm, Weights};
+    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+        d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    };
+    let last = |x: &Tensor| x.narrow(1, x.dim(1).unwrap() - 1, 1).unwrap().squeeze(1).unwrap();
+    // Prefill all but the last token into a fresh cache (by the full or the last-position
+    // forward), then one step with the last token; the prefill's and the step's logits.
+    let prefill_then_step = |lm: &dyn CausalLm, ids: &Tensor, rows: &[Vec<u8>], last_only: bool| {
+        let t = ids.dim(1).unwrap();
+        let mut cache = lm.new_cache();
+        let prefix: Vec<Vec<u8>> = rows.iter().map(|r| r[..t - 1].to_vec()).collect();
+        let (prefix, all) = (AttentionMask::from_rows(&prefix).unwrap(), AttentionMask::from_rows(rows).unwrap());
+        let prompt = ids.narrow(1, 0, t - 1).unwrap();
+        let prefill = if last_only {
+            lm.forward_last(&prompt, &prefix, Some(&mut cache)).unwrap()
+        } else {
+            last(&lm.forward(&prompt, &prefix, Some(&mut cache)).unwrap())
+        };
+        assert_eq!(cache.seq_len(), t - 1, "every prompt position cached");
+        (prefill, lm.forward_last(&ids.narrow(1, t - 1, 1).unwrap(), &all, Some(&mut cache)).unwrap())
+    };
+    for name in FAMILIES {
+        let dir = fixtures().join("models").join(name);
+        let reference = reference(name);
+        for (weights, dtype) in
+            [(Weights::Trainable, DType::F32), (Weights::Frozen, DType::F32), (Weights::Frozen, DType::BF16)]
+        {
+            let model = load_model_as(&dir, &candle_core::Device::Cpu, dtype, weights).unwrap();
+            for batch in ["right", "left", "full"] {
+                let what = format!("{name}/{weights:?}/{dtype:?}/{batch}");
+                let ids = ids_u32(&reference[&format!("{batch}.input_ids")]);
+                let rows = rows_u8(&reference[&format!("{batch}.attention_mask")]);
+                let mask = mask_of(&reference[&format!("{batch}.attention_mask")]);
+                // The two paths multiply at different row counts, which may round differently.
+                let tol = 1e-5;
+                let got = model.lm.forward_last(&ids, &mask, None).unwrap();
+                assert_eq!(got.dims(), [ids.dim(0).unwrap(), model.lm.info().vocab_size], "{what}: shape");
+                let d = max_diff(&got, &last(&model.lm.forward(&ids, &mask, None).unwrap()));
+                assert!(d <= tol, "{what}: last-position vs full forward max |Δlogit| = {d}");
+
+                let (prefill, step) = prefill_then_step(model.lm.as_ref(), &ids, &rows, true);
+                let (want_prefill, want_step) = prefill_then_step(model.lm.as_ref(), &ids, &rows, false);
+                let d = max_diff(&prefill, &want_prefill);
+                assert!(d <= tol, "{what}: cached last-position vs full prefill max |Δlogit| = {d}");
+                let d = max_diff(&step, &want_step);
+                assert!(d <= tol, "{what}: step after a last-position vs a full prefill max |Δlogit| = {d}");
+            }
+        }
+    }
+}
+
 /// Every trainable parameter of every family receives a non-zero gradient (catches ops
 /// without a backward, such as candle's fused norms).
 #[test]

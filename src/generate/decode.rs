@@ -153,8 +153,7 @@ pub(crate) fn decode<S: Send>(
     let mut step_all = |input: &Tensor, mask: &AttentionMask, caches: &mut [KvCache]| -> Result<Vec<Vec<Vec<f32>>>> {
         let mut out = Vec::with_capacity(models.len());
         for (k, (m, c)) in models.iter().zip(caches.iter_mut()).enumerate() {
-            let h = m.forward_hidden(input, mask, Some(c))?;
-            let last = h.narrow(1, h.dim(1)? - 1, 1)?.squeeze(1)?.detach();
+            let last = m.forward_hidden_last(input, mask, Some(c))?.detach();
             out.push(m.logits(&last)?.to_dtype(candle_core::DType::F32)?.to_vec2()?);
             if keep_hidden == Some(k) {
                 hidden.push(last);

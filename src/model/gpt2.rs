@@ -5,7 +5,9 @@ use candle_core::{DType, Tensor};
 
 use super::checkpointing::Checkpointing;
 use super::config::Gpt2Config;
-use super::layers::{position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear, LmHead};
+use super::layers::{
+    last_along, position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear, LmHead,
+};
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
 use crate::ops::attention_packed;
@@ -32,6 +34,8 @@ impl Block {
     }
 
     /// The block's output for `x`; with a cache, layer `layer`'s keys and values are appended.
+    /// With `last_only` the output is the last position's alone (`[b, 1, hidden]`), though
+    /// every position's keys and values are cached.
     fn forward(
         &self,
         x: &Tensor,
@@ -39,6 +43,7 @@ impl Block {
         n_head: usize,
         act: Activation,
         cache: Option<(&mut KvCache, usize)>,
+        last_only: bool,
     ) -> Result<Tensor> {
         let qkv = self.c_attn.forward(&self.ln_1.forward(x)?)?;
         let a = match cache {
@@ -53,10 +58,16 @@ impl Block {
                 let q = qkv.narrow(2, 0, h)?.reshape((b, t, n_head, h / n_head))?.transpose(1, 2)?;
                 let k = split_heads(&qkv.narrow(2, h, h)?, n_head)?;
                 let v = split_heads(&qkv.narrow(2, 2 * h, h)?, n_head)?;
-                c.attend(layer, &q, k, v, bias, self.scale)?
+                if last_only {
+                    c.attend(layer, &last_along(&q, 2)?, k, v, &last_along(bias, 2)?, self.scale)?
+                } else {
+                    c.attend(layer, &q, k, v, bias, self.scale)?
+                }
             }
         };
-        let x = (x + self.attn_proj.forward(&a)?)?;
+        // From here on each position is on its own.
+        let (x, a) = if last_only { (last_along(x, 1)?, last_along(&a, 1)?) } else { (x.clone(), a) };
+        let x = (&x + self.attn_proj.forward(&a)?)?;
         let m = self.mlp_proj.forward(&act.forward(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?)?;
         Ok((x + m)?)
     }
@@ -141,16 +152,14 @@ impl Gpt2 {
     }
 }
 
-impl CausalLm for Gpt2 {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn forward_hidden(
+impl Gpt2 {
+    /// Final hidden states, of the last position only with `last_only` (`[b, 1, hidden]`).
+    fn hidden(
         &self,
         input_ids: &Tensor,
         mask: &AttentionMask,
         mut cache: Option<&mut KvCache>,
+        last_only: bool,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let dev = input_ids.device();
@@ -160,15 +169,44 @@ impl CausalLm for Gpt2 {
         let positions = self.wpe.embedding(&pos.flatten_all()?)?.to_dtype(self.dtype)?;
         let mut x = (tokens.reshape((b, t, ()))? + positions.reshape((b, t, ()))?)?;
         let checkpointing = self.checkpointing.active(cache.is_some());
+        let last = self.blocks.len().saturating_sub(1);
         for (i, blk) in self.blocks.iter().enumerate() {
-            x = if checkpointing {
+            let last_only = last_only && i == last;
+            x = if checkpointing && !last_only {
                 let (blk2, bias, n_head, act) = (blk.clone(), bias.clone(), self.n_head, self.act);
-                self.checkpointing.block(&x, move |x| blk2.forward(x, &bias, n_head, act, None), blk.tensors())?
+                self.checkpointing.block(
+                    &x,
+                    move |x| blk2.forward(x, &bias, n_head, act, None, false),
+                    blk.tensors(),
+                )?
             } else {
-                blk.forward(&x, &bias, self.n_head, self.act, cache.as_deref_mut().map(|c| (c, i)))?
+                blk.forward(&x, &bias, self.n_head, self.act, cache.as_deref_mut().map(|c| (c, i)), last_only)?
             };
         }
+        if last_only {
+            // A no-op after the last block; the embeddings' last position in a model without blocks.
+            x = last_along(&x, 1)?;
+        }
         self.ln_f.forward(&x)
+    }
+}
+
+impl CausalLm for Gpt2 {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward_hidden(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.hidden(input_ids, mask, cache, false)
+    }
+
+    fn forward_hidden_last(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        Ok(self.hidden(input_ids, mask, cache, true)?.squeeze(1)?)
     }
 
     fn checkpointing(&self) -> Option<&Checkpointing> {

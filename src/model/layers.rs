@@ -359,6 +359,14 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     Ok(x.unsqueeze(2)?.expand((b, kv, n, s, d))?.reshape((b, kv * n, s, d))?)
 }
 
+/// The last entry along dimension `dim`, kept as a dimension of size 1 (`[…, t, …]` →
+/// `[…, 1, …]`): a block computing its output at the last position only narrows its queries
+/// (dimension 2), their bias rows (2) and its residual stream (1) with it.
+pub fn last_along(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let t = x.dim(dim)?;
+    Ok(x.narrow(dim, t - 1, 1)?)
+}
+
 /// Splits `[b, t, heads·d]` into `[b, heads, t, d]`.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, hd) = x.dims3()?;

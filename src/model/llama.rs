@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::checkpointing::Checkpointing;
 use super::config::LlamaConfig;
-use super::layers::{attention, split_heads, Activation, AttentionMask, KvCache, Linear, LmHead, RmsNorm};
+use super::layers::{attention, last_along, split_heads, Activation, AttentionMask, KvCache, Linear, LmHead, RmsNorm};
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
 
@@ -70,16 +70,29 @@ impl Layer {
     }
 
     /// The layer's output for `x`; with a cache, layer `index`'s keys and values are appended.
-    fn forward(&self, x: &Tensor, c: &LayerContext, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    /// With `last_only` the output is the last position's alone (`[b, 1, hidden]`), though
+    /// every position's keys and values are computed (and cached).
+    fn forward(
+        &self,
+        x: &Tensor,
+        c: &LayerContext,
+        cache: Option<(&mut KvCache, usize)>,
+        last_only: bool,
+    ) -> Result<Tensor> {
         let h = self.input_norm.forward(x)?;
         let q = apply_rope(&split_heads(&self.q.forward(&h)?, c.heads)?, &c.cos, &c.sin)?;
         let k = apply_rope(&split_heads(&self.k.forward(&h)?, c.kv_heads)?, &c.cos, &c.sin)?;
         let v = split_heads(&self.v.forward(&h)?, c.kv_heads)?;
-        let a = match cache {
-            Some((cache, index)) => cache.attend(index, &q, k, v, &c.bias, c.scale)?,
-            None => attention(&q, &k, &v, &c.bias, c.scale)?,
+        let (q, bias, x) = if last_only {
+            (last_along(&q, 2)?, last_along(&c.bias, 2)?, last_along(x, 1)?)
+        } else {
+            (q, c.bias.clone(), x.clone())
         };
-        let x = (x + self.o.forward(&a)?)?;
+        let a = match cache {
+            Some((cache, index)) => cache.attend(index, &q, k, v, &bias, c.scale)?,
+            None => attention(&q, &k, &v, &bias, c.scale)?,
+        };
+        let x = (&x + self.o.forward(&a)?)?;
         let h = self.post_attn_norm.forward(&x)?;
         let m = self.down.forward(&(c.act.forward(&self.gate.forward(&h)?)? * self.up.forward(&h)?)?)?;
         Ok((x + m)?)
@@ -177,16 +190,14 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
-impl CausalLm for Llama {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn forward_hidden(
+impl Llama {
+    /// Final hidden states, of the last position only with `last_only` (`[b, 1, hidden]`).
+    fn hidden(
         &self,
         input_ids: &Tensor,
         mask: &AttentionMask,
         mut cache: Option<&mut KvCache>,
+        last_only: bool,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let dev = input_ids.device();
@@ -199,15 +210,40 @@ impl CausalLm for Llama {
         let ctx = LayerContext { cos, sin, bias, scale, heads: self.heads, kv_heads: self.kv_heads, act: self.act };
         let mut x = self.embed_tokens.embedding(&input_ids.flatten_all()?)?.to_dtype(dtype)?.reshape((b, t, ()))?;
         let checkpointing = self.checkpointing.active(cache.is_some());
+        let last = self.layers.len().saturating_sub(1);
         for (i, l) in self.layers.iter().enumerate() {
-            x = if checkpointing {
+            let last_only = last_only && i == last;
+            x = if checkpointing && !last_only {
                 let (layer, c) = (l.clone(), ctx.clone());
-                self.checkpointing.block(&x, move |x| layer.forward(x, &c, None), l.tensors())?
+                self.checkpointing.block(&x, move |x| layer.forward(x, &c, None, false), l.tensors())?
             } else {
-                l.forward(&x, &ctx, cache.as_deref_mut().map(|c| (c, i)))?
+                l.forward(&x, &ctx, cache.as_deref_mut().map(|c| (c, i)), last_only)?
             };
         }
+        if last_only {
+            // A no-op after the last layer; the embeddings' last position in a model without layers.
+            x = last_along(&x, 1)?;
+        }
         self.norm.forward(&x)
+    }
+}
+
+impl CausalLm for Llama {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward_hidden(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.hidden(input_ids, mask, cache, false)
+    }
+
+    fn forward_hidden_last(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        Ok(self.hidden(input_ids, mask, cache, true)?.squeeze(1)?)
     }
 
     fn checkpointing(&self) -> Option<&Checkpointing> {

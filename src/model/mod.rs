@@ -186,13 +186,24 @@ pub trait CausalLm: Send + Sync {
         self.logits(&h)
     }
 
-    /// Logits `[b, vocab]` of the last position only (what decoding needs; avoids the LM head
-    /// over the whole prompt).
-    fn forward_last(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// Final hidden states `[b, hidden]` of the last position only, as [`Self::forward_hidden`]
+    /// computes them there: what decoding needs after a prompt. Every new token's keys and
+    /// values still go to the cache, but the families skip the last block's attention output,
+    /// projection and MLP at the other positions (a twelfth of a 12-layer model's prompt).
+    fn forward_hidden_last(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let h = self.forward_hidden(input_ids, mask, cache)?;
-        let t = h.dim(1)?;
-        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
-        self.logits(&last)
+        Ok(layers::last_along(&h, 1)?.squeeze(1)?)
+    }
+
+    /// Logits `[b, vocab]` of the last position only (what decoding needs; avoids the LM head
+    /// and the last block's per-position work over the whole prompt).
+    fn forward_last(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.logits(&self.forward_hidden_last(input_ids, mask, cache)?)
     }
 
     /// A new, empty KV cache for this model.

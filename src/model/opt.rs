@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 
 use super::config::OptConfig;
 use super::layers::{
-    attention, position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear, LmHead,
+    attention, last_along, position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear, LmHead,
 };
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
@@ -121,16 +121,16 @@ impl Opt {
     }
 }
 
-impl CausalLm for Opt {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn forward_hidden(
+impl Opt {
+    /// Final hidden states, of the last position only with `last_only` (`[b, 1, hidden]`):
+    /// the last layer then computes its attention output, projection and MLP there alone,
+    /// though every position's keys and values are computed (and cached).
+    fn hidden(
         &self,
         input_ids: &Tensor,
         mask: &AttentionMask,
         mut cache: Option<&mut KvCache>,
+        last_only: bool,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let dev = input_ids.device();
@@ -146,11 +146,19 @@ impl CausalLm for Opt {
         x = (x + self.embed_positions.embedding(&pos.flatten_all()?)?.to_dtype(self.dtype)?.reshape((b, t, ()))?)?;
         let head_dim = x.dim(2)? / self.heads;
         let scale = 1.0 / (head_dim as f64).sqrt();
+        let last = self.layers.len().saturating_sub(1);
         for (i, l) in self.layers.iter().enumerate() {
             let h = if self.pre_ln { l.attn_norm.forward(&x)? } else { x.clone() };
             let q = split_heads(&l.q.forward(&h)?, self.heads)?;
             let k = split_heads(&l.k.forward(&h)?, self.heads)?;
             let v = split_heads(&l.v.forward(&h)?, self.heads)?;
+            let (q, bias) = if last_only && i == last {
+                // Past the keys and values each position is on its own: the last one is kept.
+                x = last_along(&x, 1)?;
+                (last_along(&q, 2)?, last_along(&bias, 2)?)
+            } else {
+                (q, bias.clone())
+            };
             let a = match cache.as_deref_mut() {
                 Some(c) => c.attend(i, &q, k, v, &bias, scale)?,
                 None => attention(&q, &k, &v, &bias, scale)?,
@@ -167,6 +175,10 @@ impl CausalLm for Opt {
                 x = l.ffn_norm.forward(&x)?;
             }
         }
+        if last_only {
+            // A no-op after the last layer; the embeddings' last position in a model without layers.
+            x = last_along(&x, 1)?;
+        }
         if let Some(n) = &self.final_norm {
             x = n.forward(&x)?;
         }
@@ -174,6 +186,25 @@ impl CausalLm for Opt {
             x = p.forward(&x)?;
         }
         Ok(x)
+    }
+}
+
+impl CausalLm for Opt {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward_hidden(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.hidden(input_ids, mask, cache, false)
+    }
+
+    fn forward_hidden_last(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        Ok(self.hidden(input_ids, mask, cache, true)?.squeeze(1)?)
     }
 
     fn lm_head_weight(&self) -> &Tensor {
