@@ -5,7 +5,8 @@
 //!   the fused LM head + cross-entropy, backward, AdamW; in f32 and with
 //!   `train.matmul_precision = "bf16"` (PyTorch's side: `torch.autocast` to bf16).
 //! - Decoding as evaluation runs it: GPT-2 124M samples 64 new tokens for 16 and 64 rows from
-//!   64-token prompts (no EOS stop, so both sides do the same work).
+//!   64-token prompts (no EOS stop, so both sides do the same work); and up to 128 tokens for
+//!   64 rows that stop at random steps (1,000 stop ids), in generated tokens per second.
 //! - Teacher-mixed rollouts: the 124M student and a 355M teacher decode 16 rows in lockstep,
 //!   32 new tokens, the teacher's final hidden state kept.
 //! - The matrix products of one decoding step alone, 1 to 64 rows (random weights of GPT-2
@@ -132,6 +133,20 @@ fn decoding(c: &mut Criterion) {
             })
         });
     }
+    // Rows that stop: one token id in fifty (1,000 ids) ends a row, so with random weights (near
+    // uniform next-token distributions) about 2% of the rows stop at each step and 7% reach
+    // 128 tokens, as real responses end at many lengths. Finished rows leave the batch; the
+    // throughput counts the tokens generated (the same each iteration: the streams are fixed).
+    let stops: Vec<u32> = (0..VOCAB - 257).step_by(50).collect();
+    let stopping = SamplingConfig { max_new_tokens: 128, ..cfg.clone() };
+    let prompts = random_ids(64, 64, 3);
+    let run = || {
+        let mut rngs = row_rngs(1, 0..64);
+        on_workers(|| generate(model.lm.as_ref(), &prompts, &stops, 0, &stopping, &mut rngs)).unwrap()
+    };
+    let tokens: usize = run().responses.iter().map(Vec::len).sum();
+    group.throughput(Throughput::Elements(tokens as u64));
+    group.bench_function("decode gpt2-124m b64 64+128 stopping", |b| b.iter(run));
     // A trainable student (on-policy collection, validation samples) decodes from a packed
     // snapshot of its weights, taken per call as training takes one per collection; without
     // the snapshot it would read its weights in place (the second row).

@@ -353,6 +353,26 @@ def real_benches(root, sft=True, bf16=True, decode=True):
             assert out.shape[1] == 128
 
         results[f"decode gpt2-124m{dtype} b{rows} 64+64"] = (timed(decode, 1, 5), rows * 64)
+    # Rows that stop (benches/real_sizes.rs "stopping"): 1,000 stop ids, up to 128 new tokens;
+    # tokens per second counts each row's tokens up to its first stop id.
+    stops = list(range(0, REAL_V - 257, 50))
+    prompts = torch.randint(0, REAL_V - 1, (64, 64), generator=g)
+    generated = []
+
+    def decode_stopping():
+        with torch.no_grad():
+            out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=128,
+                                 eos_token_id=stops, pad_token_id=REAL_V - 1)
+        stop_set = set(stops)
+        for row in out[:, 64:].tolist():
+            ends = [j for j, t in enumerate(row) if t in stop_set]
+            generated.append(ends[0] + 1 if ends else len(row))
+
+    seconds = timed(decode_stopping, 1, 5)
+    # Tokens of the timed runs only (the warm-up run's rows come first).
+    per_run = sum(generated[64:]) / (len(generated) // 64 - 1)
+    results["decode gpt2-124m b64 64+128 stopping"] = (seconds, per_run)
     del model_bf16
     teacher = load("355m").eval()
     prompts = torch.randint(0, REAL_V - 1, (16, 64), generator=g)

@@ -101,6 +101,76 @@ fn each_row_samples_with_its_own_stream() {
     assert!(distinct.len() > rows as usize / 2, "{} distinct responses of {rows}", distinct.len());
 }
 
+/// Rows that finish early leave the decoding batch (their cached keys and values dropped, the
+/// others' moved down): in a batch of prompts of different lengths whose rows stop at
+/// different steps, every row draws what it draws alone, with the same log q, log p, forward
+/// KL and teacher hidden states (plain sampling, and teacher-mixed sampling with an f32 and a
+/// frozen bf16 teacher, whose cache stores bf16).
+#[test]
+fn rows_that_finish_early_leave_the_batch_without_changing_the_others() {
+    use minillm::model::{load_model_as, Weights};
+    let student = load("gpt2");
+    let bf16_teacher = load_model_as(
+        &fixtures().join("models/qwen2"),
+        &candle_core::Device::Cpu,
+        candle_core::DType::BF16,
+        Weights::Frozen,
+    )
+    .unwrap();
+    let rows = 16u64;
+    let prompts: Vec<Vec<u32>> = (0..rows as usize).map(|i| prompts_of("gpt2")[i % 3].clone()).collect();
+    // One token in sixteen ends a row: rows stop at many different steps.
+    let eos: Vec<u32> = (0..384).step_by(16).collect();
+    let cfg = SamplingConfig::sampling(24);
+    let plain = |prompts: &[Vec<u32>], streams: std::ops::Range<u64>| {
+        generate(student.lm.as_ref(), prompts, &eos, 0, &cfg, &mut row_rngs(9, streams)).unwrap()
+    };
+    let together = plain(&prompts, 0..rows);
+    let early = together.responses.iter().filter(|r| r.len() <= 12).count();
+    assert!(early >= 4, "only {early} of {rows} rows ended by step 12: the test needs rows to leave the batch");
+    for row in 0..rows {
+        let i = row as usize;
+        let alone = plain(&prompts[i..i + 1], row..row + 1);
+        assert_eq!(together.responses[i], alone.responses[0], "plain row {row}");
+        assert_eq!(together.ended_with_eos[i], alone.ended_with_eos[0], "plain row {row}");
+    }
+    for teacher in [load("qwen2"), bf16_teacher] {
+        let mixing = MixedSampling {
+            alpha: 0.3,
+            max_new_tokens: 24,
+            max_length: None,
+            keep_teacher_hidden: true,
+            record_forward_kl: true,
+        };
+        let mixed = |prompts: &[Vec<u32>], streams: std::ops::Range<u64>| {
+            let lm = teacher.lm.as_ref();
+            generate_mixed(student.lm.as_ref(), lm, prompts, &eos, 0, &mixing, &mut row_rngs(9, streams)).unwrap()
+        };
+        let together = mixed(&prompts, 0..rows);
+        let lens: std::collections::HashSet<usize> = together.generation.responses.iter().map(Vec::len).collect();
+        assert!(lens.len() >= 4, "mixed: response lengths {lens:?}: the test needs rows to stop at different steps");
+        let hidden = together.teacher_hidden.as_ref().unwrap();
+        for row in 0..rows {
+            let i = row as usize;
+            let alone = mixed(&prompts[i..i + 1], row..row + 1);
+            let n = alone.generation.responses[0].len();
+            assert_eq!(together.generation.responses[i], alone.generation.responses[0], "mixed row {row}");
+            let close = |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4);
+            assert!(close(&together.logq[i], &alone.logq[0]), "mixed row {row}: log q");
+            assert!(close(&together.logp[i], &alone.logp[0]), "mixed row {row}: log p");
+            assert!(close(&together.forward_kl[i], &alone.forward_kl[0]), "mixed row {row}: forward KL");
+            let flat = |t: candle_core::Tensor| t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap();
+            let (a, b) = (
+                flat(hidden.get(i).unwrap().narrow(0, 0, n).unwrap()).to_vec1::<f32>().unwrap(),
+                flat(alone.teacher_hidden.as_ref().unwrap().get(0).unwrap().narrow(0, 0, n).unwrap())
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            );
+            assert!(close(&a, &b), "mixed row {row}: teacher hidden states");
+        }
+    }
+}
+
 #[test]
 fn rows_stop_at_their_first_eos_and_the_padded_layout_masks_the_rest() {
     let model = load("qwen2");

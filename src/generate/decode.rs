@@ -148,20 +148,26 @@ pub(crate) fn decode<S: Send>(
     let mut mask = AttentionMask::from_rows(&rows)?;
     let input = Tensor::from_vec(ids, (b, p), &device)?;
     let mut caches: Vec<_> = models.iter().map(|m| m.new_cache()).collect();
+    // The rows the models run, by prompt index, in batch order. Rows that finish leave the
+    // batch once enough of them have ([`worth_dropping`]), so later steps compute only for the
+    // others.
+    let mut live: Vec<usize> = (0..b).collect();
     let mut hidden = Vec::new();
-    // One step of every model: last-position logits, keeping one model's hidden state.
-    let mut step_all = |input: &Tensor, mask: &AttentionMask, caches: &mut [KvCache]| -> Result<Vec<Vec<Vec<f32>>>> {
-        let mut out = Vec::with_capacity(models.len());
-        for (k, (m, c)) in models.iter().zip(caches.iter_mut()).enumerate() {
-            let last = m.forward_hidden_last(input, mask, Some(c))?.detach();
-            out.push(m.logits(&last)?.to_dtype(candle_core::DType::F32)?.to_vec2()?);
-            if keep_hidden == Some(k) {
-                hidden.push(last);
+    // One step of every model for the live rows: last-position logits, keeping one model's
+    // hidden state (of all `b` rows, zeros for rows no longer in the batch).
+    let mut step_all =
+        |input: &Tensor, mask: &AttentionMask, caches: &mut [KvCache], live: &[usize]| -> Result<Vec<Vec<Vec<f32>>>> {
+            let mut out = Vec::with_capacity(models.len());
+            for (k, (m, c)) in models.iter().zip(caches.iter_mut()).enumerate() {
+                let last = m.forward_hidden_last(input, mask, Some(c))?.detach();
+                out.push(m.logits(&last)?.to_dtype(candle_core::DType::F32)?.to_vec2()?);
+                if keep_hidden == Some(k) {
+                    hidden.push(if live.len() == b { last } else { spread_rows(&last, live, b)? });
+                }
             }
-        }
-        Ok(out)
-    };
-    let mut logits = step_all(&input, &mask, &mut caches)?;
+            Ok(out)
+        };
+    let mut logits = step_all(&input, &mask, &mut caches, &live)?;
 
     let mut history: Vec<Vec<u32>> = prompts.to_vec();
     let mut responses = vec![Vec::new(); b];
@@ -169,8 +175,13 @@ pub(crate) fn decode<S: Send>(
     let mut done = vec![false; b];
     let mut ended = vec![false; b];
     for step in 0..steps {
+        // Where each live row's logits sit in this step's batch.
+        let mut slot = vec![usize::MAX; b];
+        for (i, &row) in live.iter().enumerate() {
+            slot[row] = i;
+        }
         let mut next = vec![pad; b];
-        let active: Vec<bool> = done.iter().map(|d| !d).collect();
+        let mut active: Vec<bool> = live.iter().map(|&row| !done[row]).collect();
         let choices: Vec<Result<Option<Choice>>> = states
             .par_iter_mut()
             .zip(&history)
@@ -179,7 +190,7 @@ pub(crate) fn decode<S: Send>(
                 if done[row] {
                     return Ok(None);
                 }
-                let per_model: Vec<&[f32]> = logits.iter().map(|l| l[row].as_slice()).collect();
+                let per_model: Vec<&[f32]> = logits.iter().map(|l| l[slot[row]].as_slice()).collect();
                 // A fold without early exit vectorises; NaN logits are the rare case.
                 if per_model.iter().any(|l| l.iter().fold(false, |nan, x| nan | x.is_nan())) {
                     bail!("the model produced NaN logits at generation step {step} (prompt {row} of the batch)");
@@ -202,12 +213,36 @@ pub(crate) fn decode<S: Send>(
         if done.iter().all(|&d| d) || step + 1 == steps {
             break;
         }
+        let finished = live.iter().filter(|&&row| done[row]).count();
+        if worth_dropping(finished, live.len(), steps - step - 1) {
+            let keep: Vec<usize> = (0..live.len()).filter(|&i| !done[live[i]]).collect();
+            for c in &mut caches {
+                c.keep_rows(&keep)?;
+            }
+            mask = mask.keep_rows(&keep);
+            live = keep.iter().map(|&i| live[i]).collect();
+            active = vec![true; live.len()];
+        }
         mask = mask.extended(&active);
-        let input = Tensor::from_vec(next, (b, 1), &device)?;
-        logits = step_all(&input, &mask, &mut caches)?;
+        let input = Tensor::from_vec(live.iter().map(|&row| next[row]).collect(), (live.len(), 1), &device)?;
+        logits = step_all(&input, &mask, &mut caches, &live)?;
     }
     let generation = Generation { prompts: prompts.to_vec(), responses, ended_with_eos: ended };
     Ok(Decoded { generation, logq, logp, hidden })
+}
+
+/// Whether to drop `finished` rows of a batch of `rows` with `remaining` steps to go. Dropping
+/// moves every later row's cached keys and values down (a copy about the size of the cache),
+/// and saves the finished rows' share of each remaining step: so once an eighth of the batch
+/// has finished, and not for the last few steps.
+fn worth_dropping(finished: usize, rows: usize, remaining: usize) -> bool {
+    finished > 0 && finished * 8 >= rows && remaining >= 4
+}
+
+/// `[live.len(), hidden]` rows placed at rows `live` of a `[b, hidden]` tensor of zeros.
+fn spread_rows(x: &Tensor, live: &[usize], b: usize) -> Result<Tensor> {
+    let ids = Tensor::new(live.iter().map(|&r| r as u32).collect::<Vec<_>>(), x.device())?;
+    Ok(Tensor::zeros((b, x.dim(1)?), x.dtype(), x.device())?.index_add(&ids, x, 0)?)
 }
 
 /// Generates continuations of `prompts` with one model. `rngs` holds one stream per row

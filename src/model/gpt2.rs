@@ -5,9 +5,8 @@ use candle_core::{DType, Tensor};
 
 use super::checkpointing::Checkpointing;
 use super::config::Gpt2Config;
-use super::layers::{
-    last_along, position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear, LmHead,
-};
+use super::kv_cache::KvCache;
+use super::layers::{last_along, position_tensor, split_heads, Activation, AttentionMask, LayerNorm, Linear, LmHead};
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
 use crate::ops::attention_packed;

@@ -276,6 +276,12 @@ impl AttentionMask {
         &self.data[b * self.len..(b + 1) * self.len]
     }
 
+    /// Rows `keep` of the mask, in that order (decoding drops finished rows).
+    pub fn keep_rows(&self, keep: &[usize]) -> Self {
+        let data = keep.iter().flat_map(|&b| self.row(b).iter().copied()).collect();
+        Self { batch: keep.len(), len: self.len, data }
+    }
+
     /// The mask extended by one column (a decoding step), valid where `valid[b]` is true.
     pub fn extended(&self, valid: &[bool]) -> Self {
         let mut data = Vec::with_capacity(self.batch * (self.len + 1));
@@ -371,104 +377,6 @@ pub fn last_along(x: &Tensor, dim: usize) -> Result<Tensor> {
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, hd) = x.dims3()?;
     Ok(x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)?.contiguous()?)
-}
-
-/// Key/value cache of every layer for incremental decoding.
-///
-/// Each layer's keys and values live in a preallocated `[b, kv_heads, capacity, d]` buffer
-/// written in place; attention reads views of the filled part. The capacity doubles when
-/// exceeded, so decoding does not allocate (and fault in fresh memory) at every token.
-#[derive(Clone, Debug, Default)]
-pub struct KvCache {
-    layers: Vec<Option<LayerCache>>,
-    /// The dtype keys and values are stored in, when not the one they are computed in.
-    storage: Option<DType>,
-}
-
-#[derive(Clone, Debug)]
-struct LayerCache {
-    k: Tensor,
-    v: Tensor,
-    len: usize,
-}
-
-/// Room reserved beyond the prompt when a cache is first filled.
-const INITIAL_HEADROOM: usize = 64;
-
-impl LayerCache {
-    fn with_capacity(k: &Tensor, cap: usize) -> Result<(Tensor, Tensor)> {
-        let (b, h, _, d) = k.dims4()?;
-        let z = Tensor::zeros((b, h, cap, d), k.dtype(), k.device())?;
-        Ok((z.clone(), z.zeros_like()?))
-    }
-}
-
-impl KvCache {
-    /// An empty cache for a model with `n_layers` layers.
-    pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![None; n_layers], storage: None }
-    }
-
-    /// The cache storing keys and values in `dtype` (`None`: as computed). A frozen bf16
-    /// model on the CPU stores them in bf16, as its products round their inputs to bf16
-    /// anyway: half the bytes for decoding's attention to read (the model's
-    /// [`ModelInfo::cache_dtype`](super::ModelInfo::cache_dtype)).
-    pub fn storing(mut self, dtype: Option<DType>) -> Self {
-        self.storage = dtype;
-        self
-    }
-
-    /// Number of cached positions.
-    pub fn seq_len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |c| c.len)
-    }
-
-    /// Appends this step's keys/values `[b, kv_heads, t, d]` to layer `layer` and returns
-    /// views of all cached keys/values.
-    pub fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let t = k.dim(2)?;
-        let (k, v) = match self.storage {
-            Some(dtype) => (k.to_dtype(dtype)?.contiguous()?, v.to_dtype(dtype)?.contiguous()?),
-            None => (k.contiguous()?, v.contiguous()?),
-        };
-        let entry = &mut self.layers[layer];
-        let needed = entry.as_ref().map_or(0, |c| c.len) + t;
-        let capacity = entry.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
-        if needed > capacity {
-            let cap = (2 * capacity).max(needed + INITIAL_HEADROOM);
-            let (nk, nv) = LayerCache::with_capacity(&k, cap)?;
-            if let Some(old) = entry.as_ref() {
-                nk.slice_set(&old.k.narrow(2, 0, old.len)?.contiguous()?, 2, 0)?;
-                nv.slice_set(&old.v.narrow(2, 0, old.len)?.contiguous()?, 2, 0)?;
-            }
-            *entry = Some(LayerCache { k: nk, v: nv, len: entry.as_ref().map_or(0, |c| c.len) });
-        }
-        let c = entry.as_mut().expect("cache entry exists after growth");
-        c.k.slice_set(&k, 2, c.len)?;
-        c.v.slice_set(&v, 2, c.len)?;
-        c.len += t;
-        Ok((c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?))
-    }
-
-    /// Appends this step's keys/values to layer `layer` and attends the queries `q`
-    /// `[b, heads, t, d]` to everything cached: [`attention`]'s result, by the fused
-    /// decoding kernel on f32 CPU tensors (not differentiable: caches serve generation only).
-    pub fn attend(
-        &mut self,
-        layer: usize,
-        q: &Tensor,
-        k: Tensor,
-        v: Tensor,
-        bias: &Tensor,
-        scale: f64,
-    ) -> Result<Tensor> {
-        let (k, v) = self.append(layer, k, v)?;
-        if crate::ops::inference_attention::applies(q, &k, &v, bias) {
-            Ok(crate::ops::attention_inference(q, &k, &v, bias, scale)?)
-        } else {
-            attention(q, &k.to_dtype(q.dtype())?, &v.to_dtype(q.dtype())?, bias, scale)
-        }
-    }
 }
 
 /// Converts host position ids to a `[b, t]` tensor.

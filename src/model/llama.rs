@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::checkpointing::Checkpointing;
 use super::config::LlamaConfig;
-use super::layers::{attention, last_along, split_heads, Activation, AttentionMask, KvCache, Linear, LmHead, RmsNorm};
+use super::kv_cache::KvCache;
+use super::layers::{attention, last_along, split_heads, Activation, AttentionMask, Linear, LmHead, RmsNorm};
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
 

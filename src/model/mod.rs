@@ -6,6 +6,7 @@ pub mod checkpointing;
 pub mod compat;
 pub mod config;
 pub mod gpt2;
+pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod opt;
@@ -16,7 +17,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 pub use checkpoint::{load_model, load_model_as, save_model, write_model_files, Model};
-pub use layers::{AttentionMask, KvCache};
+pub use kv_cache::KvCache;
+pub use layers::AttentionMask;
 pub use params::{ParamSource, Params, Weights};
 
 /// The working precision of a model's weights and activations.

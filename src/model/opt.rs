@@ -5,8 +5,9 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 
 use super::config::OptConfig;
+use super::kv_cache::KvCache;
 use super::layers::{
-    attention, last_along, position_tensor, split_heads, Activation, AttentionMask, KvCache, LayerNorm, Linear, LmHead,
+    attention, last_along, position_tensor, split_heads, Activation, AttentionMask, LayerNorm, Linear, LmHead,
 };
 use super::params::{Init, ParamBuilder, Params};
 use super::{CausalLm, Family, ModelInfo};
