@@ -8,7 +8,7 @@ use super::config::Gpt2Config;
 use super::kv_cache::KvCache;
 use super::layers::{last_along, position_tensor, split_heads, Activation, AttentionMask, LayerNorm, Linear, LmHead};
 use super::params::{Init, ParamBuilder, Params};
-use super::{CausalLm, Family, ModelInfo};
+use super::{CausalLm, Family, ModelInfo, Positions};
 use crate::ops::attention_packed;
 
 #[derive(Clone)]
@@ -151,15 +151,19 @@ impl Gpt2 {
     }
 }
 
-impl Gpt2 {
-    /// Final hidden states, of the last position only with `last_only` (`[b, 1, hidden]`).
-    fn hidden(
+impl CausalLm for Gpt2 {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn hidden_states(
         &self,
         input_ids: &Tensor,
         mask: &AttentionMask,
         mut cache: Option<&mut KvCache>,
-        last_only: bool,
+        positions: Positions,
     ) -> Result<Tensor> {
+        let last_only = positions == Positions::Last;
         let (b, t) = input_ids.dims2()?;
         let dev = input_ids.device();
         let pos = position_tensor(mask.position_ids(t, 1), b, t, dev)?;
@@ -187,25 +191,6 @@ impl Gpt2 {
             x = last_along(&x, 1)?;
         }
         self.ln_f.forward(&x)
-    }
-}
-
-impl CausalLm for Gpt2 {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn forward_hidden(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.hidden(input_ids, mask, cache, false)
-    }
-
-    fn forward_hidden_last(
-        &self,
-        input_ids: &Tensor,
-        mask: &AttentionMask,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        Ok(self.hidden(input_ids, mask, cache, true)?.squeeze(1)?)
     }
 
     fn checkpointing(&self) -> Option<&Checkpointing> {

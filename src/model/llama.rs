@@ -10,7 +10,7 @@ use super::config::LlamaConfig;
 use super::kv_cache::KvCache;
 use super::layers::{attention, last_along, split_heads, Activation, AttentionMask, Linear, LmHead, RmsNorm};
 use super::params::{Init, ParamBuilder, Params};
-use super::{CausalLm, Family, ModelInfo};
+use super::{CausalLm, Family, ModelInfo, Positions};
 
 #[derive(Clone)]
 struct Layer {
@@ -191,15 +191,19 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
-impl Llama {
-    /// Final hidden states, of the last position only with `last_only` (`[b, 1, hidden]`).
-    fn hidden(
+impl CausalLm for Llama {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn hidden_states(
         &self,
         input_ids: &Tensor,
         mask: &AttentionMask,
         mut cache: Option<&mut KvCache>,
-        last_only: bool,
+        positions: Positions,
     ) -> Result<Tensor> {
+        let last_only = positions == Positions::Last;
         let (b, t) = input_ids.dims2()?;
         let dev = input_ids.device();
         let dtype = self.dtype;
@@ -226,25 +230,6 @@ impl Llama {
             x = last_along(&x, 1)?;
         }
         self.norm.forward(&x)
-    }
-}
-
-impl CausalLm for Llama {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn forward_hidden(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.hidden(input_ids, mask, cache, false)
-    }
-
-    fn forward_hidden_last(
-        &self,
-        input_ids: &Tensor,
-        mask: &AttentionMask,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        Ok(self.hidden(input_ids, mask, cache, true)?.squeeze(1)?)
     }
 
     fn checkpointing(&self) -> Option<&Checkpointing> {

@@ -115,18 +115,41 @@ pub struct ModelInfo {
     pub cache_dtype: Option<DType>,
 }
 
+/// Which positions a forward pass computes final hidden states for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Positions {
+    /// Every position (training, scoring).
+    All,
+    /// The last position only (decoding). The last block still computes and caches every
+    /// position's keys and values, but its attention output, projection and MLP only at the
+    /// last position: a twelfth of a 12-layer model's per-position products over a prompt.
+    Last,
+}
+
 /// A causal language model: hidden states and logits for a batch, with an optional cache.
 pub trait CausalLm: Send + Sync {
     /// Static facts about the model.
     fn info(&self) -> &ModelInfo;
 
-    /// Final hidden states `[b, t, hidden]` (after the last norm) for `input_ids` `[b, t]`.
+    /// Final hidden states (after the last norm) for `input_ids` `[b, t]`: `[b, t, hidden]`
+    /// at every position, or `[b, 1, hidden]` at the last ([`Positions`]).
     ///
     /// `mask` covers the cached prefix plus the `t` new tokens (`[b, past + t]`). Position ids
     /// are derived from it as `transformers` does for the family, so left and right padding
     /// both give the unpadded result at real positions. With `cache`, keys and values of the
-    /// new tokens are appended to it.
-    fn forward_hidden(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    /// new tokens are appended to it (of every new token, whichever `positions`).
+    fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttentionMask,
+        cache: Option<&mut KvCache>,
+        positions: Positions,
+    ) -> Result<Tensor>;
+
+    /// Final hidden states `[b, t, hidden]` at every position ([`Self::hidden_states`]).
+    fn forward_hidden(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.hidden_states(input_ids, mask, cache, Positions::All)
+    }
 
     /// The output projection (LM head) weight `[vocab, hidden]`.
     fn lm_head_weight(&self) -> &Tensor;
@@ -188,18 +211,15 @@ pub trait CausalLm: Send + Sync {
         self.logits(&h)
     }
 
-    /// Final hidden states `[b, hidden]` of the last position only, as [`Self::forward_hidden`]
-    /// computes them there: what decoding needs after a prompt. Every new token's keys and
-    /// values still go to the cache, but the families skip the last block's attention output,
-    /// projection and MLP at the other positions (a twelfth of a 12-layer model's prompt).
+    /// Final hidden states `[b, hidden]` of the last position only ([`Positions::Last`]): what
+    /// decoding needs after a prompt.
     fn forward_hidden_last(
         &self,
         input_ids: &Tensor,
         mask: &AttentionMask,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let h = self.forward_hidden(input_ids, mask, cache)?;
-        Ok(layers::last_along(&h, 1)?.squeeze(1)?)
+        Ok(self.hidden_states(input_ids, mask, cache, Positions::Last)?.squeeze(1)?)
     }
 
     /// Logits `[b, vocab]` of the last position only (what decoding needs; avoids the LM head

@@ -10,7 +10,7 @@ use super::layers::{
     attention, last_along, position_tensor, split_heads, Activation, AttentionMask, LayerNorm, Linear, LmHead,
 };
 use super::params::{Init, ParamBuilder, Params};
-use super::{CausalLm, Family, ModelInfo};
+use super::{CausalLm, Family, ModelInfo, Positions};
 
 /// OPT's learned position table has this many extra leading rows.
 const POSITION_OFFSET: i64 = 2;
@@ -122,17 +122,19 @@ impl Opt {
     }
 }
 
-impl Opt {
-    /// Final hidden states, of the last position only with `last_only` (`[b, 1, hidden]`):
-    /// the last layer then computes its attention output, projection and MLP there alone,
-    /// though every position's keys and values are computed (and cached).
-    fn hidden(
+impl CausalLm for Opt {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn hidden_states(
         &self,
         input_ids: &Tensor,
         mask: &AttentionMask,
         mut cache: Option<&mut KvCache>,
-        last_only: bool,
+        positions: Positions,
     ) -> Result<Tensor> {
+        let last_only = positions == Positions::Last;
         let (b, t) = input_ids.dims2()?;
         let dev = input_ids.device();
         // OPT derives positions as cumsum(mask)·mask − 1 (padding → −1), then adds the offset.
@@ -187,25 +189,6 @@ impl Opt {
             x = p.forward(&x)?;
         }
         Ok(x)
-    }
-}
-
-impl CausalLm for Opt {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn forward_hidden(&self, input_ids: &Tensor, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.hidden(input_ids, mask, cache, false)
-    }
-
-    fn forward_hidden_last(
-        &self,
-        input_ids: &Tensor,
-        mask: &AttentionMask,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        Ok(self.hidden(input_ids, mask, cache, true)?.squeeze(1)?)
     }
 
     fn lm_head_weight(&self) -> &Tensor {
