@@ -57,11 +57,8 @@ impl Block {
                 let q = qkv.narrow(2, 0, h)?.reshape((b, t, n_head, h / n_head))?.transpose(1, 2)?;
                 let k = split_heads(&qkv.narrow(2, h, h)?, n_head)?;
                 let v = split_heads(&qkv.narrow(2, 2 * h, h)?, n_head)?;
-                if last_only {
-                    c.attend(layer, &last_along(&q, 2)?, k, v, &last_along(bias, 2)?, self.scale)?
-                } else {
-                    c.attend(layer, &q, k, v, bias, self.scale)?
-                }
+                let (q, bias) = if last_only { (last_along(&q, 2)?, last_along(bias, 2)?) } else { (q, bias.clone()) };
+                c.attend(layer, &q, k, v, &bias, self.scale)?
             }
         };
         // From here on each position is on its own.
