@@ -47,6 +47,22 @@ pub const NC: usize = 512;
 /// Where the kernel outruns `gemm` ([`super::gemm_f32::OUTRUNS_GEMM`]: AVX2) it takes every
 /// row count instead.
 pub const KERNEL_ROWS: usize = 96;
+/// How far ahead of its reads, in bytes of the panel, the first row block over a panel block
+/// asks for the weight in [`columns`]' whole-panel order (few rows: decoding). There each
+/// task reads its share of the weight as one stream from memory, and the first row block
+/// waits on every line of it: the hardware prefetchers do not run far enough ahead to hide
+/// memory's latency behind ~6 cycles of multiply-adds per line. 4 KiB ahead (64 lines) cut
+/// GPT-2 124M's decoding products, weights from memory, by 13–18% at 8 rows, 9–13% at 16,
+/// 4–7% at 32 and 2–6% at 48 on the AVX2 EPYC (one process alternating the two, medians of
+/// seven rounds; 1, 2 and 8 KiB ahead did about as well).
+const STREAM_AHEAD_BYTES: usize = 4096;
+/// Whether the first row block over each panel block that comes from memory asks for the
+/// weight ahead of its reads: in the whole-panel order [`STREAM_AHEAD_BYTES`] ahead, in
+/// Goto's loops (first group of rows only) one panel ahead, the block the next columns take
+/// (64-row products −7%, 256 rows −2%, the same harness). Measured only with AVX2 (no AVX-512
+/// host was at hand then), so left off where AVX-512 builds run their own 6 × 64 kernel,
+/// whose decoding already met its targets.
+const STREAM_AHEAD: bool = LANES == 8;
 /// Weight entries per group of panels unpacked for `gemm` (4 MiB of f32).
 const GROUP_ENTRIES: usize = 1 << 20;
 /// Most rows per pass of the panels: their packed rows (`MC × KC` f32) stay in L2.
@@ -211,11 +227,19 @@ fn columns<E: PanelEntry>(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedP
     let blocks = rows.div_ceil(MR);
     // The packed rows of row block `block` over the inner block from `i0`, `kc` deep, against
     // the panel block `ws` at output column `col`.
-    let product = |block: usize, i0: usize, kc: usize, ws: &[E], col: usize, width: usize| {
+    // `ahead`: bytes past its reads at which the row block asks for the weight (0: none).
+    let product = |block: usize, i0: usize, kc: usize, ws: &[E], col: usize, width: usize, ahead: usize| {
         let xs = &xp[(block * k + i0) * MR..][..kc * MR];
-        // SAFETY: this task alone writes columns `c0..c1`; the block at (`block·MR`, `col`)
-        // lies inside `dst`.
-        unsafe { row_block_product(xs, ws, out, block * MR, MR.min(rows - block * MR), col, width) }
+        let (r0, height) = (block * MR, MR.min(rows - block * MR));
+        // SAFETY: this task alone writes columns `c0..c1`; the block at (`r0`, `col`) lies
+        // inside `dst`.
+        unsafe {
+            if STREAM_AHEAD && ahead > 0 {
+                streaming_row_block_product(xs, ws, out, r0, height, col, width, ahead)
+            } else {
+                row_block_product(xs, ws, out, r0, height, col, width)
+            }
+        }
     };
     let panel_block = |col: usize, i0: usize, kc: usize| &w.values[((col / NR) * k + i0) * NR..][..kc * NR];
     if blocks <= MC / MR {
@@ -224,7 +248,10 @@ fn columns<E: PanelEntry>(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedP
                 let kc = depth.min(k - i0);
                 let ws = panel_block(col, i0, kc);
                 for block in 0..blocks {
-                    product(block, i0, kc, ws, col, NR.min(c1 - col));
+                    // The task's panels lie one after the other, so what lies ahead of this
+                    // block is what the first row block reads next.
+                    let ahead = if block == 0 { STREAM_AHEAD_BYTES } else { 0 };
+                    product(block, i0, kc, ws, col, NR.min(c1 - col), ahead);
                 }
             }
         }
@@ -240,7 +267,10 @@ fn columns<E: PanelEntry>(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedP
                     for block in group..(group + MC / MR).min(blocks) {
                         let (height, width) = (MR.min(rows - block * MR), NR.min(jc1 - col));
                         prefetch_output(out, block * MR, height, col, width);
-                        product(block, i0, kc, ws, col, width);
+                        // The first group takes each panel block from memory; the next it
+                        // takes is the next panel's at the same depth, one panel ahead.
+                        let ahead = if block == 0 { k * NR * std::mem::size_of::<E>() } else { 0 };
+                        product(block, i0, kc, ws, col, width, ahead);
                     }
                 }
             }
@@ -286,33 +316,71 @@ pub(super) unsafe fn row_block_product<E: PanelEntry>(
     width: usize,
 ) {
     match height {
-        1 => block_product::<1, E>(xs, ws, out, r0, col, width),
-        2 => block_product::<2, E>(xs, ws, out, r0, col, width),
-        3 => block_product::<3, E>(xs, ws, out, r0, col, width),
-        4 => block_product::<4, E>(xs, ws, out, r0, col, width),
-        5 => block_product::<5, E>(xs, ws, out, r0, col, width),
-        _ => block_product::<MR, E>(xs, ws, out, r0, col, width),
+        1 => block_product::<1, false, E>(xs, ws, out, r0, col, width, 0),
+        2 => block_product::<2, false, E>(xs, ws, out, r0, col, width, 0),
+        3 => block_product::<3, false, E>(xs, ws, out, r0, col, width, 0),
+        4 => block_product::<4, false, E>(xs, ws, out, r0, col, width, 0),
+        5 => block_product::<5, false, E>(xs, ws, out, r0, col, width, 0),
+        _ => block_product::<MR, false, E>(xs, ws, out, r0, col, width, 0),
+    }
+}
+
+/// [`row_block_product`] asking for the weight `ahead` bytes past each line of the panel it
+/// reads ([`STREAM_AHEAD`]).
+///
+/// # Safety
+/// As for [`block_product`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn streaming_row_block_product<E: PanelEntry>(
+    xs: &[f32],
+    ws: &[E],
+    out: &SharedRows,
+    r0: usize,
+    height: usize,
+    col: usize,
+    width: usize,
+    ahead: usize,
+) {
+    match height {
+        1 => block_product::<1, true, E>(xs, ws, out, r0, col, width, ahead),
+        2 => block_product::<2, true, E>(xs, ws, out, r0, col, width, ahead),
+        3 => block_product::<3, true, E>(xs, ws, out, r0, col, width, ahead),
+        4 => block_product::<4, true, E>(xs, ws, out, r0, col, width, ahead),
+        5 => block_product::<5, true, E>(xs, ws, out, r0, col, width, ahead),
+        _ => block_product::<MR, true, E>(xs, ws, out, r0, col, width, ahead),
     }
 }
 
 /// Adds the `R × NR` block of sums of the first `R` rows of the packed rows `xs` times the
 /// packed panel block `ws` (both over the same inner entries) to the `R × width` block of the
-/// output at (`r0`, `col`).
+/// output at (`r0`, `col`). With `AHEAD`, each inner index also asks for the lines `ahead`
+/// bytes past the panel's own.
 ///
 /// # Safety
 /// The output block is in bounds and no other thread touches it.
 #[inline(always)]
-unsafe fn block_product<const R: usize, E: PanelEntry>(
+unsafe fn block_product<const R: usize, const AHEAD: bool, E: PanelEntry>(
     xs: &[f32],
     ws: &[E],
     out: &SharedRows,
     r0: usize,
     col: usize,
     width: usize,
+    ahead: usize,
 ) {
     assert!(R <= MR && xs.len() / MR == ws.len() / NR);
     let mut acc = [[F32x::zero(); NV]; R];
     for (x, w) in xs.chunks_exact(MR).zip(ws.chunks_exact(NR)) {
+        if AHEAD {
+            const LINE: usize = super::skinny::LINE_BYTES;
+            let ahead = w.as_ptr().cast::<u8>().wrapping_add(ahead);
+            for line in (0..NR * std::mem::size_of::<E>()).step_by(LINE) {
+                // Past the weight's end this asks for nothing useful, and a prefetch never
+                // faults.
+                super::simd::prefetch(ahead.wrapping_add(line));
+            }
+        }
         let w: [F32x; NV] = std::array::from_fn(|v| E::load(&w[v * LANES..][..LANES]));
         for (acc, &x) in acc.iter_mut().zip(&x[..R]) {
             let x = F32x::splat(x);
