@@ -67,7 +67,7 @@ pub fn matmul(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: M
                             prefetch_output(&out, block * MR, height, col, width);
                             // SAFETY: this task alone writes columns `c0..c1`; the block at
                             // (`block·MR`, `col`) lies inside the checked `dst` view.
-                            unsafe { row_block_product(xs, ws, &out, block * MR, height, col, width) }
+                            unsafe { row_block_product::<_, false>(xs, ws, &out, block * MR, height, col, width, 0) }
                         }
                     }
                 }

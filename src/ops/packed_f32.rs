@@ -235,9 +235,9 @@ fn columns<E: PanelEntry>(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedP
         // inside `dst`.
         unsafe {
             if STREAM_AHEAD && ahead > 0 {
-                streaming_row_block_product(xs, ws, out, r0, height, col, width, ahead)
+                row_block_product::<E, true>(xs, ws, out, r0, height, col, width, ahead)
             } else {
-                row_block_product(xs, ws, out, r0, height, col, width)
+                row_block_product::<E, false>(xs, ws, out, r0, height, col, width, 0)
             }
         }
     };
@@ -301,38 +301,14 @@ pub(super) fn prefetch_output(out: &SharedRows, r0: usize, height: usize, col: u
     }
 }
 
-/// [`block_product`] for a block of `height` rows (1 to [`MR`]).
-///
-/// # Safety
-/// As for [`block_product`].
-#[inline(always)]
-pub(super) unsafe fn row_block_product<E: PanelEntry>(
-    xs: &[f32],
-    ws: &[E],
-    out: &SharedRows,
-    r0: usize,
-    height: usize,
-    col: usize,
-    width: usize,
-) {
-    match height {
-        1 => block_product::<1, false, E>(xs, ws, out, r0, col, width, 0),
-        2 => block_product::<2, false, E>(xs, ws, out, r0, col, width, 0),
-        3 => block_product::<3, false, E>(xs, ws, out, r0, col, width, 0),
-        4 => block_product::<4, false, E>(xs, ws, out, r0, col, width, 0),
-        5 => block_product::<5, false, E>(xs, ws, out, r0, col, width, 0),
-        _ => block_product::<MR, false, E>(xs, ws, out, r0, col, width, 0),
-    }
-}
-
-/// [`row_block_product`] asking for the weight `ahead` bytes past each line of the panel it
-/// reads ([`STREAM_AHEAD`]).
+/// [`block_product`] for a block of `height` rows (1 to [`MR`]); with `AHEAD`, asking for the
+/// weight `ahead` bytes past each line of the panel it reads ([`STREAM_AHEAD`]).
 ///
 /// # Safety
 /// As for [`block_product`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn streaming_row_block_product<E: PanelEntry>(
+pub(super) unsafe fn row_block_product<E: PanelEntry, const AHEAD: bool>(
     xs: &[f32],
     ws: &[E],
     out: &SharedRows,
@@ -343,12 +319,12 @@ unsafe fn streaming_row_block_product<E: PanelEntry>(
     ahead: usize,
 ) {
     match height {
-        1 => block_product::<1, true, E>(xs, ws, out, r0, col, width, ahead),
-        2 => block_product::<2, true, E>(xs, ws, out, r0, col, width, ahead),
-        3 => block_product::<3, true, E>(xs, ws, out, r0, col, width, ahead),
-        4 => block_product::<4, true, E>(xs, ws, out, r0, col, width, ahead),
-        5 => block_product::<5, true, E>(xs, ws, out, r0, col, width, ahead),
-        _ => block_product::<MR, true, E>(xs, ws, out, r0, col, width, ahead),
+        1 => block_product::<1, AHEAD, E>(xs, ws, out, r0, col, width, ahead),
+        2 => block_product::<2, AHEAD, E>(xs, ws, out, r0, col, width, ahead),
+        3 => block_product::<3, AHEAD, E>(xs, ws, out, r0, col, width, ahead),
+        4 => block_product::<4, AHEAD, E>(xs, ws, out, r0, col, width, ahead),
+        5 => block_product::<5, AHEAD, E>(xs, ws, out, r0, col, width, ahead),
+        _ => block_product::<MR, AHEAD, E>(xs, ws, out, r0, col, width, ahead),
     }
 }
 
