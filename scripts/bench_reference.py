@@ -320,17 +320,18 @@ def method_benches():
 
 
 
-def real_benches(root, sft=True, bf16=True, decode=True):
+def real_benches(root, sft=True, bf16=True, decode=True, sft_shapes=((4, 298), (8, 512))):
     """The work of benches/real_sizes.rs on the models of scripts/make_real_size_models.sh
-    (without the SFT steps when `sft` is false, without the bf16 rows when `bf16` is false,
-    without decoding and rollouts when `decode` is false)."""
+    (without the SFT steps when `sft` is false, the SFT steps at `sft_shapes` (rows, length)
+    otherwise, without the bf16 rows when `bf16` is false, without decoding and rollouts when
+    `decode` is false)."""
     results = {}
     load = lambda size: transformers.GPT2LMHeadModel.from_pretrained(os.path.join(root, f"gpt2-{size}"))
     g = torch.Generator().manual_seed(2)
     model = load("124m").train()
     if sft:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-6)
-        for rows, length in [(4, 298), (8, 512)]:
+        for rows, length in sft_shapes:
             ids = torch.randint(0, REAL_V - 1, (rows, length), generator=g)
             results[f"sft_step gpt2-124m b{rows}x{length}"] = (timed(sft_step(model, opt, ids), 2, 6), None)
             if bf16:
@@ -482,6 +483,8 @@ if __name__ == "__main__":
     ap.add_argument("--real", metavar="DIR", help="the benches of benches/real_sizes.rs on DIR/gpt2-{124m,355m}")
     ap.add_argument("--no-sft", action="store_true", help="--real without the SFT steps")
     ap.add_argument("--sft-only", action="store_true", help="--real with the SFT steps alone")
+    ap.add_argument("--sft-shapes", default="4x298,8x512",
+                    help="--real's SFT batches as ROWSxLENGTH, comma-separated (8x512 takes ~50 s a step on 2 cores)")
     ap.add_argument("--no-bf16", action="store_true",
                     help="--real without the bf16 rows (on CPUs without bf16 instructions PyTorch's bf16 "
                          "decoding takes minutes per run)")
@@ -512,7 +515,8 @@ if __name__ == "__main__":
             print(f"gpt2-xl layer products 1024 rows {name}: {xl_layer_bench(dtype):.0f} GFLOP/s")
         raise SystemExit
     if a.real:
-        for name, (t, tokens) in real_benches(a.real, sft=not a.no_sft, bf16=not a.no_bf16, decode=not a.sft_only).items():
+        for name, (t, tokens) in real_benches(a.real, sft=not a.no_sft, bf16=not a.no_bf16, decode=not a.sft_only,
+                                              sft_shapes=[tuple(map(int, s.split("x"))) for s in a.sft_shapes.split(",")]).items():
             rate = f" = {tokens / t:.0f} tokens/s" if tokens else ""
             print(f"{name}: {t * 1e3:.0f} ms{rate} (median)")
         raise SystemExit

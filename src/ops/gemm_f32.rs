@@ -5,14 +5,14 @@
 //!
 //! Goto's loops: `a` is packed whole into the kernel's blocks of [`MR`] rows (it is an
 //! activation or a gradient: megabytes); each task, a range of output columns, packs its share
-//! of `b` a block of [`NC`] columns by at most [`KC`] inner entries at a time into a buffer
-//! that stays in L2, and passes every group of [`MC`] rows over it (a group's rows stay in L1
-//! while the block's panels pass). The arithmetic is the kernel's: f32 multiply-adds, each
-//! output's terms added in the inner dimension's order within each block of the inner
-//! dimension.
+//! of `b` a block of [`NC`] columns by at most [`DEPTH`] inner entries at a time into a buffer
+//! that stays in L2, and passes every group of [`MC`] rows over it (a panel's block stays in
+//! L1 while the group's row blocks pass over it). The arithmetic is the kernel's: f32
+//! multiply-adds, each output's terms added in the inner dimension's order within each block
+//! of the inner dimension.
 
 use super::gemm::{product_output, MatRef};
-use super::packed_f32::{for_panel_ranges, pack_rows, prefetch_output, row_block_product, KC, MC, MR, NC, NR};
+use super::packed_f32::{for_panel_ranges, pack_rows, prefetch_output, row_block_product, MC, MR, NC, NR};
 use super::skinny::SharedRows;
 
 /// Whether the build's kernel outruns `gemm` on large products, and so takes them: with AVX2
@@ -23,6 +23,18 @@ use super::skinny::SharedRows;
 /// (~275 against ~220 GFLOP/s).
 pub const OUTRUNS_GEMM: bool =
     cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", not(target_feature = "avx512f")));
+
+/// Most inner entries per block of the product (the frozen weights' products take
+/// [`super::packed_f32::KC`], half as many). A panel's block (`DEPTH × NR` f32, 16 KiB with
+/// AVX2's 6 × 16 kernel) and one row block's packed rows (6 KiB) share L1 here, since each
+/// call takes one row block over a panel block; decoding's whole-panel order keeps every row
+/// block over the same panel block, and there 256 outgrew L1 (16-row decoding products 20%
+/// slower). Twice the depth halves the calls and the passes over the output: on the AVX2 EPYC,
+/// GPT-2 124M's layer products ran 5–10% faster than at 128 at most shapes (−2 to +29% in
+/// two runs of interleaved rounds), the LM head's logits 1–20% and its weight gradient
+/// (149 deep: one pass over its 154 MB output instead of two) 36–55%; the SFT step 7–10%
+/// faster (BENCHMARKS.md, fourth 2026-12-03 session).
+const DEPTH: usize = 256;
 
 /// Fewest multiply-adds (`rows · k · cols`) of a product sent here: below, the per-call packing
 /// and the tasks cost more than the kernel saves.
@@ -49,7 +61,7 @@ pub fn matmul(dst: &mut [f32], dst_offset: usize, dst_rs: usize, a: MatRef, b: M
     let Some(dst) = product_output(dst, dst_offset, dst_rs, &a, &b, accumulate, "gemm-f32") else { return };
     let ap = pack_rows(&a);
     let blocks = rows.div_ceil(MR);
-    let depth = k.div_ceil(k.div_ceil(KC));
+    let depth = k.div_ceil(k.div_ceil(DEPTH));
     let out = SharedRows::new(dst, dst_rs);
     for_panel_ranges(cols, |c0, c1| {
         let mut panels = vec![0f32; depth * NC];
@@ -107,12 +119,14 @@ mod tests {
 
     /// The product equals its definition up to the f32 sums' rounding, written over or added
     /// to what `dst` held, into a block of a larger `dst`: rows not a multiple of [`MR`] and
-    /// more than a group ([`MC`]), inner dimensions deeper than [`KC`] and not a multiple of
+    /// more than a group ([`MC`]), inner dimensions deeper than [`DEPTH`] and not a multiple of
     /// it, columns not a multiple of [`NR`] and wider than [`NC`], every combination of the
     /// operands' layouts (row-major, or transposed views as the backward passes take them).
     #[test]
     fn equals_the_definition() {
-        for (rows, k, cols) in [(1, 1, 1), (7, 5, 3), (53, 2 * KC + 9, 70), (13, 300, NC + NR + 5), (100, 64, 33)] {
+        for (rows, k, cols) in
+            [(1, 1, 1), (7, 5, 3), (53, 2 * DEPTH + 9, 70), (13, DEPTH + 44, NC + NR + 5), (100, 64, 33)]
+        {
             for (a_t, b_t, accumulate) in (0..8).map(|i| (i & 1 != 0, i & 2 != 0, i & 4 != 0)) {
                 let a_data = values(rows * k + 2, rows as u64);
                 let b_data = values(k * cols + 1, k as u64);
