@@ -19,14 +19,16 @@ use rayon::prelude::*;
 use super::policy::pg_loss;
 use super::{cross_entropy, divergence, Divergence};
 use crate::ops::gemm::{matmul_parallel, MatRef};
+use crate::ops::gemm_f32::ReusedRight;
 use crate::ops::math;
 use crate::ops::packed::PackedMatrix;
 
 /// `[chunk × vocab]` floats per buffer at most by default: 32 MB (512 rows of an 8,192-token
 /// vocabulary, 166 of GPT-2's 50,257). The chunk is every product's row count (the weight
-/// gradient's inner dimension), and each product packs the 50,257-row head afresh, so small
-/// chunks waste the products: GPT-2 124M's SFT step at 4 × 298 with bf16 products took
-/// 4.3 s at 83-row chunks and 3.7–3.8 s at 149–298 (f32: 2–4% faster; BENCHMARKS.md). Three
+/// gradient's inner dimension), and where the head is not packed once per call
+/// ([`ReusedRight`]) each product packs the 50,257-row head afresh, so small chunks waste the
+/// products: GPT-2 124M's SFT step at 4 × 298 with bf16 products took 4.3 s at 83-row chunks
+/// and 3.7–3.8 s at 149–298 (f32: 2–4% faster; BENCHMARKS.md). Three
 /// such buffers are a tenth of the materialised path's memory at 1,024 rows and a twenty-sixth
 /// at the paper's 8 × 512.
 const CHUNK_FLOATS: usize = 1 << 23;
@@ -446,12 +448,21 @@ impl CustomOp2 for FusedHeadLoss {
         };
         let (mut dh, mut dw) = (vec![0f32; rows * width], vec![0f32; vocab * width]);
         let head = MatRef { data: w, offset: 0, shape: (vocab, width), strides: (width, 1) };
+        // Every chunk multiplies by the head twice (`h·Wᵀ`, `∂z·W`): where the packed kernel
+        // takes these products (AVX2) the head is packed once in each orientation (twice its
+        // memory while the op runs: 308 MB for GPT-2's), not once per product. GPT-2 124M's
+        // head over 4 × 298 rows (8 chunks): 2.66–2.81 → 2.40–2.43 s (BENCHMARKS.md).
+        let (head_t, head_w) = if rows > c {
+            (ReusedRight::new(head.t()), ReusedRight::new(head))
+        } else {
+            (ReusedRight::InPlace(head.t()), ReusedRight::InPlace(head))
+        };
         let (mut target, mut loss, mut kd) = (0f64, 0f64, 0f64);
         let mut start = 0;
         while start < rows {
             let n = c.min(rows - start);
             let hc = MatRef { data: h, offset: start * width, shape: (n, width), strides: (width, 1) };
-            matmul_parallel(&mut z[..n * vocab], hc, head.t(), false);
+            head_t.matmul(&mut z[..n * vocab], hc, false);
             let tv = self.teacher.as_ref().map_or(1, Teacher::vocab);
             if let (Some((th, twidth, tw)), Some(zt)) = (&teacher_views, zt.as_mut()) {
                 let th = MatRef { data: th, offset: start * twidth, shape: (n, *twidth), strides: (*twidth, 1) };
@@ -481,7 +492,7 @@ impl CustomOp2 for FusedHeadLoss {
             kd += k_sum;
             let g = MatRef { data: &dz, offset: 0, shape: (n, vocab), strides: (vocab, 1) };
             // ∂h = ∂z·W for these rows; ∂W += ∂zᵀ·h.
-            matmul_parallel(&mut dh[start * width..(start + n) * width], g, head, false);
+            head_w.matmul(&mut dh[start * width..(start + n) * width], g, false);
             matmul_parallel(&mut dw, g.t(), hc, true);
             start += n;
         }

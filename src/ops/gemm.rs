@@ -86,12 +86,25 @@ pub(super) fn product_output<'d>(
     accumulate: bool,
     op: &str,
 ) -> Option<&'d mut [f32]> {
-    use rayon::prelude::*;
-    let ((rows, k), cols) = (a.shape, b.shape.1);
-    assert_eq!(b.shape.0, k, "{op}: inner dimensions differ");
+    assert_eq!(b.shape.0, a.shape.1, "{op}: inner dimensions differ");
     assert!(b.strides.0 == 1 || b.strides.1 == 1, "{op}: b needs a unit stride");
-    a.check(a.data.len());
     b.check(b.data.len());
+    output_block(dst, dst_offset, dst_rs, a, b.shape.1, accumulate)
+}
+
+/// [`product_output`] for a right operand of `cols` columns checked by the caller (one packed
+/// ahead, [`super::gemm_f32::matmul_prepacked`]).
+pub(super) fn output_block<'d>(
+    dst: &'d mut [f32],
+    dst_offset: usize,
+    dst_rs: usize,
+    a: &MatRef,
+    cols: usize,
+    accumulate: bool,
+) -> Option<&'d mut [f32]> {
+    use rayon::prelude::*;
+    let (rows, k) = a.shape;
+    a.check(a.data.len());
     MatRef { data: dst, offset: dst_offset, shape: (rows, cols), strides: (dst_rs, 1) }.check(dst.len());
     if rows == 0 || cols == 0 {
         return None;

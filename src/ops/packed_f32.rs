@@ -62,7 +62,7 @@ const STREAM_AHEAD_BYTES: usize = 4096;
 /// (64-row products −7%, 256 rows −2%, the same harness). Measured only with AVX2 (no AVX-512
 /// host was at hand then), so left off where AVX-512 builds run their own 6 × 64 kernel,
 /// whose decoding already met its targets.
-const STREAM_AHEAD: bool = LANES == 8;
+pub(super) const STREAM_AHEAD: bool = LANES == 8;
 /// Weight entries per group of panels unpacked for `gemm` (4 MiB of f32).
 const GROUP_ENTRIES: usize = 1 << 20;
 /// Most rows per pass of the panels: their packed rows (`MC × KC` f32) stay in L2.
@@ -116,6 +116,12 @@ impl<E: PanelEntry> PackedPanels<E> {
     /// The inner dimension (`in`) and the columns (`out`).
     pub fn shape(&self) -> (usize, usize) {
         (self.k, self.cols)
+    }
+
+    /// The panel holding column `col` (a multiple of [`NR`]) over inner indices `i0..i0 + kc`,
+    /// as the kernel reads it.
+    pub(super) fn panel_block(&self, col: usize, i0: usize, kc: usize) -> &[E] {
+        &self.values[((col / NR) * self.k + i0) * NR..][..kc * NR]
     }
 
     /// The weight back in its `[k, cols]` row-major layout.
@@ -241,12 +247,11 @@ fn columns<E: PanelEntry>(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedP
             }
         }
     };
-    let panel_block = |col: usize, i0: usize, kc: usize| &w.values[((col / NR) * k + i0) * NR..][..kc * NR];
     if blocks <= MC / MR {
         for col in (c0..c1).step_by(NR) {
             for i0 in (0..k).step_by(depth) {
                 let kc = depth.min(k - i0);
-                let ws = panel_block(col, i0, kc);
+                let ws = w.panel_block(col, i0, kc);
                 for block in 0..blocks {
                     // The task's panels lie one after the other, so what lies ahead of this
                     // block is what the first row block reads next.
@@ -263,7 +268,7 @@ fn columns<E: PanelEntry>(out: &SharedRows, xp: &[f32], rows: usize, w: &PackedP
             let kc = depth.min(k - i0);
             for group in (0..blocks).step_by(MC / MR) {
                 for col in (jc..jc1).step_by(NR) {
-                    let ws = panel_block(col, i0, kc);
+                    let ws = w.panel_block(col, i0, kc);
                     for block in group..(group + MC / MR).min(blocks) {
                         let (height, width) = (MR.min(rows - block * MR), NR.min(jc1 - col));
                         prefetch_output(out, block * MR, height, col, width);
